@@ -1,0 +1,165 @@
+"""Adapters on disk, in peft's prefix-tuning format (both directions).
+
+    adapter_config.json          peft's PrefixTuningConfig fields (peft_type PREFIX_TUNING, ...)
+    adapter_model.safetensors    `prompt_embeddings` [P, L*2*token_dim] (the MLP folded in), plus
+                                 `base_model.<head>.*` for encoder classifiers (peft's modules_to_save)
+    prefixtune.json              our extras (placement, init, projection width); peft ignores it
+    prefixtune_projection.safetensors   the unfolded MLP, only with keep_projection (to resume training)
+
+Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves half an
+adapter behind and an existing adapter is only replaced by a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, PrefixConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+EXTRA_NAME = "prefixtune.json"
+PROJECTION_NAME = "prefixtune_projection.safetensors"
+
+
+def peft_config_dict(cfg: PrefixConfig, arch) -> dict:
+    return {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": arch.peft_task_type,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": arch.token_dim,
+        "num_transformer_submodules": arch.num_transformer_submodules,
+        "num_attention_heads": arch.kv_heads,
+        "num_layers": arch.num_layers,
+        "encoder_hidden_size": cfg.projection_dim if cfg.projection else arch.token_dim,
+        "prefix_projection": cfg.projection,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "inference_mode": True,
+        "revision": None,
+        "auto_mapping": None,
+        "init_weights": None,
+        "modules_to_save": ["classifier", "score"] if arch.kind == "encoder" else None,
+    }
+
+
+def atomic_dir(target: Path, fill) -> Path:
+    """Build a directory with `fill(tmp_dir)` next to `target`, then move it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_adapter(directory, cfg: PrefixConfig, arch, enc, head, head_name, keep_projection: bool) -> Path:
+    tensors = {"prompt_embeddings": enc.folded().float().cpu().contiguous()}
+    if head is not None:
+        for k, v in head.state_dict().items():
+            tensors[f"base_model.{head_name}.{k}"] = v.detach().cpu().contiguous()
+    peft_cfg = peft_config_dict(cfg, arch)
+    extra = {"format": 1, "config": cfg.to_dict(), "projection_kept": bool(keep_projection and cfg.projection)}
+
+    def fill(tmp: Path):
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2, sort_keys=True))
+        (tmp / EXTRA_NAME).write_text(json.dumps(extra, indent=2, sort_keys=True, default=str))
+        if extra["projection_kept"]:
+            state = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
+            save_file(state, tmp / PROJECTION_NAME)
+        from .card import write_model_card
+
+        write_model_card(tmp, peft_cfg, cfg, tensors)
+
+    return atomic_dir(Path(directory), fill)
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); the adapter directory is damaged") from None
+
+
+def read_adapter(directory, arch, head):
+    """-> (PrefixConfig, PrefixEncoder state dict, head state dict or None), after checking it fits `arch`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"adapter directory {d} does not exist")
+    if not (d / CONFIG_NAME).is_file():
+        raise ConfigError(f"{d} has no {CONFIG_NAME}: not an adapter directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    pc = _load_json(d / CONFIG_NAME)
+    kind = pc.get("peft_type")
+    if kind != "PREFIX_TUNING":
+        raise ConfigError(
+            f"{d} holds a {kind or 'unknown'} adapter (peft_type={kind!r}); prefixtune loads prefix-tuning "
+            "adapters only (peft_type 'PREFIX_TUNING')"
+        )
+    weights = d / WEIGHTS_NAME
+    if not weights.is_file():
+        extra_hint = " (found adapter_model.bin: re-save it as safetensors; pickles are not loaded)" if (d / "adapter_model.bin").exists() else ""
+        raise ConfigError(f"{d} has no {WEIGHTS_NAME}{extra_hint}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{weights} is corrupt or truncated ({e}); re-save or re-download the adapter") from None
+    if "prompt_embeddings" not in tensors:
+        raise ConfigError(f"{weights} has no 'prompt_embeddings' tensor (keys: {sorted(tensors)[:5]})")
+    table = tensors["prompt_embeddings"]
+
+    expected = {
+        "num_layers": arch.num_layers,
+        "token_dim": arch.token_dim,
+        "num_attention_heads": arch.kv_heads,
+        "num_transformer_submodules": arch.num_transformer_submodules,
+    }
+    diffs = [f"{k}: adapter {pc.get(k)} vs model {v}" for k, v in expected.items() if pc.get(k) is not None and pc.get(k) != v]
+    P = int(pc.get("num_virtual_tokens") or table.shape[0])
+    want = (P, arch.num_layers * 2 * arch.token_dim)
+    if tuple(table.shape) != want:
+        diffs.append(f"prompt_embeddings shape: adapter {tuple(table.shape)} vs model {want}")
+    if diffs:
+        raise ConfigError(
+            f"adapter {d} was made for another model ({pc.get('base_model_name_or_path')}); shapes differ: "
+            + "; ".join(diffs)
+        )
+
+    extra = _load_json(d / EXTRA_NAME) if (d / EXTRA_NAME).is_file() else {}
+    fields = dict(extra.get("config", {}))
+    fields.update(num_virtual_tokens=P, base_model_name_or_path=pc.get("base_model_name_or_path"))
+    if extra.get("projection_kept") and (d / PROJECTION_NAME).is_file():
+        state = load_file(d / PROJECTION_NAME)
+        fields["projection"] = True
+    else:  # folded: a plain table, inference-ready (and trainable as a table)
+        state = {"embedding.weight": table.float()}
+        fields["projection"] = False
+    cfg = PrefixConfig.from_dict({k: v for k, v in fields.items() if k in PrefixConfig.__dataclass_fields__})
+
+    head_state = None
+    if head is not None:
+        prefix = next((f"base_model.{n}." for n in ("classifier", "score") if any(k.startswith(f"base_model.{n}.") for k in tensors)), None)
+        if prefix is not None:
+            head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            mine = head.state_dict()
+            bad = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(mine[k].shape)}" for k, v in head_state.items() if k in mine and mine[k].shape != v.shape]
+            if bad or set(head_state) != set(mine):
+                raise ConfigError(f"classifier head in {weights} does not fit the model ({'; '.join(bad) or sorted(head_state)}): different number of labels?")
+    return cfg, state, head_state

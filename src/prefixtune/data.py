@@ -1,0 +1,452 @@
+"""Loading, formatting, tokenizing and batching training data.
+
+Every task turns a record into (prompt ids, target ids); the loss is only on the target.
+Causal models see prompt + target in one sequence with the prompt masked to -100; seq2seq
+models get the prompt as input_ids and the target as labels. Outputs are plain python lists
+(no padding); `PadCollator` pads per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classify", "instruct", "chat", "lm")
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
+EVAL_SPLITS = ("validation", "test", "eval")
+CLASSIFY_TEMPLATE_CAUSAL = "{text}\nLabel: "
+CLASSIFY_TEMPLATE_SEQ2SEQ = "{text}"
+INSTRUCT_TEMPLATE = "Human: {instruction}\n{input}\n\nAssistant: "
+INSTRUCT_TEMPLATE_NO_INPUT = "Human: {instruction}\n\nAssistant: "
+ON_TRUNCATE = ("error", "warn", "drop")
+
+
+class DataError(ValueError):
+    """Bad data or arguments; the message names the culprit and the fix."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset:
+    """Load a save_to_disk directory, a .csv/.jsonl/.json/.parquet file, or a Hub dataset name."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{path} is a directory but not a dataset saved with save_to_disk ({e})") from e
+    elif suffix in (".csv", ".jsonl", ".json", ".parquet"):
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist; check the path")
+        if suffix == ".csv":
+            ds = _read_csv(path)
+        elif suffix == ".parquet":
+            ds = Dataset.from_parquet(str(path))
+        else:
+            ds = Dataset.from_json(str(path))
+        ds.info.dataset_name = path.name  # so column errors can say which file
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:
+            raise DataError(
+                f"{source!r} does not exist locally and could not be loaded from the Hugging Face Hub "
+                f"({type(e).__name__}: {e}). Pass a local .csv/.jsonl/.parquet file or save_to_disk directory."
+            ) from e
+        return ds
+    if split is not None and isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise DataError(f"split {split!r} not in {source}; available splits: {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
+def _read_csv(path: Path) -> Dataset:
+    import pandas as pd
+
+    # keep_default_na=False: a tweet that says "NA" is text, not a missing value
+    for enc in ("utf-8", "latin-1"):  # latin-1 decodes any byte string, so it is the last resort
+        try:
+            df = pd.read_csv(path, encoding=enc, keep_default_na=False)
+            break
+        except UnicodeDecodeError:
+            log.info("%s is not utf-8, retrying as latin-1", path)
+    if len(df.columns) == 0:
+        raise DataError(f"{path} has no columns; is it an empty CSV?")
+    return Dataset.from_pandas(df, preserve_index=False)
+
+
+def _where(ds: Dataset) -> str:
+    return ds.info.dataset_name or "the dataset"
+
+
+def split_train_eval(
+    ds_or_dict: Dataset | DatasetDict,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    eval_source: str | Dataset | DatasetDict | None = None,
+) -> tuple[Dataset, Dataset]:
+    """(train, eval): explicit eval_source > the dict's own eval split > a seeded random split."""
+    if isinstance(ds_or_dict, DatasetDict):
+        if "train" in ds_or_dict:
+            train = ds_or_dict["train"]
+        elif len(ds_or_dict) == 1:
+            train = next(iter(ds_or_dict.values()))
+        else:
+            raise DataError(f"no 'train' split; available splits: {', '.join(ds_or_dict)}. Rename one to 'train'")
+        own_eval = next((ds_or_dict[s] for s in EVAL_SPLITS if s in ds_or_dict), None)
+    else:
+        train, own_eval = ds_or_dict, None
+    if len(train) == 0:
+        raise DataError(f"the training data ({_where(train)}) is empty")
+
+    if eval_source is not None:
+        ev = load_records(eval_source) if isinstance(eval_source, str) else eval_source
+        if isinstance(ev, DatasetDict):
+            name = next((s for s in (*EVAL_SPLITS, "train") if s in ev), None)
+            if name is None:
+                raise DataError(f"eval source has no {'/'.join(EVAL_SPLITS)} split; available: {', '.join(ev)}")
+            ev = ev[name]
+    elif own_eval is not None:
+        ev = own_eval
+    else:
+        if not 0 < eval_fraction < 1:
+            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        if len(train) < 2:
+            raise DataError(f"{_where(train)} has {len(train)} example; need at least 2 to split off an eval set")
+        n_eval = min(len(train) - 1, max(1, round(len(train) * eval_fraction)))
+        parts = train.train_test_split(test_size=n_eval, seed=seed)
+        train, ev = parts["train"], parts["test"]
+    if len(ev) == 0:
+        raise DataError("the eval data is empty; pass a non-empty eval source or use eval_fraction")
+    return train, ev
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def _column(ds: Dataset, given: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
+    cols = ds.column_names
+    if given is not None:
+        if given not in cols:
+            raise DataError(
+                f"column {given!r} not found in {_where(ds)}; available columns: {', '.join(cols)}. Pass {flag}"
+            )
+        return given
+    lower = {c.lower(): c for c in cols}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    raise DataError(
+        f"could not find a {what} column in {_where(ds)} (looked for {', '.join(candidates)}); "
+        f"available columns: {', '.join(cols)}. Pass {flag}"
+    )
+
+
+def _require(ds: Dataset, names: Sequence[str], task: str) -> None:
+    missing = [n for n in names if n not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"task {task!r} needs column(s) {', '.join(missing)} in {_where(ds)}; "
+            f"available columns: {', '.join(ds.column_names)}"
+        )
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def encode_pair(tokenizer, prompts: list[str], targets: list[str], is_encoder_decoder: bool):
+    """Tokenize prompts (with the tokenizer's special tokens) and targets (ending in eos).
+
+    Generation/eval code should build prompts with this too, so train and inference agree.
+    Causal: trailing spaces move from the prompt to the target, because BPE vocabularies attach
+    the space to the next word ("Label:" + " positive" is natural; "Label: " + "positive" is not).
+    """
+    if not is_encoder_decoder:
+        moved = [p[len(p.rstrip(" ")):] for p in prompts]
+        prompts = [p.rstrip(" ") for p in prompts]
+        targets = [m + t for m, t in zip(moved, targets)]
+    p_ids = tokenizer(prompts)["input_ids"] if prompts else []
+    t_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
+    eos = _eos(tokenizer)
+    if eos:  # every target ends in exactly one eos, so the model learns to stop
+        t_ids = [t if t[-1:] == eos else t + eos for t in t_ids]
+    return p_ids, t_ids
+
+
+class _Fitter:
+    """Applies max_length and the on_truncate policy; counts what happened."""
+
+    def __init__(self, tokenizer, max_length: int, on_truncate: str):
+        if on_truncate not in ON_TRUNCATE:
+            raise DataError(f"on_truncate must be one of {', '.join(ON_TRUNCATE)}, got {on_truncate!r}")
+        self.max_length, self.mode = max_length, on_truncate
+        self.bos = tokenizer.bos_token_id
+        self.n_truncated = self.n_dropped = 0
+
+    def keep(self, idx: int, prompt: list[int], n_target: int, why: str = "target") -> list[int] | None:
+        """Positions of the prompt to keep so prompt + n_target fits max_length; None = drop the example.
+
+        The prompt is cut from the left (the end of a prompt, e.g. "Label:", matters most), keeping
+        a leading BOS.
+        """
+        budget = self.max_length - n_target
+        if budget < 0:
+            msg = f"example {idx}: the {why} alone is {n_target} tokens, longer than max_length={self.max_length}"
+            if self.mode == "error":
+                raise DataError(msg + ". Raise --max-length or clean the data (or use on_truncate='drop')")
+            log.debug(msg)
+            self.n_dropped += 1
+            return None
+        if len(prompt) <= budget:
+            return list(range(len(prompt)))
+        if self.mode == "error":
+            raise DataError(
+                f"example {idx}: prompt {len(prompt)} + {why} {n_target} tokens > max_length={self.max_length}. "
+                "Raise --max-length or use on_truncate='warn' (truncate the prompt) or 'drop'"
+            )
+        if self.mode == "drop":
+            self.n_dropped += 1
+            return None
+        self.n_truncated += 1
+        head = [0] if self.bos is not None and prompt[0] == self.bos and budget > 0 else []
+        n = budget - len(head)
+        return head + list(range(len(prompt) - n, len(prompt)))[: max(n, 0)]
+
+    def prompt(self, idx: int, prompt: list[int], n_target: int, why: str = "target") -> list[int] | None:
+        keep = self.keep(idx, prompt, n_target, why)
+        return None if keep is None else [prompt[k] for k in keep]
+
+    def report(self, task: str) -> None:
+        if self.n_truncated or self.n_dropped:
+            log.warning(
+                "%s: truncated the prompt of %d example(s) and dropped %d to fit max_length=%d",
+                task, self.n_truncated, self.n_dropped, self.max_length,
+            )
+
+
+def _assemble(prompts, targets, fit: _Fitter, is_encoder_decoder: bool) -> dict[str, list]:
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if is_encoder_decoder:
+            # encoder input and decoder labels each get their own max_length budget
+            if fit.keep(i, [], len(t)) is None:
+                continue
+            ids, labels = fit.prompt(i, p, 0), t
+            if ids is None:
+                continue
+        else:
+            p = fit.prompt(i, p, len(t))
+            if p is None:
+                continue
+            ids, labels = p + t, [-100] * len(p) + t
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    return out
+
+
+def _fmt(template: str, row: dict, **fields) -> str:
+    try:
+        return template.format(**{**row, **fields})
+    except KeyError as e:
+        raise DataError(f"prompt_template {template!r} uses {e}, which is not a column; columns: {', '.join(row)}")
+
+
+def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_column, label_words, prompt_template):
+    text_col = _column(ds, text_column, TEXT_COLUMNS, "text", "--text-column")
+    label_col = _column(ds, label_column, LABEL_COLUMNS, "label", "--label-column")
+    feat = ds.features[label_col]
+    raw = ds[label_col]
+    values = [feat.int2str(v) for v in raw] if isinstance(feat, ClassLabel) else [str(v).strip() for v in raw]
+    if label_words is None:  # fixed from the training set; pass info["label_words"] when tokenizing eval
+        label_words = list(feat.names) if isinstance(feat, ClassLabel) else sorted(set(values))
+    label_words = list(label_words)
+    unknown = sorted(set(values) - set(label_words))
+    if unknown:
+        raise DataError(
+            f"label(s) {', '.join(map(repr, unknown))} in column {label_col!r} of {_where(ds)} are not in the "
+            f"training label set {label_words}; fix the data or pass the same label_words used for training"
+        )
+    template = prompt_template or (CLASSIFY_TEMPLATE_SEQ2SEQ if is_encoder_decoder else CLASSIFY_TEMPLATE_CAUSAL)
+    prompts = [_fmt(template, row, text=row[text_col]) for row in ds]
+    p, t = encode_pair(tokenizer, prompts, values, is_encoder_decoder)
+    return _assemble(p, t, fit, is_encoder_decoder), {"label_words": label_words, "text_column": text_col,
+                                                     "label_column": label_col, "prompt_template": template}
+
+
+def _instruct(ds, tokenizer, fit, *, is_encoder_decoder, prompt_template, **_):
+    _require(ds, ("instruction", "output"), "instruct")
+    prompts = []
+    for row in ds:
+        inp = (row.get("input") or "").strip()
+        template = prompt_template or (INSTRUCT_TEMPLATE if inp else INSTRUCT_TEMPLATE_NO_INPUT)
+        prompts.append(_fmt(template, row, instruction=row["instruction"], input=inp))
+    p, t = encode_pair(tokenizer, prompts, [str(o) for o in ds["output"]], is_encoder_decoder)
+    return _assemble(p, t, fit, is_encoder_decoder), {"prompt_template": prompt_template or INSTRUCT_TEMPLATE}
+
+
+def _chat(ds, tokenizer, fit, *, is_encoder_decoder, **_):
+    _require(ds, ("messages",), "chat")
+    if is_encoder_decoder:
+        raise DataError("task 'chat' needs a causal (decoder-only) model; use task 'instruct' for seq2seq models")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat_template, so task 'chat' can't format messages; "
+                        "use a chat/instruct model's tokenizer or task 'instruct'")
+
+    def render(msgs, gen=False):
+        return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=False))
+
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i, msgs in enumerate(ds["messages"]):
+        # Tokens that an assistant message adds after its header are targets; find them by
+        # rendering growing prefixes of the conversation.
+        ids = render(msgs)
+        labels, last = [-100] * len(ids), None
+        for j, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start, upto = len(render(msgs[:j], gen=True)), render(msgs[: j + 1])
+            if ids[: len(upto)] != upto:
+                raise DataError(f"example {i}: the chat template renders message {j} differently once later "
+                                "messages follow, so assistant tokens can't be located; use task 'instruct'")
+            labels[start : len(upto)] = upto[start:]
+            last = start  # truncation must keep the final assistant turn whole
+        if last is None:
+            raise DataError(f"example {i} in column 'messages' has no assistant message, so nothing to learn")
+        keep = fit.keep(i, ids[:last], len(ids) - last, why="last assistant turn")
+        if keep is None:
+            continue
+        keep += range(last, len(ids))
+        out["input_ids"].append([ids[k] for k in keep])
+        out["attention_mask"].append([1] * len(keep))
+        out["labels"].append([labels[k] for k in keep])
+    return out, {}
+
+
+def _lm(ds, tokenizer, fit, *, text_column, **_):
+    col = _column(ds, text_column, TEXT_COLUMNS, "text", "--text-column")
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i, ids in enumerate(tokenizer([str(x) for x in ds[col]])["input_ids"]):
+        if len(ids) > fit.max_length:  # all of it is target: keep the start, never pretend it fit
+            if fit.mode == "error":
+                raise DataError(f"example {i}: {len(ids)} tokens > max_length={fit.max_length}. Raise --max-length")
+            if fit.mode == "drop":
+                fit.n_dropped += 1
+                continue
+            fit.n_truncated += 1
+            ids = ids[: fit.max_length]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(list(ids))
+    return out, {"text_column": col}
+
+
+_TASK_FNS = {"classify": _classify, "instruct": _instruct, "chat": _chat, "lm": _lm}
+
+
+def tokenize_dataset(
+    ds: Dataset,
+    tokenizer,
+    task: str,
+    *,
+    is_encoder_decoder: bool,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    label_words: Sequence[str] | None = None,
+    prompt_template: str | None = None,
+    max_length: int = 256,
+    on_truncate: str = "warn",
+) -> tuple[Dataset, dict[str, Any]]:
+    """Format + tokenize for `task`. Returns (Dataset of input_ids/attention_mask/labels, info).
+
+    info has label_words (classify; pass it back in for the eval set), n_truncated, n_dropped, and
+    the resolved columns/template.
+    """
+    if task not in _TASK_FNS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if len(ds) == 0:
+        raise DataError(f"{_where(ds)} is empty; nothing to tokenize")
+    fit = _Fitter(tokenizer, max_length, on_truncate)
+    cols, info = _TASK_FNS[task](
+        ds, tokenizer, fit, is_encoder_decoder=is_encoder_decoder, text_column=text_column,
+        label_column=label_column, label_words=label_words, prompt_template=prompt_template,
+    )
+    fit.report(task)
+    if not cols["input_ids"]:
+        raise DataError(f"all {len(ds)} examples were dropped by max_length={max_length}; raise --max-length")
+    info = {"label_words": None, **info, "n_truncated": fit.n_truncated, "n_dropped": fit.n_dropped}
+    return Dataset.from_dict(cols), info
+
+
+# ----------------------------------------------------------------------------- batching
+
+class PadCollator:
+    """Dynamic per-batch padding to torch tensors.
+
+    Causal: labels are aligned with input_ids and padded the same way. Seq2seq (labels of their
+    own length): labels are right-padded on their own, since the decoder reads them left to right.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None, label_pad: int = -100,
+                 padding_side: str | None = None, is_encoder_decoder: bool | None = None):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.pad_id, self.multiple, self.label_pad = pad, pad_to_multiple_of, label_pad
+        self.side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+        if self.side not in ("left", "right"):
+            raise DataError(f"padding_side must be 'left' or 'right', got {self.side!r}")
+        self.is_encoder_decoder = is_encoder_decoder
+
+    def _len(self, n: int) -> int:
+        m = self.multiple
+        return n if not m else (n + m - 1) // m * m
+
+    def _pad(self, seqs, value, side):
+        n = self._len(max(len(s) for s in seqs))
+        rows = [([value] * (n - len(s)) + list(s)) if side == "left" else (list(s) + [value] * (n - len(s)))
+                for s in seqs]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        mask = [f.get("attention_mask") or [1] * len(f["input_ids"]) for f in features]
+        batch = {"input_ids": self._pad(ids, self.pad_id, self.side), "attention_mask": self._pad(mask, 0, self.side)}
+        if "labels" in features[0]:
+            labels = [f["labels"] for f in features]
+            seq2seq = self.is_encoder_decoder
+            if seq2seq is None:
+                seq2seq = any(len(l) != len(i) for l, i in zip(labels, ids))
+            batch["labels"] = self._pad(labels, self.label_pad, "right" if seq2seq else self.side)
+        return batch
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
+                           mega_batch_mult: int = 50) -> list[list[int]]:
+    """Batches of similar length (less padding), in random order; like transformers' LengthGroupedSampler.
+
+    Shuffle, cut into mega-batches of mega_batch_mult * batch_size, sort each by length (longest
+    first), split into batches. The batch with the longest example goes first so OOM shows up at step 0.
+    """
+    idx = list(range(len(lengths)))
+    random.Random(seed).shuffle(idx)
+    mega = max(1, mega_batch_mult) * batch_size
+    batches = []
+    for s in range(0, len(idx), mega):
+        chunk = sorted(idx[s : s + mega], key=lambda i: -lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches

@@ -1,0 +1,77 @@
+"""How a fresh prefix starts.
+
+- "peft": peft's default, N(0, 1) for every key/value (nn.Embedding's init). Far off the scale of real
+  key/values, which is why a fresh peft prefix disturbs the base model so much.
+- "zero": peft's init_weights="zero" (the table, or the MLP's last layer, is zero).
+- "random": N(0, sigma) with sigma measured from the key/values the model makes for random tokens.
+- "vocab" / "text": the key/values the frozen model computes for sampled vocabulary tokens / for a task
+  description (Li & Liang), so the prefix starts out as something the model has seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+from .config import PrefixConfig
+from .encoder import PrefixEncoder
+
+
+@torch.no_grad()
+def real_key_values(model, token_ids: torch.Tensor) -> torch.Tensor:
+    """Run the frozen base on `token_ids` [P] and return its key/values laid out as a prefix table [P, L*2*kv*hd]."""
+    arch, base = model.arch, model.base_model
+    ids = token_ids.to(model._device)[None]
+    if arch.kind == "seq2seq":
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        base(input_ids=ids, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+        cache = cache.self_attention_cache
+    else:
+        cache = DynamicCache()
+        base(input_ids=ids, past_key_values=cache, use_cache=True)
+    P, L = ids.shape[1], arch.num_layers
+    table = torch.zeros(2 * L, arch.kv_heads, P, arch.head_dim, device=ids.device)
+    stride = 4 if arch.kind == "seq2seq" else 2  # inverse of inject.split_layers
+    for i in reversed(range(L)):  # seq2seq ties layers i and i+L/2 (peft layout): the lower layer wins
+        table[(stride * i) % (2 * L)] = cache.layers[i].keys[0].float()
+        table[(stride * i + 1) % (2 * L)] = cache.layers[i].values[0].float()
+    return table.permute(2, 0, 1, 3).reshape(P, -1)
+
+
+def _sample_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
+    vocab = model.base_model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    # Skip the first ids: special tokens live there in most vocabularies.
+    low = min(100, vocab // 2)
+    return torch.randint(low, vocab, (n,), generator=g)
+
+
+@torch.no_grad()
+def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
+    if cfg.init == "peft":
+        return  # nn.Embedding / nn.Linear defaults, as peft
+    last = enc.transform[-1] if cfg.projection else None
+    if cfg.init == "zero":
+        if last is not None:
+            last.weight.zero_()
+            last.bias.zero_()
+        else:
+            enc.embedding.weight.zero_()
+        return
+    P = cfg.num_virtual_tokens
+    if cfg.init == "text":
+        ids = torch.as_tensor(cfg.extra["init_token_ids"])[:P]
+        if len(ids) < P:  # repeat the description to fill all P slots
+            ids = ids.repeat((P + len(ids) - 1) // len(ids))[:P]
+    else:
+        ids = _sample_tokens(model, P)
+    target = real_key_values(model, ids)
+    if cfg.init == "random":
+        target = torch.randn_like(target) * target.std()
+    if last is None:
+        enc.embedding.weight.copy_(target)
+    else:
+        # Through the MLP: zero its last weight and put the mean target in the bias, plus a small random
+        # part that the per-token embeddings can steer. The MLP then learns from a realistic starting point.
+        last.weight.mul_(0.01)
+        last.bias.copy_(target.mean(0))

@@ -1,0 +1,231 @@
+"""Everything architecture-specific lives here: what a model looks like, and how a prefix gets into it.
+
+A prefix reaches the model the way peft does it, as key/values already sitting in a `transformers` Cache,
+so attention, masking, RoPE/ALiBi and `generate()` stay the model's own code. The differences from peft:
+- training uses `FrozenPrefixCache`, whose layers return cat(prefix, new) without storing anything, so a
+  gradient-checkpointing recompute sees exactly what the first pass saw (peft refuses checkpointing);
+- the prefix is expanded over the batch (a view), and a batch can mix prefixes per row: each row's prefix is
+  right-aligned in a window of the longest prefix, unused slots are masked, and positions are derived from
+  the full mask so every row sees the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import DynamicLayer
+
+from .config import ConfigError
+
+# model_type -> kind. "causal": decoder-only; "seq2seq": encoder-decoder, prefix in decoder self-attention;
+# "encoder": bidirectional encoder (BERT family), prefix in every self-attention layer.
+SUPPORTED = {
+    "gpt2": "causal",
+    "llama": "causal",
+    "mistral": "causal",
+    "qwen2": "causal",
+    "qwen3": "causal",
+    "bloom": "causal",
+    "gemma": "causal",
+    "phi3": "causal",
+    "t5": "seq2seq",
+    "mt5": "seq2seq",
+    "bart": "seq2seq",
+    "bert": "encoder",
+    "roberta": "encoder",
+}
+# ALiBi / relative-bias models take no position_ids: their positions already follow the mask or the cache.
+NO_POSITION_IDS = {"bloom", "t5", "mt5", "bart"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The facts about a base model that a prefix needs."""
+
+    model_type: str
+    kind: str
+    num_layers: int  # attention layers that receive a prefix
+    num_heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def token_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def takes_position_ids(self) -> bool:
+        return self.model_type not in NO_POSITION_IDS
+
+    @property
+    def peft_task_type(self) -> str:
+        return {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "SEQ_CLS"}[self.kind]
+
+    @property
+    def num_transformer_submodules(self) -> int:
+        return 2 if self.kind == "seq2seq" else 1
+
+
+def _get(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def arch_of(model) -> Arch:
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        raise ConfigError(
+            f"model type {mt!r} ({type(model).__name__}) is not supported for prefix tuning; "
+            f"supported model types: {', '.join(sorted(SUPPORTED))}"
+        )
+    kind = SUPPORTED[mt]
+    if kind == "seq2seq":
+        layers = _get(cfg, "num_decoder_layers", "decoder_layers", "num_layers")
+        heads = _get(cfg, "decoder_attention_heads", "num_heads", "num_attention_heads")
+        head_dim = _get(cfg, "d_kv") or cfg.d_model // heads
+        kv_heads = heads
+    else:
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        layers = _get(cfg, "num_hidden_layers", "n_layer")
+        heads = _get(cfg, "num_attention_heads", "n_head")
+        kv_heads = _get(cfg, "num_key_value_heads") or heads
+        head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size", "n_embd") // heads
+    return Arch(mt, kind, int(layers), int(heads), int(kv_heads), int(head_dim))
+
+
+def split_layers(flat: torch.Tensor, arch: Arch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[P, L*2*kv*hd] -> per layer (key, value), each [kv_heads, P, head_dim] (views, no copy).
+
+    Decoder-only and encoder models: layer i uses slots 2i (key) and 2i+1 (value), as peft.
+    Seq2seq: peft duplicates the table for two "submodules" and splits by 4, then drops the cross-attention
+    half, so decoder layer i reads slots 4i and 4i+1 (mod 2L). We reproduce that so peft adapters load
+    with identical outputs (it ties layers i and i+L/2; the price of compatibility).
+    """
+    L, P = arch.num_layers, flat.shape[0]
+    kv = flat.view(P, 2 * L, arch.kv_heads, arch.head_dim).permute(1, 2, 0, 3)
+    stride = 4 if arch.kind == "seq2seq" else 2
+    return [(kv[(stride * i) % (2 * L)], kv[(stride * i + 1) % (2 * L)]) for i in range(L)]
+
+
+def batch_prefix(per_row: list, batch_size: int):
+    """Per-row prefixes -> per-layer (K, V) [B, kv, Pmax, hd], prefix mask [B, Pmax].
+
+    `per_row` holds, for each row, None (bare model) or that row's per-layer (key, value) list; rows that
+    share a prefix share the same list object. One prefix shared by all rows is expanded (a view, no copy).
+    """
+    distinct = {id(r): r for r in per_row if r is not None}
+    p_max = max(r[0][0].shape[1] for r in distinct.values())
+    ref = next(iter(distinct.values()))[0][0]
+    if len(distinct) == 1 and all(r is not None for r in per_row):
+        layers = [
+            (k.unsqueeze(0).expand(batch_size, -1, -1, -1), v.unsqueeze(0).expand(batch_size, -1, -1, -1))
+            for k, v in next(iter(distinct.values()))
+        ]
+        mask = torch.ones(batch_size, p_max, dtype=torch.long, device=ref.device)
+        return layers, mask
+    # Mixed batch: a bank of [distinct prefixes + one empty], right-aligned into p_max slots, picked per row.
+    keys = list(distinct)
+    bank_index = torch.tensor([keys.index(id(r)) if r is not None else len(keys) for r in per_row], device=ref.device)
+    lengths = torch.tensor([distinct[k][0][0].shape[1] for k in keys] + [0], device=ref.device)
+    mask = (torch.arange(p_max, device=ref.device) >= (p_max - lengths[:, None])).long()[bank_index]
+    layers = []
+    for i in range(len(next(iter(distinct.values())))):
+        ks, vs = [], []
+        for k in keys:
+            pk, pv = distinct[k][i]
+            pad = p_max - pk.shape[1]
+            ks.append(torch.nn.functional.pad(pk, (0, 0, pad, 0)))
+            vs.append(torch.nn.functional.pad(pv, (0, 0, pad, 0)))
+        ks.append(torch.zeros_like(ks[0]))
+        vs.append(torch.zeros_like(vs[0]))
+        layers.append((torch.stack(ks)[bank_index], torch.stack(vs)[bank_index]))
+    return layers, mask
+
+
+class FrozenPrefixLayer(DynamicLayer):
+    """A cache layer that holds only the prefix and never stores new tokens (training / one-shot forward).
+
+    `update` returns cat(prefix, new) and leaves the layer as it was, so recomputation under gradient
+    checkpointing gives the same keys as the first pass, and gradients flow into the prefix.
+    """
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        if keys is not None:
+            self.keys, self.values = keys, values
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.keys is None:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class FrozenPrefixCache(DynamicCache):
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | int):
+        super().__init__()
+        if isinstance(layers, int):
+            self.layers = [FrozenPrefixLayer() for _ in range(layers)]
+        else:
+            self.layers = [FrozenPrefixLayer(k, v) for k, v in layers]
+
+
+class _NeverUpdated(dict):
+    """`EncoderDecoderCache.is_updated` that stays False: cross-attention key/values are recomputed each call
+    rather than read back from a cache that (being frozen) never stored them."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def build_cache(arch: Arch, layers, mode: str, config=None, max_cache_len: int | None = None):
+    """Wrap per-layer prefix key/values in the Cache object the model expects.
+
+    mode: "frozen" (forward/training), "dynamic" (generation), "static" (generation with StaticCache).
+    """
+    if mode == "frozen":
+        self_cache = FrozenPrefixCache(layers)
+    elif mode == "dynamic":
+        self_cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            self_cache.update(k, v, i)
+    elif mode == "static":
+        self_cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        for i, (k, v) in enumerate(layers):
+            self_cache.layers[i].update(k.contiguous(), v.contiguous())
+    else:
+        raise ValueError(mode)
+    if arch.kind != "seq2seq":
+        return self_cache
+    if mode == "frozen":
+        cache = EncoderDecoderCache(self_cache, FrozenPrefixCache(len(layers)))
+        cache.is_updated = _NeverUpdated()
+        return cache
+    return EncoderDecoderCache(self_cache, DynamicCache())
+
+
+def positions_from_mask(full_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Position ids of the last `query_len` slots, counting only unmasked slots (prefix included).
+
+    A row with a P-token prefix numbers its tokens from P (as with peft); a bare row in a mixed batch from 0,
+    exactly what it would get alone; left padding is skipped as `generate()` does.
+    """
+    pos = full_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -query_len:]
+
+
+def allow_checkpointing_with_prefix(model) -> None:
+    """transformers drops `past_key_values` inside checkpointed layers (a cache would be appended twice on
+    recompute). Our frozen cache is read-only, so the layers may keep it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m._can_checkpoint_with_cache = True

@@ -1,0 +1,305 @@
+"""PrefixModel: a frozen base model plus named prefixes. Same inputs and outputs as the base model.
+
+    model = attach(base, PrefixConfig(num_virtual_tokens=20))
+    model(input_ids=..., attention_mask=..., labels=...)          # like base(...)
+    model.generate(input_ids=..., adapter_names=["a", None, "b"])  # one prefix per row
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import inject
+from .config import ConfigError, PrefixConfig, check_adapter_name
+from .encoder import PrefixEncoder
+
+# Encoder classifiers train their (randomly initialised) head with the prefix, as peft does.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class PrefixModel(nn.Module):
+    def __init__(self, base_model: nn.Module):
+        super().__init__()
+        self.base_model = base_model
+        self.arch = inject.arch_of(base_model)
+        self.prefixes = nn.ModuleDict()
+        self.heads = nn.ModuleDict()  # per-adapter classifier heads (encoder classifiers only)
+        self.configs: dict[str, PrefixConfig] = {}
+        self.active_adapter: str | None = None
+        self._eval_memo: dict[str, tuple[tuple, list]] = {}
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        inject.allow_checkpointing_with_prefix(base_model)
+        self._fwd_params = set(inspect.signature(base_model.forward).parameters)
+
+    # ---- adapters -------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, cfg: PrefixConfig) -> None:
+        check_adapter_name(name)
+        if name in self.prefixes:
+            raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
+        if cfg.placement != "decoder" and self.arch.kind != "seq2seq":
+            raise ConfigError(f"placement={cfg.placement!r} only applies to encoder-decoder models; use 'decoder'")
+        if cfg.placement == "full":
+            raise ConfigError(
+                "placement='full' (encoder + cross-attention prefixes) is not available yet; use placement='decoder'"
+            )
+        cfg = copy.deepcopy(cfg)
+        cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(
+            self.base_model.config, "_name_or_path", None
+        )
+        cfg.task_type = self.arch.peft_task_type
+        enc = PrefixEncoder(cfg, self.arch.num_layers, self.arch.token_dim)
+        from .init import initialise  # late import: init runs the base model
+
+        initialise(self, enc, cfg)
+        self.prefixes[name] = enc.to(self._device)
+        self.configs[name] = cfg
+        head = self._base_head()
+        if head is not None:
+            self.heads[name] = copy.deepcopy(head).requires_grad_(True)
+        if self.active_adapter is None:
+            self.set_adapter(name)
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.prefixes:
+            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
+        self.active_adapter = name
+        if name in self.heads:
+            setattr(self.base_model, self._head_name, self.heads[name])
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.prefixes:
+            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
+        del self.prefixes[name]
+        self.configs.pop(name)
+        self._eval_memo.pop(name, None)
+        if name in self.heads:
+            del self.heads[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.prefixes), None)
+            if self.active_adapter:
+                self.set_adapter(self.active_adapter)
+
+    def load_adapter(self, directory: str | Path, name: str = "default", trainable: bool = False) -> None:
+        from .adapter_io import read_adapter
+
+        check_adapter_name(name)
+        cfg, state, head_state = read_adapter(directory, self.arch, self._base_head())
+        if name in self.prefixes:
+            self.delete_adapter(name)
+        cfg.init = "zero"  # weights come from the file
+        self.add_adapter(name, cfg)
+        self.prefixes[name].load_state_dict(state)
+        if head_state is not None:
+            self.heads[name].load_state_dict(head_state)
+        self.prefixes[name].requires_grad_(trainable)
+
+    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
+        """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
+        from .adapter_io import write_adapter
+
+        name = name or self.active_adapter
+        if name not in self.prefixes:
+            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
+        head = self.heads[name] if name in self.heads else None
+        return write_adapter(
+            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection
+        )
+
+    # ---- prefix key/values --------------------------------------------------------------------------
+    @property
+    def _device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.base_model.get_input_embeddings().weight.dtype
+
+    @property
+    def _head_name(self) -> str | None:
+        if self.arch.kind != "encoder":
+            return None
+        return next((n for n in CLASSIFIER_HEADS if hasattr(self.base_model, n)), None)
+
+    def _base_head(self):
+        return getattr(self.base_model, self._head_name) if self._head_name else None
+
+    def prefix_layers(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (key, value) [kv_heads, P, head_dim] of one adapter, in the base model's dtype.
+
+        In eval mode the result is memoised until the adapter's parameters change, so the projection MLP
+        does not run per generation step or per request.
+        """
+        enc = self.prefixes[name]
+        if not self.training:
+            version = tuple(p._version for p in enc.parameters())
+            hit = self._eval_memo.get(name)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+            with torch.no_grad():
+                layers = inject.split_layers(enc().to(self._dtype), self.arch)
+            self._eval_memo[name] = (version, layers)
+            return layers
+        return inject.split_layers(enc().to(self._dtype), self.arch)
+
+    def _row_names(self, adapter_names, batch_size: int) -> list[str | None]:
+        if adapter_names is None:
+            if self.active_adapter is None:
+                return [None] * batch_size
+            return [self.active_adapter] * batch_size
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names] * batch_size
+        if len(adapter_names) != batch_size:
+            raise ConfigError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.prefixes})
+        if unknown:
+            raise ConfigError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.prefixes)}")
+        return list(adapter_names)
+
+    def _prefix_batch(self, names: list[str | None]):
+        per_name = {n: self.prefix_layers(n) for n in set(names) if n is not None}
+        return inject.batch_prefix([per_name[n] if n is not None else None for n in names], len(names))
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, **kwargs):
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        names = self._row_names(adapter_names, batch)
+        if all(n is None for n in names):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        if self.heads and len(set(names)) > 1:
+            return self._forward_grouped(names, input_ids, attention_mask, **kwargs)
+        if self.heads and names[0] != self.active_adapter:
+            self.set_adapter(names[0])
+
+        layers, prefix_mask = self._prefix_batch(names)
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            mode = "frozen" if self.training or kwargs.get("use_cache") is False else "dynamic"
+            past_key_values = inject.build_cache(self.arch, layers, mode)
+
+        if self.arch.kind == "seq2seq":
+            dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
+            dam = kwargs.get("decoder_attention_mask")
+            if dam is None and not bool(prefix_mask.all()):
+                dam = torch.ones(batch, dec.shape[1], dtype=prefix_mask.dtype, device=prefix_mask.device)
+            if dam is not None:
+                kwargs["decoder_attention_mask"] = torch.cat([prefix_mask.to(dam.dtype), dam], dim=1)
+        else:
+            if attention_mask is None:
+                past = past_key_values.get_seq_length() - prefix_mask.shape[1]
+                attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=ref.device)
+            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+            if self.arch.takes_position_ids and kwargs.get("position_ids") is None and "position_ids" in self._fwd_params:
+                kwargs["position_ids"] = inject.positions_from_mask(attention_mask, q_len)
+        return self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+        )
+
+    def _forward_grouped(self, names, input_ids, attention_mask, **kwargs):
+        """Encoder classifiers with a head per adapter: run each adapter's rows as a sub-batch, reassemble."""
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        labels = kwargs.pop("labels", None)
+        logits = None
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=input_ids.device)
+            sub = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == input_ids.shape[:1] else v) for k, v in kwargs.items()}
+            out = self.forward(
+                input_ids=input_ids[rows],
+                attention_mask=None if attention_mask is None else attention_mask[rows],
+                adapter_names=[name] * len(rows),
+                **sub,
+            )
+            if logits is None:
+                logits = out.logits.new_zeros((len(names),) + out.logits.shape[1:])
+            logits[rows] = out.logits
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    # ---- generate ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, adapter_names=None, **kwargs):
+        if self.arch.kind == "encoder":
+            raise ConfigError("encoder classifiers do not generate; call the model for logits")
+        batch = input_ids.shape[0]
+        names = self._row_names(adapter_names, batch)
+        if all(n is None for n in names):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        gen_cfg = kwargs.get("generation_config") or self.base_model.generation_config
+        if attention_mask is None:
+            pad = gen_cfg.pad_token_id
+            attention_mask = (input_ids != pad).long() if pad is not None else torch.ones_like(input_ids)
+        # generate() expands tensors for beams / num_return_sequences but not a cache we pass: expand rows here.
+        expand = max(kwargs.get("num_beams", gen_cfg.num_beams) or 1, kwargs.get("num_return_sequences", gen_cfg.num_return_sequences) or 1)
+        rows = [n for n in names for _ in range(expand)]
+        layers, prefix_mask = self._prefix_batch(rows)
+        prefix_mask = prefix_mask[::expand]  # generate() expands the mask itself
+
+        static = kwargs.pop("cache_implementation", gen_cfg.cache_implementation) == "static"
+        max_len = None
+        if static:
+            new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
+            max_len = prefix_mask.shape[1] + (input_ids.shape[1] + new if new else kwargs.get("max_length", gen_cfg.max_length))
+        cache = inject.build_cache(
+            self.arch, layers, "static" if static else "dynamic", self.base_model.config, max_len
+        )
+        if self.arch.kind == "seq2seq":
+            start = torch.ones(batch, 1, dtype=prefix_mask.dtype, device=prefix_mask.device)
+            kwargs["decoder_attention_mask"] = torch.cat([prefix_mask, start], dim=1)
+        else:
+            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        return self.base_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs
+        )
+
+    # ---- conveniences ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._eval_memo.clear()
+        return self
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def parameter_summary(self) -> str:
+        trainable, total = self.trainable_parameters()
+        return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        print(self.parameter_summary())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        # Non-reentrant: the prefix reaches the layers through kwargs, which reentrant checkpointing cuts off.
+        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+
+def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default") -> PrefixModel:
+    """Freeze `base_model` and give it a trainable prefix called `name`."""
+    model = PrefixModel(base_model)
+    model.add_adapter(name, cfg or PrefixConfig())
+    return model
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False) -> PrefixModel:
+    """Attach a saved adapter (ours or peft's) to `base_model`."""
+    model = PrefixModel(base_model)
+    model.load_adapter(directory, name=name, trainable=trainable)
+    return model
