@@ -221,11 +221,19 @@ def positions_from_mask(full_mask: torch.Tensor, query_len: int) -> torch.Tensor
     return pos.clamp(min=0)[:, -query_len:]
 
 
+# Models whose body (not the layer) hands the layers `None` instead of the cache under checkpointing.
+BODY_DROPS_CACHE_WHEN_CHECKPOINTING = {"gpt2"}
+
+
 def allow_checkpointing_with_prefix(model) -> None:
     """transformers drops `past_key_values` inside checkpointed layers (a cache would be appended twice on
-    recompute). Our frozen cache is read-only, so the layers may keep it."""
+    recompute). Our frozen cache is read-only, so the layers may keep it. Call after enabling checkpointing."""
+    from transformers import PreTrainedModel
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    body_drops = model.config.model_type in BODY_DROPS_CACHE_WHEN_CHECKPOINTING
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
             m._can_checkpoint_with_cache = True
+        elif body_drops and isinstance(m, PreTrainedModel) and getattr(m, "gradient_checkpointing", False):
+            m.gradient_checkpointing = False  # the layers still checkpoint: their own flag stays on

@@ -280,7 +280,11 @@ class PrefixModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         # Non-reentrant: the prefix reaches the layers through kwargs, which reentrant checkpointing cuts off.
         kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        inject.allow_checkpointing_with_prefix(self.base_model)
 
     @property
     def config(self):

@@ -1,0 +1,100 @@
+"""Load a base model + tokenizer from a local directory, a Hub id, or a .gguf file.
+
+    model, tokenizer = load_model("path/or/hub-id", dtype="auto", device="cpu")
+
+Errors are `ModelLoadError` (a ConfigError) with a message that says what the path is and what to pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class ModelLoadError(ConfigError):
+    """--model does not point at a usable model."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """'auto' = fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that support it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _source(path: str) -> tuple[str, dict]:
+    """-> (what to give from_pretrained, extra kwargs), or a ModelLoadError for local paths that aren't models."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"--model {path}: GGUF file not found; check the path")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(
+                f"--model {path} is a directory without config.json, so not a transformers model; pass a "
+                "directory written by save_pretrained, a Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a .gguf file"
+            )
+        return str(p), {}
+    if p.exists():
+        raise ModelLoadError(f"--model {path} is a file but not a .gguf; pass a model directory, a Hub id or a .gguf file")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local:
+        raise ModelLoadError(f"--model {path} does not exist; check the path (or pass a Hub id like org/name)")
+    return path, {}
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    src, kw = _source(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+    except Exception as e:
+        raise ModelLoadError(f"--model {path}: could not load a tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
+    if tok.pad_token_id is None:  # batching needs a pad id; eos is the usual stand-in for causal LMs
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
+    """-> (model in eval mode on `device`, tokenizer). Seq2seq configs get AutoModelForSeq2SeqLM, others causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    src, kw = _source(path)
+    try:
+        config = AutoConfig.from_pretrained(src, **kw)
+    except Exception as e:
+        raise ModelLoadError(
+            f"--model {path}: not a model I can load ({type(e).__name__}: {str(e)[:300]}). Pass a local model "
+            "directory, a reachable Hub id, or a .gguf file"
+        ) from None
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = cls.from_pretrained(src, dtype=torch_dtype, **kw)
+    except Exception as e:
+        raise ModelLoadError(f"--model {path}: loading the weights failed ({type(e).__name__}: {str(e)[:300]})") from None
+    tok = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok

@@ -1,0 +1,335 @@
+"""The engine against the references: peft (same prefix weights) and the bare transformers model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+import prefixtune as pt
+import tiny
+from prefixtune import inject
+
+
+def _randomise(model, seed=0):
+    """Give every prefix non-trivial values (peft's N(0,1) is already random; make it explicit and seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prefixes.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def _gen_kwargs(kind):
+    return dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+# ---- parity with peft ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", tiny.ALL)
+def test_same_outputs_as_peft_with_same_weights(kind, tmp_path):
+    base = tiny.make(kind)
+    kw = tiny.batch(kind)
+    model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5))).eval()
+    ours = model(**kw)
+    model.save_adapter(tmp_path / "a")
+    ref = PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    theirs = ref(**kw)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-6, rtol=0)
+    # and the prefix really changes the output (a no-op prefix would pass the checks above trivially)
+    bare = base(**kw)
+    assert (bare.logits - ours.logits).abs().max() > 1e-3
+    if kind != "bert":
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        g1 = model.generate(input_ids=ids, attention_mask=mask, **_gen_kwargs(kind))
+        g2 = ref.generate(input_ids=ids, attention_mask=mask, **_gen_kwargs(kind))
+        assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bert"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_peft_saved_adapter_loads_in_ours(kind, projection, tmp_path):
+    base = tiny.make(kind)
+    kw = tiny.batch(kind)
+    task = {"t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}.get(kind, "CAUSAL_LM")
+    torch.manual_seed(3)
+    ref = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=4, prefix_projection=projection,
+                                                  encoder_hidden_size=32))
+    ref.eval()
+    expected = ref(**kw).logits
+    ref.save_pretrained(tmp_path / "peft")
+    ours = pt.load_adapter(tiny.make(kind), tmp_path / "peft").eval()  # same seed: same base weights
+    torch.testing.assert_close(ours(**kw).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_projection_folds_on_save_and_keep_projection_resumes(tmp_path):
+    base = tiny.make("llama")
+    kw = tiny.batch("llama")
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16, init="peft")).eval()
+    expected = model(**kw).logits
+    model.save_adapter(tmp_path / "folded")
+    model.save_adapter(tmp_path / "kept", keep_projection=True)
+    folded = pt.load_adapter(base, tmp_path / "folded")
+    assert not folded.prefixes["default"].projection  # inference-only table, as peft
+    torch.testing.assert_close(folded(**kw).logits, expected, atol=1e-5, rtol=0)
+    kept = pt.load_adapter(base, tmp_path / "kept", trainable=True)
+    enc = kept.prefixes["default"]
+    assert enc.projection and enc.transform[0].weight.shape == (16, 2 * 16)
+    assert all(p.requires_grad for p in enc.parameters())
+    torch.testing.assert_close(kept.eval()(**kw).logits, expected, atol=1e-5, rtol=0)
+    # the peft half of the directory is plain peft: peft loads it with identical outputs
+    ref = PeftModel.from_pretrained(base, tmp_path / "kept").eval()
+    torch.testing.assert_close(ref(**kw).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_saved_config_is_peft_shaped(tmp_path):
+    model = pt.attach(tiny.make("qwen3"), pt.PrefixConfig(num_virtual_tokens=3))
+    model.save_adapter(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["task_type"] == "CAUSAL_LM"
+    # GQA + explicit head_dim: token_dim is kv_heads * head_dim (2 * 24), not hidden_size (64)
+    assert cfg["token_dim"] == 48 and cfg["num_attention_heads"] == 2
+    assert (tmp_path / "a" / "README.md").read_text().count("PeftModel.from_pretrained") == 1
+
+
+# ---- several prefixes, one batch --------------------------------------------------------------------------
+def _two_adapters(kind, p_a=5, p_b=3):
+    model = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=p_a), name="a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=p_b))
+    return _randomise(model).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3", "bloom", "t5", "bert"])
+def test_mixed_batch_rows_equal_rows_run_alone(kind):
+    model = _two_adapters(kind)
+    kw = tiny.batch(kind, b=4)
+    names = ["a", "b", None, "a"]
+    mixed = model(**kw, adapter_names=names).logits
+    for i, name in enumerate(names):
+        alone = model(**{k: v[i : i + 1] for k, v in kw.items()}, adapter_names=[name]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    bare = model.base_model(**kw).logits
+    torch.testing.assert_close(mixed[2], bare[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5"])
+def test_mixed_batch_generate_with_left_padding(kind):
+    model = _two_adapters(kind)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
+    names = ["a", None, "b"]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **_gen_kwargs(kind))
+    for i, (p, name) in enumerate(zip(prompts, names)):
+        alone = model.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               adapter_names=[name], **_gen_kwargs(kind))
+        new = alone[0, -6:] if kind != "t5" else alone[0]
+        got = out[i, -6:] if kind != "t5" else out[i, : len(new)]
+        assert torch.equal(got, new), (i, name)
+
+
+def test_single_adapter_prefix_is_expanded_not_copied():
+    model = _two_adapters("llama")
+    layers, mask = model._prefix_batch(["a"] * 8)
+    k, v = layers[0]
+    assert k.shape[0] == 8 and k.stride(0) == 0 and v.stride(0) == 0
+    assert k.data_ptr() == layers[0][0][0].data_ptr()
+    assert mask.shape == (8, 5) and bool(mask.all())
+
+
+def test_eval_mode_computes_projected_prefix_once():
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16)).eval()
+    calls = []
+    model.prefixes["default"].transform.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert len(calls) == 1
+    with torch.no_grad():  # changing the weights invalidates the memo
+        model.prefixes["default"].embedding.weight.add_(1.0)
+    model(input_ids=ids)
+    assert len(calls) == 2
+    model.train()
+    model(input_ids=ids)
+    model(input_ids=ids)
+    assert len(calls) == 4  # training always recomputes (gradients must flow)
+
+
+# ---- training paths ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bloom", "t5", "bert"])
+def test_gradient_checkpointing_same_loss_and_grads(kind):
+    kw = tiny.batch(kind)
+    results = []
+    for checkpointing in (False, True):
+        model = _randomise(pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=8)))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        for m in model.modules():  # no dropout: compare exactly
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layer = next(m for m in model.base_model.modules() if isinstance(m, GradientCheckpointingLayer))
+        calls = []
+        inner = next(m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm) or "Norm" in type(m).__name__)
+        inner.register_forward_pre_hook(lambda *a: calls.append(1))
+        loss = model(**kw).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward: checkpointing is really on
+        grads = [p.grad.clone() for p in model.prefixes.parameters()]
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        assert g0.abs().sum() > 0
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_only_prefix_is_trainable_and_summary():
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=10))
+    trainable, total = model.trainable_parameters()
+    assert trainable == 10 * 2 * 2 * (2 * 16)  # P * layers * (k,v) * kv_heads*head_dim
+    assert all(not p.requires_grad for p in model.base_model.parameters())
+    assert f"trainable params: {trainable:,}" in model.parameter_summary()
+
+
+def test_training_step_changes_only_the_prefix():
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).train()
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    kw = tiny.batch("llama")
+    first = model(**kw).loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        model(**kw).loss.backward()
+        opt.step()
+    assert model(**kw).loss.item() < first - 0.1
+    after = model.base_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- generation modes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_static_cache_generation_matches_dynamic(kind):
+    model = _two_adapters(kind)
+    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    dyn = model.generate(input_ids=ids, adapter_names=["a", "b"], **_gen_kwargs(kind))
+    static = model.generate(input_ids=ids, adapter_names=["a", "b"], cache_implementation="static", **_gen_kwargs(kind))
+    assert torch.equal(dyn, static)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_beam_search_sampling_and_multiple_returns(kind):
+    model = _two_adapters(kind)
+    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    beams = model.generate(input_ids=ids, adapter_names=["a", None], num_beams=3, max_new_tokens=5, pad_token_id=0)
+    assert beams.shape[0] == 2
+    # beam search with one beam is greedy
+    one = model.generate(input_ids=ids, adapter_names=["a", None], num_beams=1, **_gen_kwargs(kind))
+    greedy = model.generate(input_ids=ids, adapter_names=["a", None], **_gen_kwargs(kind))
+    assert torch.equal(one, greedy)
+    torch.manual_seed(0)
+    sampled = model.generate(input_ids=ids, adapter_names=["a", "b"], do_sample=True, top_p=0.9, temperature=0.8,
+                             num_return_sequences=3, max_new_tokens=5, pad_token_id=0)
+    assert sampled.shape[0] == 6
+
+
+def test_bf16_base_model_runs_with_fp32_prefix_params():
+    base = tiny.make("llama").to(torch.bfloat16)
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4))
+    assert model.prefixes["default"].embedding.weight.dtype == torch.float32  # master weights stay fp32
+    out = model(**tiny.batch("llama"))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.prefixes["default"].embedding.weight.grad is not None
+
+
+# ---- initialisation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "t5", "bert"])
+def test_vocab_init_uses_real_key_values(kind):
+    model = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="vocab"))
+    table = model.prefixes["default"].embedding.weight
+    assert table.abs().sum() > 0 and table.std() < 5
+    zero = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="zero"))
+    assert zero.prefixes["default"].embedding.weight.abs().sum() == 0
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+def test_bad_config_values():
+    with pytest.raises(pt.ConfigError, match="num_virtual_tokens must be a positive integer"):
+        pt.PrefixConfig(num_virtual_tokens=0)
+    for bad in ["../x", "a/b", "", "with space", "..", "x" * 65]:
+        with pytest.raises(pt.ConfigError, match="not a plain name"):
+            pt.attach(tiny.make("gpt2"), pt.PrefixConfig(), name=bad)
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    base = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(pt.ConfigError, match="not supported.*supported model types: .*llama"):
+        pt.attach(base, pt.PrefixConfig())
+
+
+def test_adapter_for_another_model_says_which_shapes_differ(tmp_path):
+    pt.attach(tiny.make("llama", layers=2), pt.PrefixConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
+    with pytest.raises(pt.ConfigError, match="num_layers: adapter 2 vs model 3"):
+        pt.load_adapter(tiny.make("llama", layers=3), tmp_path / "a")
+    with pytest.raises(pt.ConfigError, match="token_dim: adapter 32 vs model 64"):
+        pt.load_adapter(tiny.make("gpt2"), tmp_path / "a")
+
+
+def test_missing_corrupt_and_non_prefix_adapters(tmp_path):
+    base = tiny.make("llama")
+    with pytest.raises(pt.ConfigError, match="does not exist"):
+        pt.load_adapter(base, tmp_path / "nope")
+    pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(pt.ConfigError, match="corrupt or truncated"):
+        pt.load_adapter(base, tmp_path / "a")
+    weights.unlink()
+    with pytest.raises(pt.ConfigError, match="has no adapter_model.safetensors"):
+        pt.load_adapter(base, tmp_path / "a")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(pt.ConfigError, match="holds a LORA adapter"):
+        pt.load_adapter(base, lora)
+    (lora / "adapter_config.json").write_text("{not json")
+    with pytest.raises(pt.ConfigError, match="not valid JSON"):
+        pt.load_adapter(base, lora)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3))
+    model.save_adapter(tmp_path / "a")
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.prefixes["default"].embedding.weight.add_(1)
+
+    import prefixtune.card
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prefixtune.card, "write_model_card", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before  # old adapter intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp dirs left behind
+
+
+def test_unknown_adapter_names_in_batch():
+    model = _two_adapters("llama")
+    with pytest.raises(pt.ConfigError, match=r"unknown adapter\(s\) \['zz'\]"):
+        model(input_ids=torch.ones(2, 3, dtype=torch.long), adapter_names=["a", "zz"])
+    with pytest.raises(pt.ConfigError, match="adapter_names has 1 entries but the batch has 2 rows"):
+        model(input_ids=torch.ones(2, 3, dtype=torch.long), adapter_names=["a"])
