@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, PrefixConfig
+from .inject import num_groups
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -132,8 +133,10 @@ def read_adapter(directory, arch, head):
         "num_transformer_submodules": arch.num_transformer_submodules,
     }
     diffs = [f"{k}: adapter {pc.get(k)} vs model {v}" for k, v in expected.items() if pc.get(k) is not None and pc.get(k) != v]
+    extra = _load_json(d / EXTRA_NAME) if (d / EXTRA_NAME).is_file() else {}
+    placement = extra.get("config", {}).get("placement", "decoder")
     P = int(pc.get("num_virtual_tokens") or table.shape[0])
-    want = (P, arch.num_layers * 2 * arch.token_dim)
+    want = (P, num_groups(arch, placement) * 2 * arch.token_dim)
     if tuple(table.shape) != want:
         diffs.append(f"prompt_embeddings shape: adapter {tuple(table.shape)} vs model {want}")
     if diffs:
@@ -142,7 +145,6 @@ def read_adapter(directory, arch, head):
             + "; ".join(diffs)
         )
 
-    extra = _load_json(d / EXTRA_NAME) if (d / EXTRA_NAME).is_file() else {}
     fields = dict(extra.get("config", {}))
     fields.update(num_virtual_tokens=P, base_model_name_or_path=pc.get("base_model_name_or_path"))
     if extra.get("projection_kept") and (d / PROJECTION_NAME).is_file():

@@ -15,10 +15,11 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
+from .inject import num_groups
 
 
 @torch.no_grad()
-def real_key_values(model, token_ids: torch.Tensor) -> torch.Tensor:
+def real_key_values(model, token_ids: torch.Tensor, placement: str = "decoder") -> torch.Tensor:
     """Run the frozen base on `token_ids` [P] and return its key/values laid out as a prefix table [P, L*2*kv*hd]."""
     arch, base = model.arch, model.base_model
     ids = token_ids.to(model._device)[None]
@@ -30,11 +31,14 @@ def real_key_values(model, token_ids: torch.Tensor) -> torch.Tensor:
         cache = DynamicCache()
         base(input_ids=ids, past_key_values=cache, use_cache=True)
     P, L = ids.shape[1], arch.num_layers
-    table = torch.zeros(2 * L, arch.kv_heads, P, arch.head_dim, device=ids.device)
-    stride = 4 if arch.kind == "seq2seq" else 2  # inverse of inject.split_layers
-    for i in reversed(range(L)):  # seq2seq ties layers i and i+L/2 (peft layout): the lower layer wins
-        table[(stride * i) % (2 * L)] = cache.layers[i].keys[0].float()
-        table[(stride * i + 1) % (2 * L)] = cache.layers[i].values[0].float()
+    G = num_groups(arch, placement)
+    table = torch.zeros(2 * G, arch.kv_heads, P, arch.head_dim, device=ids.device)
+    stride = 4 if arch.kind == "seq2seq" and placement == "decoder" else 2  # inverse of inject.split_layers
+    # "full" also feeds cross-attention and the encoder: start those from the decoder layers' key/values too.
+    for g in reversed(range(G)):  # seq2seq "decoder" ties layers i and i+L/2 (peft layout): the lower wins
+        layer = cache.layers[min(g % L if g < 2 * L else g - 2 * L, L - 1)]
+        table[(stride * g) % (2 * G)] = layer.keys[0].float()
+        table[(stride * g + 1) % (2 * G)] = layer.values[0].float()
     return table.permute(2, 0, 1, 3).reshape(P, -1)
 
 
@@ -65,7 +69,7 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
             ids = ids.repeat((P + len(ids) - 1) // len(ids))[:P]
     else:
         ids = _sample_tokens(model, P)
-    target = real_key_values(model, ids)
+    target = real_key_values(model, ids, cfg.placement)
     if cfg.init == "random":
         target = torch.randn_like(target) * target.std()
     if last is None:

@@ -38,6 +38,9 @@ SUPPORTED = {
 }
 # ALiBi / relative-bias models take no position_ids: their positions already follow the mask or the cache.
 NO_POSITION_IDS = {"bloom", "t5", "mt5", "bart"}
+# Decoders that number positions from the cache length and take no position_ids: rows with different prefix
+# lengths cannot share a batch without shifting positions, so they run as sub-batches.
+POSITIONS_FROM_CACHE_LENGTH = {"bart"}
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,11 @@ class Arch:
 
     model_type: str
     kind: str
-    num_layers: int  # attention layers that receive a prefix
+    num_layers: int  # (decoder) self-attention layers that receive a prefix
     num_heads: int  # query heads
     kv_heads: int
     head_dim: int
+    num_encoder_layers: int = 0  # seq2seq only: used by placement="full"
 
     @property
     def token_dim(self) -> int:
@@ -85,32 +89,43 @@ def arch_of(model) -> Arch:
             f"supported model types: {', '.join(sorted(SUPPORTED))}"
         )
     kind = SUPPORTED[mt]
+    enc_layers = 0
     if kind == "seq2seq":
         layers = _get(cfg, "num_decoder_layers", "decoder_layers", "num_layers")
+        enc_layers = _get(cfg, "encoder_layers", "num_layers")
         heads = _get(cfg, "decoder_attention_heads", "num_heads", "num_attention_heads")
         head_dim = _get(cfg, "d_kv") or cfg.d_model // heads
         kv_heads = heads
+        enc_heads = _get(cfg, "encoder_attention_heads") or heads
+        if enc_heads != heads:
+            raise ConfigError(f"{mt}: encoder ({enc_heads}) and decoder ({heads}) head counts differ; not supported")
     else:
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         layers = _get(cfg, "num_hidden_layers", "n_layer")
         heads = _get(cfg, "num_attention_heads", "n_head")
         kv_heads = _get(cfg, "num_key_value_heads") or heads
         head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size", "n_embd") // heads
-    return Arch(mt, kind, int(layers), int(heads), int(kv_heads), int(head_dim))
+    return Arch(mt, kind, int(layers), int(heads), int(kv_heads), int(head_dim), int(enc_layers))
 
 
-def split_layers(flat: torch.Tensor, arch: Arch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[P, L*2*kv*hd] -> per layer (key, value), each [kv_heads, P, head_dim] (views, no copy).
+def num_groups(arch: Arch, placement: str) -> int:
+    """How many attention layers a prefix feeds: "full" adds cross-attention and encoder self-attention."""
+    return arch.num_layers if placement == "decoder" else 2 * arch.num_layers + arch.num_encoder_layers
+
+
+def split_layers(flat: torch.Tensor, arch: Arch, placement: str = "decoder") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[P, G*2*kv*hd] -> per attention layer (key, value), each [kv_heads, P, head_dim] (views, no copy).
 
     Decoder-only and encoder models: layer i uses slots 2i (key) and 2i+1 (value), as peft.
-    Seq2seq: peft duplicates the table for two "submodules" and splits by 4, then drops the cross-attention
-    half, so decoder layer i reads slots 4i and 4i+1 (mod 2L). We reproduce that so peft adapters load
-    with identical outputs (it ties layers i and i+L/2; the price of compatibility).
+    Seq2seq "decoder": peft duplicates the table for two "submodules" and splits by 4, then drops the
+    cross-attention half, so decoder layer i reads slots 4i and 4i+1 (mod 2L). We reproduce that so peft
+    adapters load with identical outputs (it ties layers i and i+L/2; the price of compatibility).
+    Seq2seq "full" (ours, Li & Liang): decoder self-attention layers, then cross-attention, then encoder.
     """
-    L, P = arch.num_layers, flat.shape[0]
-    kv = flat.view(P, 2 * L, arch.kv_heads, arch.head_dim).permute(1, 2, 0, 3)
-    stride = 4 if arch.kind == "seq2seq" else 2
-    return [(kv[(stride * i) % (2 * L)], kv[(stride * i + 1) % (2 * L)]) for i in range(L)]
+    G, P = num_groups(arch, placement), flat.shape[0]
+    kv = flat.view(P, 2 * G, arch.kv_heads, arch.head_dim).permute(1, 2, 0, 3)
+    stride = 4 if arch.kind == "seq2seq" and placement == "decoder" else 2
+    return [(kv[(stride * i) % (2 * G)], kv[(stride * i + 1) % (2 * G)]) for i in range(G)]
 
 
 def batch_prefix(per_row: list, batch_size: int):
@@ -189,7 +204,11 @@ def build_cache(arch: Arch, layers, mode: str, config=None, max_cache_len: int |
     """Wrap per-layer prefix key/values in the Cache object the model expects.
 
     mode: "frozen" (forward/training), "dynamic" (generation), "static" (generation with StaticCache).
+    With placement "full" (more groups than decoder layers), the cross-attention cache starts with the
+    cross prefix; the encoder part is injected by `EncoderPrefixHooks`.
     """
+    L = arch.num_layers
+    layers, cross = layers[:L], layers[L : 2 * L]
     if mode == "frozen":
         self_cache = FrozenPrefixCache(layers)
     elif mode == "dynamic":
@@ -205,10 +224,63 @@ def build_cache(arch: Arch, layers, mode: str, config=None, max_cache_len: int |
     if arch.kind != "seq2seq":
         return self_cache
     if mode == "frozen":
-        cache = EncoderDecoderCache(self_cache, FrozenPrefixCache(len(layers)))
+        cache = EncoderDecoderCache(self_cache, FrozenPrefixCache(cross or len(layers)))
         cache.is_updated = _NeverUpdated()
         return cache
-    return EncoderDecoderCache(self_cache, DynamicCache())
+    cross_cache = DynamicCache()
+    for i, (k, v) in enumerate(cross):
+        cross_cache.update(k, v, i)
+    cache = EncoderDecoderCache(self_cache, cross_cache)
+    # A prefilled cross cache is not "updated": the layer must still append the encoder's key/values once.
+    cache.is_updated = {i: False for i in range(L)}
+    return cache
+
+
+class _OneLayerCache(DynamicCache):
+    """One frozen prefix layer that answers for whatever layer_idx the attention module believes it has."""
+
+    def __init__(self, k, v):
+        super().__init__()
+        self.layers = [FrozenPrefixLayer(k, v)]
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.layers[0].update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx=0):
+        return self.layers[0].get_seq_length()
+
+
+def encoder_self_attentions(model) -> list:
+    """The encoder's self-attention modules of a seq2seq model, in layer order."""
+    if model.config.model_type in ("t5", "mt5"):
+        return [block.layer[0].SelfAttention for block in model.encoder.block]
+    if model.config.model_type == "bart":
+        return [layer.self_attn for layer in model.model.encoder.layers]
+    raise ConfigError(f"placement='full' is not available for {model.config.model_type}; use placement='decoder'")
+
+
+class EncoderPrefixHooks:
+    """Feeds encoder self-attention its prefix (seq2seq, placement="full").
+
+    The encoder stack never passes a cache to its layers, so each self-attention module gets one through a
+    forward pre-hook. The hooks stay registered and read `self.layers`, which the model sets before each
+    call and leaves in place, so a gradient-checkpointing recompute in backward sees the same prefix.
+    """
+
+    def __init__(self, model):
+        self.layers = None
+        self.handles = [
+            m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, m in enumerate(encoder_self_attentions(model))
+        ]
+
+    def _hook(self, i):
+        def inject(module, args, kwargs):
+            if self.layers is not None:
+                kwargs["past_key_values"] = _OneLayerCache(*self.layers[i])
+            return args, kwargs
+
+        return inject
 
 
 def positions_from_mask(full_mask: torch.Tensor, query_len: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ class PrefixModel(nn.Module):
         self.configs: dict[str, PrefixConfig] = {}
         self.active_adapter: str | None = None
         self._eval_memo: dict[str, tuple[tuple, list]] = {}
+        self._encoder_hooks: inject.EncoderPrefixHooks | None = None  # seq2seq placement="full" only
         for p in base_model.parameters():
             p.requires_grad_(False)
         inject.allow_checkpointing_with_prefix(base_model)
@@ -44,16 +45,14 @@ class PrefixModel(nn.Module):
             raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
         if cfg.placement != "decoder" and self.arch.kind != "seq2seq":
             raise ConfigError(f"placement={cfg.placement!r} only applies to encoder-decoder models; use 'decoder'")
-        if cfg.placement == "full":
-            raise ConfigError(
-                "placement='full' (encoder + cross-attention prefixes) is not available yet; use placement='decoder'"
-            )
+        if cfg.placement == "full" and self._encoder_hooks is None:
+            self._encoder_hooks = inject.EncoderPrefixHooks(self.base_model)
         cfg = copy.deepcopy(cfg)
         cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(
             self.base_model.config, "_name_or_path", None
         )
         cfg.task_type = self.arch.peft_task_type
-        enc = PrefixEncoder(cfg, self.arch.num_layers, self.arch.token_dim)
+        enc = PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
         from .init import initialise  # late import: init runs the base model
 
         initialise(self, enc, cfg)
@@ -142,10 +141,10 @@ class PrefixModel(nn.Module):
             if hit is not None and hit[0] == version:
                 return hit[1]
             with torch.no_grad():
-                layers = inject.split_layers(enc().to(self._dtype), self.arch)
+                layers = inject.split_layers(enc().to(self._dtype), self.arch, self.configs[name].placement)
             self._eval_memo[name] = (version, layers)
             return layers
-        return inject.split_layers(enc().to(self._dtype), self.arch)
+        return inject.split_layers(enc().to(self._dtype), self.arch, self.configs[name].placement)
 
     def _row_names(self, adapter_names, batch_size: int) -> list[str | None]:
         if adapter_names is None:
@@ -162,8 +161,24 @@ class PrefixModel(nn.Module):
         return list(adapter_names)
 
     def _prefix_batch(self, names: list[str | None]):
+        """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch."""
         per_name = {n: self.prefix_layers(n) for n in set(names) if n is not None}
-        return inject.batch_prefix([per_name[n] if n is not None else None for n in names], len(names))
+        placements = {self.configs[n].placement for n in per_name}
+        if len(placements) > 1:
+            raise ConfigError(
+                f"one batch cannot mix placements {sorted(placements)}: run 'full' and 'decoder' adapters separately"
+            )
+        layers, mask = inject.batch_prefix([per_name[n] if n is not None else None for n in names], len(names))
+        if self._encoder_hooks is not None:
+            self._encoder_hooks.layers = layers[2 * self.arch.num_layers :] if placements == {"full"} else None
+        return layers, mask
+
+    def _clear_encoder_prefix(self) -> None:
+        if self._encoder_hooks is not None:
+            self._encoder_hooks.layers = None
+
+    def _full_placement(self, names) -> bool:
+        return any(n is not None and self.configs[n].placement == "full" for n in names)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, **kwargs):
@@ -171,8 +186,9 @@ class PrefixModel(nn.Module):
         batch, q_len = ref.shape[0], ref.shape[1]
         names = self._row_names(adapter_names, batch)
         if all(n is None for n in names):
+            self._clear_encoder_prefix()
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        if self.heads and len(set(names)) > 1:
+        if self._needs_grouping(names):
             return self._forward_grouped(names, input_ids, attention_mask, **kwargs)
         if self.heads and names[0] != self.active_adapter:
             self.set_adapter(names[0])
@@ -183,6 +199,10 @@ class PrefixModel(nn.Module):
             past_key_values = inject.build_cache(self.arch, layers, mode)
 
         if self.arch.kind == "seq2seq":
+            if self._full_placement(names):  # encoder self-attention and cross-attention see the prefix too
+                if attention_mask is None:
+                    attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=ref.device)
+                attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
             dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
             dam = kwargs.get("decoder_attention_mask")
             if dam is None and not bool(prefix_mask.all()):
@@ -200,11 +220,21 @@ class PrefixModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
         )
 
-    def _forward_grouped(self, names, input_ids, attention_mask, **kwargs):
-        """Encoder classifiers with a head per adapter: run each adapter's rows as a sub-batch, reassemble."""
-        from transformers.modeling_outputs import SequenceClassifierOutput
+    def _needs_grouping(self, names) -> bool:
+        """Rows that cannot share one forward: encoder classifiers with a head per adapter, and models whose
+        decoder positions follow the cache length (BART) when prefix lengths differ."""
+        distinct = {n for n in names if n is not None}
+        if self.heads:
+            return len(set(names)) > 1
+        if self.arch.model_type in inject.POSITIONS_FROM_CACHE_LENGTH:
+            return len({self.configs[n].num_virtual_tokens for n in distinct} | ({0} if None in names else set())) > 1
+        return False
 
+    def _forward_grouped(self, names, input_ids, attention_mask, **kwargs):
+        """Run each adapter's rows as a sub-batch and reassemble (see `_needs_grouping`)."""
         labels = kwargs.pop("labels", None)
+        if labels is not None and self.arch.kind == "seq2seq":
+            kwargs["labels"] = labels  # sub-batches need them for decoder inputs; the loss is recomputed below
         logits = None
         for name in dict.fromkeys(names):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=input_ids.device)
@@ -219,9 +249,9 @@ class PrefixModel(nn.Module):
                 logits = out.logits.new_zeros((len(names),) + out.logits.shape[1:])
             logits[rows] = out.logits
         loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        if labels is not None:  # the mean over all rows, as one forward would give
+            loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        return type(out)(loss=loss, logits=logits)
 
     # ---- generate ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,7 +260,10 @@ class PrefixModel(nn.Module):
             raise ConfigError("encoder classifiers do not generate; call the model for logits")
         batch = input_ids.shape[0]
         names = self._row_names(adapter_names, batch)
+        if self._needs_grouping(names):
+            return self._generate_grouped(names, input_ids, attention_mask, **kwargs)
         if all(n is None for n in names):
+            self._clear_encoder_prefix()
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         gen_cfg = kwargs.get("generation_config") or self.base_model.generation_config
         if attention_mask is None:
@@ -253,11 +286,26 @@ class PrefixModel(nn.Module):
         if self.arch.kind == "seq2seq":
             start = torch.ones(batch, 1, dtype=prefix_mask.dtype, device=prefix_mask.device)
             kwargs["decoder_attention_mask"] = torch.cat([prefix_mask, start], dim=1)
+            if self._full_placement(names):
+                attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
         else:
             attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
         return self.base_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs
         )
+
+    def _generate_grouped(self, names, input_ids, attention_mask, **kwargs):
+        """generate() per adapter group, outputs right-padded with the pad token to one tensor."""
+        pad = kwargs.get("pad_token_id", self.base_model.generation_config.pad_token_id) or 0
+        outs, order = [], []
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            mask = None if attention_mask is None else attention_mask[rows]
+            outs.append(self.generate(input_ids=input_ids[rows], attention_mask=mask, adapter_names=[name] * len(rows), **kwargs))
+            order += rows
+        width = max(o.shape[1] for o in outs)
+        out = torch.cat([nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+        return out[torch.argsort(torch.tensor(order, device=out.device))]
 
     # ---- conveniences ---------------------------------------------------------------------------------
     def train(self, mode: bool = True):
