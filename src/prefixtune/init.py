@@ -75,7 +75,20 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
     if last is None:
         enc.embedding.weight.copy_(target)
     else:
-        # Through the MLP: zero its last weight and put the mean target in the bias, plus a small random
-        # part that the per-token embeddings can steer. The MLP then learns from a realistic starting point.
-        last.weight.mul_(0.01)
-        last.bias.copy_(target.mean(0))
+        fit_projection(enc, target)
+
+
+@torch.no_grad()
+def fit_projection(enc: PrefixEncoder, target: torch.Tensor) -> None:
+    """Set the MLP's last layer so the projected prefix equals `target` exactly.
+
+    The hidden activations h = tanh(W1 e + b1) of the P virtual tokens are P vectors in a 512-wide space, so
+    [h, 1] W = target has an exact (minimum-norm) solution when P <= projection_dim: the MLP starts out
+    producing real key/values and keeps all its capacity to move away from them.
+    """
+    hidden = enc.transform[:-1](enc.embedding.weight)
+    h1 = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1).double()
+    solution = torch.linalg.pinv(h1) @ target.double()  # [(mid+1), out]
+    last = enc.transform[-1]
+    last.weight.copy_(solution[:-1].T.to(last.weight.dtype))
+    last.bias.copy_(solution[-1].to(last.bias.dtype))

@@ -39,7 +39,8 @@ class PrefixModel(nn.Module):
         self._fwd_params = set(inspect.signature(base_model.forward).parameters)
 
     # ---- adapters -------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, cfg: PrefixConfig) -> None:
+    def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None) -> None:
+        """Add a fresh prefix. `tokenizer` is needed only for init="text" (to turn init_text into tokens)."""
         check_adapter_name(name)
         if name in self.prefixes:
             raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
@@ -52,6 +53,13 @@ class PrefixModel(nn.Module):
             self.base_model.config, "_name_or_path", None
         )
         cfg.task_type = self.arch.peft_task_type
+        if cfg.init == "text" and "init_token_ids" not in cfg.extra:
+            if tokenizer is None:
+                raise ConfigError("init='text' needs the tokenizer: attach(base, cfg, tokenizer=tokenizer)")
+            ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ConfigError(f"init_text {cfg.init_text!r} tokenizes to nothing; give a short task description")
+            cfg.extra["init_token_ids"] = list(ids)
         enc = PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
         from .init import initialise  # late import: init runs the base model
 
@@ -343,10 +351,10 @@ class PrefixModel(nn.Module):
         return self._device
 
 
-def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default") -> PrefixModel:
+def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default", tokenizer=None) -> PrefixModel:
     """Freeze `base_model` and give it a trainable prefix called `name`."""
     model = PrefixModel(base_model)
-    model.add_adapter(name, cfg or PrefixConfig())
+    model.add_adapter(name, cfg or PrefixConfig(), tokenizer=tokenizer)
     return model
 
 
