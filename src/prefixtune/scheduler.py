@@ -1,0 +1,527 @@
+"""Continuous batching for many prefixes on one base model (no HTTP here; serve.py is the web side).
+
+One worker thread owns the model. It keeps a single running batch: a DynamicCache whose rows are
+left-padded to a common length, plus a 2D mask [B, S] over every cached slot (prefix slots included).
+Each iteration it
+  1. admits queued requests (up to max_batch_size rows) and prefills them, grouped by prompt length so no
+     padding enters a prefill (a row computes exactly what it would alone), then merges their caches into
+     the running batch by left-padding keys/values and masks;
+  2. runs ONE decode forward for all rows, whatever their adapter: prefixes already sit in the cache, so
+     mixing adapters costs nothing per step;
+  3. samples per row (each request has its own temperature/top_p/seed), emits text, and drops finished rows
+     with index_select, trimming columns that no remaining row uses.
+
+Requests talk back through a callback `on_event(Event)`, called from the worker thread; `async_sink` turns
+that into an asyncio.Queue for the web side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from . import inject
+from .adapter_io import CONFIG_NAME
+from .config import ConfigError, check_adapter_name
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` is the HTTP status the web side should use."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class QueueFull(EngineError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStopped(EngineError):
+    status = 503
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy (argmax), identical to generate(do_sample=False)
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: fixed output lengths
+
+
+@dataclass
+class Event:
+    index: int
+    text: str = ""  # new text since the last event
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "timeout" | "error" (None while running)
+    error: str | None = None
+    status: int = 200  # HTTP status that fits an error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    index: int = 0  # choice index when one API call asks for n > 1
+    timeout: float | None = None
+    # Worker-side state.
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    last: int | None = None  # sampled token not yet fed to the model
+    cancelled: bool = False
+    finished: bool = False
+
+    def __post_init__(self):
+        self.created = time.monotonic()
+        self.deadline: float | None = None  # set by Engine.submit
+        self.gen = None
+        if self.params.temperature > 0:
+            # Per-request generator: a seeded request samples the same tokens whatever it is batched with.
+            self.gen = torch.Generator()
+            if self.params.seed is None:
+                self.gen.seed()
+            else:
+                self.gen.manual_seed(self.params.seed)
+
+    def cancel(self) -> None:
+        """Client went away: the worker drops the row at its next step."""
+        self.cancelled = True
+
+
+def async_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[Event], None]:
+    """An on_event callback that hands events from the worker thread to an asyncio queue."""
+
+    def put(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    return put
+
+
+def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad the sequence dim (-2 for key/values, -1 for masks) with zeros up to `length`."""
+    dim = -1 if x.dim() == 2 else -2
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    pad = [0, 0] * (-dim - 1) + [missing, 0]
+    return torch.nn.functional.pad(x, pad)
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        model_name: str = "base",
+        adapters_dir: str | Path | None = None,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_prompt_tokens: int = 2048,
+        max_total_tokens: int | None = None,
+        request_timeout: float | None = 600.0,
+        max_n: int = 8,
+    ):
+        if model.arch.kind != "causal":
+            raise ConfigError(
+                f"serving supports decoder-only models; {model.arch.model_type} is {model.arch.kind} "
+                "(encoder-decoder / encoder models are not served)"
+            )
+        self.model = model.eval()
+        self.base = model.base_model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        max_pos = getattr(self.base.config, "max_position_embeddings", None) or getattr(self.base.config, "n_positions", None)
+        self.max_positions = max_pos  # prefix + prompt + output must fit (prefix rows number tokens from P)
+        self.max_total_tokens = max_total_tokens or max_pos or 4096
+        self.request_timeout = request_timeout
+        self.max_n = max_n
+        self.eos_ids = self._eos_ids()
+        fwd = set(inspect.signature(self.base.forward).parameters)
+        self._pass_positions = model.arch.takes_position_ids and "position_ids" in fwd
+        self._logits_to_keep = "logits_to_keep" in fwd
+
+        self.lock = threading.RLock()  # the model: worker steps vs adapter load/unload
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._rows: list[Request] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, S], prefix slots included
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Counters read by /metrics (written by the worker only).
+        self.stats = {"prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "rows_stepped": 0}
+        self.batch_hist: dict[int, int] = {}  # rows per decode step -> count
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="prefixtune-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish queued and running ones, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.model.prefixes:
+            raise EngineError(f"unknown model {name!r}; available: {self.model_names()}", 404)
+
+    def model_names(self) -> list[str]:
+        return [self.model_name] + sorted(self.model.prefixes)
+
+    def adapter_for(self, model_field: str) -> str | None:
+        """API `model` field -> adapter name (None = bare base model)."""
+        if model_field == self.model_name:
+            return None
+        self.check_adapter(model_field)
+        return model_field
+
+    def check_limits(self, prompt_len: int, max_tokens: int, adapter: str | None = None) -> None:
+        if prompt_len == 0:
+            raise EngineError("prompt is empty: send at least one token of text")
+        if prompt_len > self.max_prompt_tokens:
+            raise EngineError(
+                f"prompt has {prompt_len} tokens; the limit is {self.max_prompt_tokens} prompt tokens "
+                f"and {self.max_total_tokens} tokens in total (prompt + max_tokens)"
+            )
+        if prompt_len + max_tokens > self.max_total_tokens:
+            raise EngineError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} exceeds the "
+                f"limit of {self.max_total_tokens} tokens in total; lower max_tokens to at most "
+                f"{max(self.max_total_tokens - prompt_len, 0)}"
+            )
+        prefix = self.model.configs[adapter].num_virtual_tokens if adapter in self.model.configs else 0
+        if self.max_positions and prefix + prompt_len + max_tokens > self.max_positions:
+            raise EngineError(
+                f"prefix ({prefix}) + prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the model's "
+                f"{self.max_positions} positions; lower max_tokens to at most {max(self.max_positions - prefix - prompt_len, 0)}"
+            )
+
+    def submit(self, reqs: list[Request]) -> None:
+        """Queue requests (the n choices of one call go in together, or not at all)."""
+        for r in reqs:
+            self.check_adapter(r.adapter)
+            self.check_limits(len(r.prompt_ids), r.params.max_tokens, r.adapter)
+            r.timeout = r.timeout or self.request_timeout
+            r.deadline = time.monotonic() + r.timeout if r.timeout else None
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("server is shutting down; not accepting new requests")
+            if len(self._pending) + len(reqs) > self.max_queue:
+                # A rough wait: one batch drains per few seconds on small models; clients back off and retry.
+                raise QueueFull(f"queue is full ({len(self._pending)} waiting, limit {self.max_queue}); retry later", 1)
+            self._pending.extend(reqs)
+            self._cond.notify_all()
+
+    # ---- adapters (hot load / unload) ------------------------------------------------------------------
+    def resolve_adapter_path(self, path: str) -> Path:
+        """Adapters load only from inside adapters_dir: absolute or '..' paths that leave it are refused."""
+        if self.adapters_dir is None:
+            raise EngineError("adapter loading is disabled: the server was started without --adapters", 403)
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise EngineError("'path' must be a non-empty string naming a directory inside the adapters directory")
+        target = (self.adapters_dir / path).resolve()
+        if target != self.adapters_dir and self.adapters_dir not in target.parents:
+            raise EngineError(f"adapter path {path!r} leaves the adapters directory; give a path inside it", 400)
+        if not (target / CONFIG_NAME).is_file():
+            raise EngineError(f"no adapter at {path!r} (expected {CONFIG_NAME} in that directory)", 404)
+        return target
+
+    def load_adapter(self, name: str, path: str) -> None:
+        try:
+            check_adapter_name(name)
+        except ConfigError as e:
+            raise EngineError(str(e)) from None
+        if name == self.model_name:
+            raise EngineError(f"adapter name {name!r} is the base model's name; pick another", 409)
+        target = self.resolve_adapter_path(path)
+        with self.lock:
+            if name in self.model.prefixes:
+                raise EngineError(f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first", 409)
+            try:
+                self.model.load_adapter(target, name=name)
+            except ConfigError as e:  # wrong shapes, not a prefix adapter, corrupt file, ...
+                raise EngineError(f"cannot load adapter {name!r}: {e}", 422) from None
+
+    def unload_adapter(self, name: str) -> None:
+        """Rows already running keep their prefix (it is in the cache); queued ones fail with 404."""
+        with self.lock:
+            if name not in self.model.prefixes:
+                raise EngineError(f"unknown adapter {name!r}; loaded: {sorted(self.model.prefixes)}", 404)
+            self.model.delete_adapter(name)
+
+    def load_dir(self) -> list[str]:
+        """Load every subdirectory of adapters_dir that holds an adapter, named after the directory."""
+        loaded = []
+        if self.adapters_dir is None:
+            return loaded
+        for sub in sorted(p for p in self.adapters_dir.iterdir() if p.is_dir()):
+            if not (sub / CONFIG_NAME).is_file():
+                continue
+            try:
+                self.load_adapter(sub.name, sub.name)
+                loaded.append(sub.name)
+            except EngineError as e:
+                log.warning("skipping %s: %s", sub, e)
+        return loaded
+
+    # ---- worker ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._rows and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._rows:
+                    return
+                self._expire_pending()
+                new = []
+                while self._pending and len(self._rows) + len(new) < self.max_batch_size:
+                    new.append(self._pending.popleft())
+            try:
+                with self.lock, torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # a failed step fails its rows, never the server
+                log.exception("engine step failed")
+                for r in self._rows + new:
+                    if not r.finished:
+                        self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}", status=500)
+                self._rows, self._cache, self._mask = [], None, None
+            self._drop_finished()
+
+    def _expire_pending(self) -> None:
+        """Requests that waited in the queue past their deadline fail now, not when a slot frees up."""
+        now = time.monotonic()
+        if not any(r.cancelled or (r.deadline and now > r.deadline) for r in self._pending):
+            return
+        keep = deque()
+        for r in self._pending:
+            if r.cancelled:
+                r.finished = True
+            elif r.deadline and now > r.deadline:
+                self._finish(r, "timeout", error=f"request timed out after {r.timeout:g}s in the queue", status=408)
+            else:
+                keep.append(r)
+        self._pending = keep
+
+    def _prefix_cache(self, names: list[str | None]):
+        if all(n is None for n in names):
+            return DynamicCache(), torch.zeros(len(names), 0, dtype=torch.long)
+        layers, pmask = self.model._prefix_batch(names)
+        return inject.build_cache(self.model.arch, layers, "dynamic"), pmask
+
+    def _forward(self, ids, mask, cache):
+        kw = {"use_cache": True}
+        if self._pass_positions:
+            kw["position_ids"] = inject.positions_from_mask(mask, ids.shape[1])
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1  # as generate() does: same logits, no [T, vocab] waste
+        out = self.base(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, new: list[Request]) -> None:
+        ready = []
+        for r in new:
+            if r.cancelled:
+                r.finished = True
+            elif r.adapter is not None and r.adapter not in self.model.prefixes:
+                self._finish(r, "error", error=f"adapter {r.adapter!r} was unloaded; available: {self.model_names()}", status=404)
+            elif r.deadline and time.monotonic() > r.deadline:
+                self._finish(r, "timeout", error=f"request timed out after {r.timeout:g}s in the queue", status=408)
+            else:
+                ready.append(r)
+        by_len: dict[int, list[Request]] = {}
+        for r in ready:
+            by_len.setdefault(len(r.prompt_ids), []).append(r)
+        for group in by_len.values():
+            ids = torch.tensor([r.prompt_ids for r in group], device=self.model.device)
+            cache, pmask = self._prefix_cache([r.adapter for r in group])
+            mask = torch.cat([pmask.to(ids.device), torch.ones_like(ids)], dim=1)
+            logits = self._forward(ids, mask, cache)
+            self.stats["prompt_tokens"] += ids.numel()
+            self._step_rows(group, logits)
+            keep = [i for i, r in enumerate(group) if not r.finished]
+            if keep:
+                self._merge([group[i] for i in keep], cache, mask, keep)
+
+    def _merge(self, rows, cache, mask, keep) -> None:
+        if len(keep) != mask.shape[0]:
+            idx = torch.tensor(keep, device=mask.device)
+            cache, mask = self._select(cache, mask, idx)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, list(rows)
+            return
+        length = max(self._mask.shape[1], mask.shape[1])
+        for old, add in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(add.keys, length)])
+            old.values = torch.cat([_pad_left(old.values, length), _pad_left(add.values, length)])
+        self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)])
+        self._rows += rows
+
+    @staticmethod
+    def _select(cache, mask, idx):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        return cache, mask.index_select(0, idx)
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[r.last] for r in self._rows], device=self._mask.device)
+        self._mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        logits = self._forward(ids, self._mask, self._cache)
+        n = len(self._rows)
+        self.stats["steps"] += 1
+        self.stats["rows_stepped"] += n
+        self.batch_hist[n] = self.batch_hist.get(n, 0) + 1
+        self._step_rows(self._rows, logits)
+
+    def _drop_finished(self) -> None:
+        """Remove finished/cancelled rows and the leading columns nobody attends to any more."""
+        for r in self._rows:
+            if r.cancelled:
+                r.finished = True
+        keep = [i for i, r in enumerate(self._rows) if not r.finished]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        self._cache, self._mask = self._select(self._cache, self._mask, torch.tensor(keep, device=self._mask.device))
+        self._rows = [self._rows[i] for i in keep]
+        first = int(self._mask.any(0).nonzero()[0])
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    # ---- sampling and stopping -------------------------------------------------------------------------
+    def _step_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        now = time.monotonic()
+        for i, r in enumerate(rows):
+            if r.cancelled:
+                r.finished = True
+                continue
+            tok = greedy[i] if r.gen is None else self._sample(logits[i], r)
+            r.generated.append(tok)
+            r.last = tok
+            self.stats["completion_tokens"] += 1
+            self._emit(r, now)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, r: Request) -> int:
+        logits = logits / r.params.temperature
+        probs = torch.softmax(logits, -1)
+        if r.params.top_p < 1.0:
+            p, order = probs.sort(descending=True)
+            drop = (p.cumsum(-1) - p) >= r.params.top_p  # keep the smallest set whose mass reaches top_p
+            p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, p)
+        return int(torch.multinomial(probs, 1, generator=r.gen))
+
+    def _text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _emit(self, r: Request, now: float) -> None:
+        tok = r.generated[-1]
+        eos = tok in self.eos_ids and not r.params.ignore_eos
+        text = self._text(r.generated[:-1] if eos else r.generated)
+        finish = "stop" if eos else None
+        for s in r.params.stop:
+            at = text.find(s)
+            if at >= 0:
+                text, finish = text[:at], "stop"
+        if finish is None and len(r.generated) >= r.params.max_tokens:
+            finish = "length"
+        if finish is None and r.deadline and now > r.deadline:
+            self._finish(r, "timeout", error=f"request timed out after {r.timeout:g}s", status=408, text=text)
+            return
+        if finish is None:
+            # Hold back a tail that may still grow into a stop string, or half a multi-byte character.
+            hold = max((k for s in r.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            if text.endswith("\ufffd"):
+                hold = max(hold, 1)
+            upto = len(text) - hold
+            delta, r.sent_chars = text[r.sent_chars:upto], max(r.sent_chars, upto)
+            self._send(r, Event(r.index, text=delta, token_ids=[tok]))
+        else:
+            self._finish(r, finish, text=text)
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, status: int = 200, text: str | None = None) -> None:
+        r.finished = True
+        delta = "" if text is None else text[r.sent_chars:]
+        toks = r.generated[-1:] if r.generated else []
+        self._send(r, Event(r.index, text=delta, token_ids=toks, finish_reason=reason, error=error, status=status,
+                            prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
+
+    @staticmethod
+    def _send(r: Request, ev: Event) -> None:
+        try:
+            r.on_event(ev)
+        except Exception:  # a broken listener must not take the batch down
+            log.exception("event callback failed")
+            r.cancelled = True
+
+    def _eos_ids(self) -> set[int]:
+        """The ids generate() stops on: the generation config's first, as offline generation does."""
+        gen_cfg = getattr(self.base, "generation_config", None)
+        for v in (getattr(gen_cfg, "eos_token_id", None), getattr(self.base.config, "eos_token_id", None),
+                  getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(v, int):
+                return {v}
+            if isinstance(v, (list, tuple)) and v:
+                return {int(x) for x in v}
+        return set()

@@ -1,0 +1,258 @@
+"""Continuous-batching engine: greedy parity with offline generate() in mixed batches, sampling, stops, limits."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.config import ConfigError
+from prefixtune.scheduler import Engine, EngineError, QueueFull, Request, SamplingParams
+from tiny import make
+
+
+def word_tokenizer():
+    """Word-level tokenizer over the tiny models' 128 ids: <pad>=0, <eos>=1, <bos>=2, then w3..w127."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    tok.chat_template = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
+    return tok
+
+
+def three_adapters(kind="llama"):
+    model = pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=5), "a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=9))
+    model.add_adapter("c", pt.PrefixConfig(num_virtual_tokens=3, projection=True, projection_dim=32))
+    return model.eval()
+
+
+def offline(model, prompt, name, max_new):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         adapter_names=[name], do_sample=False, max_new_tokens=max_new)
+    toks = out[0, len(prompt):].tolist()
+    eos = model.base_model.generation_config.eos_token_id
+    return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+class Collector:
+    """on_event callbacks that gather tokens/text per request and signal when all are done."""
+
+    def __init__(self, n):
+        self.n, self.tokens, self.text, self.final = n, {}, {}, {}
+        self.done = threading.Event()
+
+    def __call__(self, key):
+        def on_event(ev):
+            self.tokens.setdefault(key, []).extend(ev.token_ids)
+            self.text[key] = self.text.get(key, "") + ev.text
+            if ev.finish_reason:
+                self.final[key] = ev
+                if len(self.final) == self.n:
+                    self.done.set()
+        return on_event
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), f"only {len(self.final)}/{self.n} requests finished"
+        return self
+
+
+def random_workload(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 128, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    names = [["a", "b", "c", None][i % 4] for i in range(n)]
+    max_new = [int(x) for x in torch.randint(1, 16, (n,), generator=g)]
+    return prompts, names, max_new
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3", "bloom", "mistral"])
+def test_greedy_matches_offline_generate_in_mixed_continuous_batches(kind):
+    model = three_adapters(kind)
+    prompts, names, max_new = random_workload(16)
+    ref = [offline(model, p, n, m) for p, n, m in zip(prompts, names, max_new)]
+    # A small batch limit forces rows to join and leave between decode steps.
+    eng = Engine(model, max_batch_size=5).start()
+    got = Collector(len(prompts))
+    try:
+        for i, (p, n, m) in enumerate(zip(prompts, names, max_new)):
+            eng.submit([Request(n, p, SamplingParams(max_tokens=m, temperature=0), got(i))])
+            time.sleep(0.002 * (i % 3))  # arrive while others are mid-generation
+        got.wait()
+    finally:
+        eng.stop()
+    assert [got.tokens[i] for i in range(len(prompts))] == ref
+    assert max(eng.batch_hist) == 5 and len(eng.batch_hist) > 1  # really batched, with joins/leaves
+    assert eng.running == 0 and eng._cache is None  # finished rows left; nothing is held
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates():
+    model = three_adapters()
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=123, ignore_eos=True)
+    eng = Engine(model, max_batch_size=16).start()
+    try:
+        alone = Collector(1)
+        eng.submit([Request("b", prompt, params, alone("x"))])
+        alone.wait()
+        crowd = Collector(6)
+        others = [Request(n, [9, 10, 11], SamplingParams(max_tokens=12, temperature=1.0), crowd(i)) for i, n in enumerate("aacc")]
+        eng.submit(others[:2] + [Request("b", prompt, params, crowd("x"))] + others[2:])
+        eng.submit([Request("b", prompt, SamplingParams(max_tokens=12, temperature=1.5, seed=124, ignore_eos=True), crowd("y"))])
+        crowd.wait()
+    finally:
+        eng.stop()
+    assert crowd.tokens["x"] == alone.tokens["x"]
+    assert crowd.tokens["y"] != crowd.tokens["x"]  # another seed samples something else
+    assert len(alone.tokens["x"]) == 12 and alone.final["x"].finish_reason == "length"
+
+
+def test_tiny_top_p_is_greedy():
+    model = three_adapters()
+    eng = Engine(model).start()
+    try:
+        got = Collector(2)
+        eng.submit([Request("a", [4, 5, 6], SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=1), got("p")),
+                    Request("a", [4, 5, 6], SamplingParams(max_tokens=8, temperature=0), got("g"))])
+        got.wait()
+    finally:
+        eng.stop()
+    assert got.tokens["p"] == got.tokens["g"]
+
+
+def test_stop_strings_truncate_and_are_never_streamed():
+    model = three_adapters()
+    tok = word_tokenizer()
+    eng = Engine(model, tok).start()
+    try:
+        first = Collector(1)
+        eng.submit([Request("a", [4, 5, 6], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), first(0))])
+        full = first.wait().text[0]
+        words = full.split()
+        assert len(words) >= 4
+        stop = words[3]
+        cut = full[: full.find(stop)]
+        second = Collector(1)
+        deltas = []
+        def record(ev, inner=second(0)):
+            deltas.append(ev.text)
+            inner(ev)
+        eng.submit([Request("a", [4, 5, 6], SamplingParams(max_tokens=10, temperature=0, stop=(stop, "zzz"), ignore_eos=True), record)])
+        second.wait()
+    finally:
+        eng.stop()
+    assert second.text[0] == cut and second.final[0].finish_reason == "stop"
+    assert all(stop not in "".join(deltas[: i + 1]) for i in range(len(deltas)))
+
+
+def test_cancelled_rows_leave_and_padding_is_trimmed():
+    model = three_adapters()
+    eng = Engine(model, max_batch_size=8).start()
+    try:
+        long = Request("b", list(range(3, 40)), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), lambda ev: None)
+        eng.submit([long])
+        while len(long.generated) < 5:
+            time.sleep(0.005)
+        short = Collector(1)
+        eng.submit([Request("a", [4, 5], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), short(0))])
+        while eng.running < 2:
+            time.sleep(0.001)
+        wide = eng._mask.shape[1]
+        long.cancel()
+        while eng.running != 1:
+            time.sleep(0.001)
+        time.sleep(0.02)
+        # The short row alone: its own prefix + prompt + generated, none of the long row's padding.
+        assert eng._mask.shape[1] < wide and bool(eng._mask.all())
+        short.wait()
+    finally:
+        eng.stop()
+    assert len(long.generated) < 400
+
+
+def test_failed_step_fails_its_rows_but_engine_keeps_serving(monkeypatch):
+    model = three_adapters()
+    eng = Engine(model).start()
+    real = eng.base.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng.base, "forward", flaky)
+    try:
+        bad = Collector(1)
+        eng.submit([Request("a", [4, 5], SamplingParams(max_tokens=3, temperature=0), bad(0))])
+        assert bad.wait().final[0].finish_reason == "error" and "boom" in bad.final[0].error
+        good = Collector(1)
+        eng.submit([Request("a", [4, 5], SamplingParams(max_tokens=3, temperature=0), good(0))])
+        assert good.wait().final[0].finish_reason == "length"
+    finally:
+        eng.stop()
+
+
+def test_queue_limit_timeout_and_unloaded_adapter():
+    model = three_adapters()
+    eng = Engine(model, max_queue=2)  # not started: requests stay queued
+    got = Collector(2)
+    eng.submit([Request("a", [4], SamplingParams(max_tokens=2), got("t"), timeout=0.01)])
+    eng.submit([Request("c", [4], SamplingParams(max_tokens=2), got("gone"))])
+    with pytest.raises(QueueFull):
+        eng.submit([Request("a", [4], SamplingParams(max_tokens=2), lambda ev: None)])
+    eng.unload_adapter("c")
+    time.sleep(0.05)
+    eng.start()
+    got.wait()
+    eng.stop()
+    assert got.final["t"].finish_reason == "timeout" and got.final["t"].status == 408
+    assert got.final["gone"].status == 404 and "unloaded" in got.final["gone"].error
+
+
+def test_limits_and_unknown_adapter_are_refused_up_front():
+    eng = Engine(three_adapters(), max_prompt_tokens=8, max_total_tokens=12)
+    with pytest.raises(EngineError, match="limit is 8 prompt tokens"):
+        eng.submit([Request("a", list(range(3, 12)), SamplingParams(), lambda ev: None)])
+    with pytest.raises(EngineError, match="lower max_tokens to at most 7"):
+        eng.submit([Request("a", [3, 4, 5, 6, 7], SamplingParams(max_tokens=8), lambda ev: None)])
+    with pytest.raises(EngineError, match="empty"):
+        eng.submit([Request("a", [], SamplingParams(), lambda ev: None)])
+    with pytest.raises(EngineError, match=r"available: \['base', 'a', 'b', 'c'\]") as e:
+        eng.submit([Request("nope", [3], SamplingParams(), lambda ev: None)])
+    assert e.value.status == 404
+
+
+def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
+    model = three_adapters()
+    (tmp_path / "adapters").mkdir()
+    model.save_adapter(tmp_path / "adapters" / "good", "a")
+    model.save_adapter(tmp_path / "outside", "a")
+    eng = Engine(model, adapters_dir=tmp_path / "adapters")
+    for bad in ("../outside", str(tmp_path / "outside"), "good/../../outside"):
+        with pytest.raises(EngineError, match="leaves the adapters directory"):
+            eng.load_adapter("x", bad)
+    for name in ("../x", "a/b", "", ".."):
+        with pytest.raises(EngineError, match="not a plain name"):
+            eng.load_adapter(name, "good")
+    eng.load_adapter("x", "good")
+    assert "x" in eng.model.prefixes
+    assert Engine(three_adapters(), adapters_dir=tmp_path / "adapters").load_dir() == ["good"]
+
+
+def test_encoder_decoder_models_are_refused():
+    model = pt.attach(make("t5"), pt.PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match="decoder-only"):
+        Engine(model)
+
+
+def test_prefix_counts_against_the_models_positions():
+    eng = Engine(three_adapters(), max_total_tokens=10_000)  # tiny llama: 512 positions; adapter b has 9 prefix tokens
+    with pytest.raises(EngineError, match=r"prefix \(9\) \+ prompt \(3\) \+ max_tokens \(505\) exceeds the model's 512"):
+        eng.submit([Request("b", [3, 4, 5], SamplingParams(max_tokens=505), lambda ev: None)])
+    eng.submit([Request(None, [3, 4, 5], SamplingParams(max_tokens=505), lambda ev: None)])  # bare: fits
