@@ -96,6 +96,11 @@ class PrefixModel(nn.Module):
         from .adapter_io import read_adapter
 
         check_adapter_name(name)
+        if not Path(directory).exists():
+            from .hub import looks_like_repo_id, resolve
+
+            if looks_like_repo_id(directory):  # "user/repo": download from the Hub (or its local cache)
+                directory = resolve(str(directory))
         cfg, state, head_state = read_adapter(directory, self.arch, self._base_head())
         if name in self.prefixes:
             self.delete_adapter(name)
@@ -342,9 +347,93 @@ class PrefixModel(nn.Module):
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         inject.allow_checkpointing_with_prefix(self.base_model)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """transformers >= 5 name (what Trainer calls); non-reentrant, as in gradient_checkpointing_enable."""
+        kw = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kw, every_n_layers=every_n_layers, offload=offload
+            )
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        inject.allow_checkpointing_with_prefix(self.base_model)
+
     @property
     def config(self):
         return self.base_model.config
+
+    # ---- transformers.Trainer / TRL / Hub integration (see prefixtune.hf_trainer, prefixtune.hub) ---------------
+    _keys_to_ignore_on_save = None  # Trainer reads it after loading a checkpoint
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.base_model, "main_input_name", "input_ids")
+
+    @property
+    def generation_config(self):
+        return getattr(self.base_model, "generation_config", None)
+
+    @property
+    def loss_type(self):
+        """Trainer reads it to count label tokens the way the base model's loss does (shifted for causal LMs)."""
+        return getattr(self.base_model, "loss_type", None)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Trainer passes `num_items_in_batch` only if the model takes it; ours passes it on to the base model."""
+        if hasattr(self.base_model, "accepts_loss_kwargs"):
+            return bool(self.base_model.accepts_loss_kwargs)
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.base_model.forward).parameters.values())
+
+    def get_input_embeddings(self):
+        return self.base_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.base_model.get_output_embeddings()
+
+    def add_model_tags(self, tags) -> None:
+        """TRL tags the model it trains; the tags go on the base model (we write our own model card)."""
+        if hasattr(self.base_model, "add_model_tags"):
+            self.base_model.add_model_tags(tags)
+
+    def save_pretrained(self, save_directory: str | Path, keep_projection: bool = True, is_main_process: bool = True,
+                        **kwargs) -> Path | None:
+        """What `transformers.Trainer` calls: write the active adapter's files into `save_directory`.
+
+        Unlike `save_adapter` (which replaces the whole directory atomically), this adds/replaces the adapter files
+        inside a directory that may hold other things (a Trainer checkpoint: optimizer, trainer state, tokenizer).
+        Each file is replaced atomically and stale adapter files are removed. The frozen base model is never written;
+        `state_dict`/`safe_serialization` and other PreTrainedModel arguments are accepted and ignored.
+        keep_projection (default True here) keeps the unfolded MLP so training can resume exactly.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+
+        if not is_main_process:
+            return None
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        tmp_root = Path(tempfile.mkdtemp(prefix=".prefixtune-save-", dir=target))
+        try:
+            built = self.save_adapter(tmp_root / "adapter", keep_projection=keep_projection)
+            names = [n for n in (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME) if (built / n).is_file()]
+            for stale in {PROJECTION_NAME} - set(names):
+                (target / stale).unlink(missing_ok=True)
+            for n in names:  # weights last: a directory with new weights has the matching config beside them
+                os.replace(built / n, target / n)
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        return target
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the active adapter to the Hugging Face Hub (see `prefixtune.hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @property
     def device(self) -> torch.device:
