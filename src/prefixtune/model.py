@@ -339,17 +339,14 @@ class PrefixModel(nn.Module):
         print(self.parameter_summary())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        # Non-reentrant: the prefix reaches the layers through kwargs, which reentrant checkpointing cuts off.
-        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        inject.allow_checkpointing_with_prefix(self.base_model)
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
-        """transformers >= 5 name (what Trainer calls); non-reentrant, as in gradient_checkpointing_enable."""
+        """Checkpoint the base model's layers (transformers >= 5 name; what Trainer calls).
+
+        Non-reentrant: the prefix reaches the layers through kwargs, which reentrant checkpointing cuts off.
+        """
         kw = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if hasattr(self.base_model, "activation_checkpointing_enable"):
             self.base_model.activation_checkpointing_enable(
