@@ -38,7 +38,9 @@ class TrainConfig:
     label_words: list[str] | None = None
     prompt_template: str | None = None
     max_length: int = 256
-    on_truncate: str = "error"  # never cut a target silently; "warn" cuts prompts only, "drop" skips
+    # "warn": cut long prompts from the left (logged), but a target that does not fit is an error, never
+    # silently cut; "error": any overflow is an error; "drop": skip examples that do not fit
+    on_truncate: str = "warn"
     eval_fraction: float = 0.1
     max_train_examples: int | None = None
     max_eval_examples: int | None = None

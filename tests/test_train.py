@@ -1,0 +1,135 @@
+"""Training loop: learning, checkpoint/resume (in-process and after SIGKILL), metrics, curves, guards."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from conftest import make_tokenizer
+from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
+
+from prefixtune.recipes import RecipeError, TrainConfig
+from prefixtune.train import TrainingError, latest_checkpoint, train
+
+
+def _model(kind="llama"):
+    m = tiny.make(kind)
+    m.config.eos_token_id = 2
+    return m
+
+
+def _cfg(tmp_path, out="out", **kw):
+    data = write_jsonl(tmp_path / "cls.jsonl", classify_rows())
+    base = dict(model="tiny", train=str(data), task="classify", output=str(tmp_path / out), max_steps=8, batch_size=4,
+                lr=3e-2, num_virtual_tokens=4, eval_every=4, save_every=3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _table(path):
+    return load_file(path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_train_writes_artifacts_and_learns(tmp_path, kind):
+    cfg = _cfg(tmp_path, max_steps=25, batch_size=8, eval_every=25)
+    res = train(cfg, model=_model(kind), tokenizer=make_tokenizer())
+    out = tmp_path / "out"
+    for name in ("adapter/adapter_model.safetensors", "best/adapter_model.safetensors", "metrics.jsonl",
+                 "loss_curve.png", "accuracy_curve.png", "eval.json", "predictions.jsonl", "task.json", "run.json"):
+        assert (out / name).is_file(), name
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 25 and all(r["tokens_per_s"] > 0 for r in recs if "loss" in r)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns something
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == len((out / "predictions.jsonl").read_text().splitlines()) and 0 <= ev["accuracy"] <= 1
+    assert json.loads((out / "task.json").read_text())["label_words"] == ["negative", "positive"]
+    assert res["steps"] == 25
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    kw = dict(projection=True, projection_dim=16, dropout=0.1, grad_accum=2, scheduler="cosine")
+    train(_cfg(tmp_path, "a", **kw), model=_model(), tokenizer=make_tokenizer())
+    stopped = train(_cfg(tmp_path, "b", **kw), model=_model(), tokenizer=make_tokenizer(), stop_after=5)
+    assert stopped == {"stopped_at": 5}
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-000003"  # steps 4-5 are redone
+    with pytest.raises(TrainingError, match="--resume"):
+        train(_cfg(tmp_path, "b", **kw), model=_model(), tokenizer=make_tokenizer())
+    train(_cfg(tmp_path, "b", resume=True, **kw), model=_model(), tokenizer=make_tokenizer())
+    torch.testing.assert_close(_table(tmp_path / "a"), _table(tmp_path / "b"), rtol=0, atol=1e-6)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """A real crash: the CLI run SIGKILLs itself right after the step-3 checkpoint; --resume finishes it."""
+    mdir = model_dir(tmp_path)
+    data = write_jsonl(tmp_path / "cls.jsonl", classify_rows())
+    args = [sys.executable, "-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify",
+            "--max-steps", "7", "--batch-size", "4", "--num-virtual-tokens", "4", "--save-every", "3", "--no-progress"]
+    env = {**os.environ, "PREFIXTUNE_CRASH_AFTER_STEP": "3"}
+    p = subprocess.run(args + ["--output", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert not (tmp_path / "b" / "adapter").exists() and latest_checkpoint(tmp_path / "b").name == "checkpoint-000003"
+    p = subprocess.run(args + ["--output", str(tmp_path / "b"), "--resume"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run(args + ["--output", str(tmp_path / "a")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    torch.testing.assert_close(_table(tmp_path / "a"), _table(tmp_path / "b"), rtol=0, atol=1e-6)
+
+
+def test_instruct_task_masks_prompt_and_trains(tmp_path):
+    data = write_jsonl(tmp_path / "ins.jsonl", instruct_rows())
+    cfg = TrainConfig(model="tiny", train=str(data), task="instruct", output=str(tmp_path / "o"), max_steps=6,
+                      batch_size=4, num_virtual_tokens=3, projection=True, projection_dim=8, progress=False)
+    res = train(cfg, model=_model("bloom"), tokenizer=make_tokenizer())
+    ev = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert ev["task"] == "instruct" and ev["perplexity"] > 1 and res["best"] == pytest.approx(-ev["loss"], rel=1e-5)
+
+
+def test_early_stopping(tmp_path):
+    # lr tiny: no eval improves on the first one, so patience 2 stops after the third eval
+    res = train(_cfg(tmp_path, max_steps=40, eval_every=2, patience=2, lr=1e-9), model=_model(), tokenizer=make_tokenizer())
+    assert res["stopped_early"] and res["steps"] == 6
+
+
+def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
+    import prefixtune.evaluate as E
+
+    real, calls = E.token_nll, []
+
+    def flaky(model, batch):  # the 5th training micro-batch produces nan
+        nll, n = real(model, batch)
+        calls.append(model.training)
+        return (nll * float("nan"), n) if model.training and sum(calls) == 5 else (nll, n)
+
+    monkeypatch.setattr(E, "token_nll", flaky)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoint-000003"):
+        train(_cfg(tmp_path, max_steps=30, eval_every=100), model=_model(), tokenizer=make_tokenizer())
+    assert latest_checkpoint(tmp_path / "out").name == "checkpoint-000003"
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_output_dir_guards(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="holds no prefixtune run"):
+        train(_cfg(tmp_path, "junk", overwrite=True), model=_model(), tokenizer=make_tokenizer())
+    assert (tmp_path / "junk" / "x.txt").exists()
+    train(_cfg(tmp_path, max_steps=2), model=_model(), tokenizer=make_tokenizer())
+    with pytest.raises(TrainingError, match="different run.*lr"):
+        train(_cfg(tmp_path, max_steps=2, lr=0.5, resume=True), model=_model(), tokenizer=make_tokenizer())
+    train(_cfg(tmp_path, max_steps=2, lr=0.5, overwrite=True), model=_model(), tokenizer=make_tokenizer())
+
+
+def test_config_validation():
+    with pytest.raises(RecipeError, match="either max_steps or epochs"):
+        TrainConfig(model="m", train="t", task="lm", output="o", max_steps=3, epochs=1).validate()
+    with pytest.raises(RecipeError, match="unknown task 'summarize'"):
+        TrainConfig(model="m", train="t", task="summarize", output="o").validate()
