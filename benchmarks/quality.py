@@ -213,6 +213,7 @@ def main():
     p.add_argument("--instruct-steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
+    p.add_argument("--no-instruct", action="store_true", help="skip the instruct run")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -231,7 +232,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "accuracy_vs_steps.png")
-    instruct = instruct_run(base, tok, train_ds, eval_ds, args) if not args.only else {}
+    instruct = {} if args.no_instruct else instruct_run(base, tok, train_ds, eval_ds, args)
     (out / "quality.json").write_text(json.dumps({"bare_accuracy": bare, "classify": results, "instruct": instruct}, indent=2))
 
     print(f"\nSmolLM2-135M-Instruct, tweets: {args.train} train / {len(eval_ds)} held-out (balanced), "
