@@ -48,7 +48,7 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
-    init: str = "peft"
+    init: str = "vocab"  # engine default, chosen by measurement (benchmarks/quality.py)
     init_text: str | None = None
     dropout: float = 0.0
     # optimisation
