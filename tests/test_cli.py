@@ -142,3 +142,13 @@ def test_module_entrypoint_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "prefixtune", "train", "--model", tmp_path, "--train", "x.csv",
                         "--task", "lm", "--output", tmp_path / "o"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "config.json" in p.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "info"])
+def test_hooked_subcommands_take_their_own_flags(command, capsys):
+    from prefixtune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: prefixtune {command}" in capsys.readouterr().out

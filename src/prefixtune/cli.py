@@ -236,15 +236,24 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+HOOKS = ("info", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
+        command, rest = argv[0], argv[1:]
+        fn = lambda: importlib.import_module(f"prefixtune.{command}").main(rest) or 0  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command, fn = args.command, lambda: args.fn(args)  # noqa: E731
     _quiet_libraries()
     try:
-        code = args.fn(args)
+        code = fn()
     except _known_errors() as e:
         msg = " ".join(str(e).split())  # one line, whatever the source formatted
-        print(f"prefixtune {args.command}: error: {msg}", file=sys.stderr)
+        print(f"prefixtune {command}: error: {msg}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
