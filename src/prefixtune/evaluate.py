@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from . import data as D
-from . import inject
 
 OTHER = "<other>"
 
@@ -31,18 +30,8 @@ def _causal_hidden(model, input_ids, attention_mask):
     from .model import PrefixModel
 
     if isinstance(model, PrefixModel):
-        base = model.base_model
-        body = getattr(base, base.base_model_prefix)
-        if model.active_adapter is None:
-            return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Same cache/mask/positions as PrefixModel.forward, but stop before the LM head.
-        layers, prefix_mask = model._prefix_batch(model._row_names(None, input_ids.shape[0]))
-        cache = inject.build_cache(model.arch, layers, "frozen")
-        mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        kw = {}
-        if model.arch.takes_position_ids:
-            kw["position_ids"] = inject.positions_from_mask(mask, input_ids.shape[1])
-        return body(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kw).last_hidden_state
+        body = getattr(model.base_model, model.base_model.base_model_prefix)
+        return body(**model.prefixed_inputs(input_ids, attention_mask)).last_hidden_state
     body = getattr(model, model.base_model_prefix)
     return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 

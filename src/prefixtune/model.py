@@ -196,42 +196,51 @@ class PrefixModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, **kwargs):
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        batch, q_len = ref.shape[0], ref.shape[1]
-        names = self._row_names(adapter_names, batch)
-        if all(n is None for n in names):
-            self._clear_encoder_prefix()
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        names = self._row_names(adapter_names, ref.shape[0])
         if self._needs_grouping(names):
             return self._forward_grouped(names, input_ids, attention_mask, **kwargs)
-        if self.heads and names[0] != self.active_adapter:
+        if self.heads and names[0] is not None and names[0] != self.active_adapter:
             self.set_adapter(names[0])
+        return self.base_model(**self.prefixed_inputs(input_ids, attention_mask, names, past_key_values, **kwargs))
+
+    def prefixed_inputs(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, **kwargs) -> dict:
+        """The base model's keyword inputs with the prefix put in: cache, extended masks, position ids.
+
+        `forward` is `base_model(**prefixed_inputs(...))`; code that needs the base model's body rather than
+        its head (e.g. label-only logits in training) calls this and hands the result to the body.
+        """
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        names = self._row_names(adapter_names, batch)
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
+        if all(n is None for n in names):
+            self._clear_encoder_prefix()
+            return kwargs
 
         layers, prefix_mask = self._prefix_batch(names)
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             mode = "frozen" if self.training or kwargs.get("use_cache") is False else "dynamic"
-            past_key_values = inject.build_cache(self.arch, layers, mode)
+            kwargs["past_key_values"] = past_key_values = inject.build_cache(self.arch, layers, mode)
 
         if self.arch.kind == "seq2seq":
             if self._full_placement(names):  # encoder self-attention and cross-attention see the prefix too
                 if attention_mask is None:
                     attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=ref.device)
-                attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+                kwargs["attention_mask"] = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
             dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
             dam = kwargs.get("decoder_attention_mask")
             if dam is None and not bool(prefix_mask.all()):
                 dam = torch.ones(batch, dec.shape[1], dtype=prefix_mask.dtype, device=prefix_mask.device)
             if dam is not None:
                 kwargs["decoder_attention_mask"] = torch.cat([prefix_mask.to(dam.dtype), dam], dim=1)
-        else:
-            if attention_mask is None:
-                past = past_key_values.get_seq_length() - prefix_mask.shape[1]
-                attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=ref.device)
-            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-            if self.arch.takes_position_ids and kwargs.get("position_ids") is None and "position_ids" in self._fwd_params:
-                kwargs["position_ids"] = inject.positions_from_mask(attention_mask, q_len)
-        return self.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
-        )
+            return kwargs
+        if attention_mask is None:
+            past = past_key_values.get_seq_length() - prefix_mask.shape[1]
+            attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=ref.device)
+        kwargs["attention_mask"] = attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        if self.arch.takes_position_ids and kwargs.get("position_ids") is None and "position_ids" in self._fwd_params:
+            kwargs["position_ids"] = inject.positions_from_mask(attention_mask, q_len)
+        return kwargs
 
     def _needs_grouping(self, names) -> bool:
         """Rows that cannot share one forward: encoder classifiers with a head per adapter, and models whose
