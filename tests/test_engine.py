@@ -428,3 +428,20 @@ def test_text_init_needs_tokenizer_and_uses_its_tokens(tiny_tokenizer):
 
     expected = real_key_values(model, torch.tensor((ids * 2)[:4]))
     torch.testing.assert_close(model.prefixes["default"].embedding.weight.detach(), expected)
+
+
+def test_prefix_groups_follow_a_multi_device_map(monkeypatch):
+    """With device_map over several devices, each layer's prefix goes where that layer lives."""
+    model = _full("t5")
+    moved = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    model.base_model.hf_device_map = {"encoder": "cpu", "decoder": torch.device("cpu", 0)}  # two distinct entries
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    layers = model._split("f")
+    assert len(layers) == 2 * model.arch.num_layers + model.arch.num_encoder_layers
+    assert sum(isinstance(d, torch.device) for d in moved) == 2 * len(layers)  # every k and v placed

@@ -128,6 +128,24 @@ def split_layers(flat: torch.Tensor, arch: Arch, placement: str = "decoder") -> 
     return [(kv[(stride * i) % (2 * G)], kv[(stride * i + 1) % (2 * G)]) for i in range(G)]
 
 
+def layer_devices(model, arch: Arch) -> list[torch.device] | None:
+    """Where each prefix group must live when `device_map` spreads the model over devices (else None).
+
+    Groups follow `split_layers`' order: decoder self-attention, then (placement "full") cross-attention on
+    the same decoder layers, then the encoder's layers.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or len({str(d) for d in device_map.values()}) <= 1:
+        return None
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    devices = [next(m.parameters()).device for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if arch.kind != "seq2seq":
+        return devices
+    enc, dec = devices[: arch.num_encoder_layers], devices[arch.num_encoder_layers :]
+    return dec + dec + enc
+
+
 def batch_prefix(per_row: list, batch_size: int):
     """Per-row prefixes -> per-layer (K, V) [B, kv, Pmax, hd], prefix mask [B, Pmax].
 

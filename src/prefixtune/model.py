@@ -154,10 +154,17 @@ class PrefixModel(nn.Module):
             if hit is not None and hit[0] == version:
                 return hit[1]
             with torch.no_grad():
-                layers = inject.split_layers(enc().to(self._dtype), self.arch, self.configs[name].placement)
+                layers = self._split(name)
             self._eval_memo[name] = (version, layers)
             return layers
-        return inject.split_layers(enc().to(self._dtype), self.arch, self.configs[name].placement)
+        return self._split(name)
+
+    def _split(self, name: str):
+        layers = inject.split_layers(self.prefixes[name]().to(self._dtype), self.arch, self.configs[name].placement)
+        devices = inject.layer_devices(self.base_model, self.arch)  # device_map over several GPUs
+        if devices is not None:
+            layers = [(k.to(d), v.to(d)) for (k, v), d in zip(layers, devices)]
+        return layers
 
     def _row_names(self, adapter_names, batch_size: int) -> list[str | None]:
         if adapter_names is None:
