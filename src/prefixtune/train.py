@@ -18,12 +18,14 @@ Determinism: batches come from a seeded order per epoch, and a checkpoint stores
 changes during training, so a resumed run ends with the same adapter as an uninterrupted one (on CPU).
 Multi-process (`accelerate launch`): each optimizer step consumes batch_size * grad_accum * processes
 examples, rank r taking every world-th micro-batch, so 2 processes x accumulation 1 see exactly the same
-batches per step as 1 process x accumulation 2.
+batches per step as 1 process x accumulation 2. Without GPUs, start the processes with torchrun or
+`accelerate launch --multi_gpu` (accelerate's --cpu launcher starts one process); they then train on CPU with gloo.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -43,6 +45,7 @@ from .config import ConfigError, PrefixConfig
 from .recipes import TrainConfig
 
 CKPT_PREFIX = "checkpoint-"
+log = logging.getLogger(__name__)
 
 
 class TrainingError(ConfigError):
@@ -300,6 +303,19 @@ def _score(ev: dict) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
+def _cpu_multiprocess() -> bool:
+    """True when a launcher (torchrun, `accelerate launch --multi_gpu`) started several processes on a machine
+    with no GPU. accelerate only sets up a CPU process group (gloo) when told cpu=True; without it, it finds
+    no device backend, ignores WORLD_SIZE/RANK, and every process trains alone as "1 process"."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        dev = torch.accelerator.current_accelerator()
+    else:
+        dev = torch.device("cuda") if torch.cuda.is_available() else None
+    return dev is None or dev.type == "mps"  # accelerate has no multi-process MPS backend either
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None = None) -> dict:
     """Train a prefix as `cfg` says. `model`/`tokenizer` skip loading (tests, demo); `stop_after` returns after
     that many optimizer steps (after any checkpoint at that step), as if the run had been killed there."""
@@ -311,9 +327,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
 
     cfg.validate()
     dtype, mixed = precision_plan(cfg.precision)
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_multiprocess())
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
+    if acc.num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        # `accelerate launch --num_processes N` (with or without --cpu) on a machine without GPUs starts ONE process
+        log.warning("a multi-process launch started only this one process; on a machine without GPUs use "
+                    "`accelerate launch --multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N -m prefixtune ...`")
     out = Path(cfg.output)
     resuming = check_output_dir(cfg)
     acc.wait_for_everyone()  # every rank has read the directory before the main one changes it
@@ -377,6 +397,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
 
     crash_at = int(os.environ.get("PREFIXTUNE_CRASH_AFTER_STEP", "0"))  # for tests: SIGKILL ourselves there
     bar = tqdm(total=total, initial=state["step"], disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
+    write = bar.write if main else say  # tqdm.write prints even on a disabled bar: once per process
     pm.train()
     last_eval, last_preds = None, None
     stopped_early = False
@@ -438,9 +459,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
             if main:
                 log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec})
                 plot_curves(out)
-            bar.write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
+            write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
             if cfg.patience and state["bad_evals"] >= cfg.patience and step < total:
-                bar.write(f"early stopping: no improvement in {cfg.patience} evals")
+                write(f"early stopping: no improvement in {cfg.patience} evals")
                 stopped_early = True
         if cfg.save_every and (step % cfg.save_every == 0 or stopped_early) and step < total:
             if main:

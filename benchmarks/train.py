@@ -1,0 +1,273 @@
+"""Training benchmark: prefixtune vs peft prefix tuning, same model, data, batches, steps and seed, in one run.
+
+    python benchmarks/train.py [--steps 20 --warmup 2 --batch 8 --train 400 --eval 150] [--random]
+
+Variants (each in its own subprocess, so peak memory is its own):
+  (a) prefixtune, trainer path: what `prefixtune train` does per step: train.py's data path (load_data,
+      length-grouped batches, PadCollator dynamic padding) and its loss (LossModule: logits at label positions only)
+  (b) peft prefix tuning, seed-style: every batch padded to max_length 128, `model(**batch).loss` (full-vocab logits
+      at every position), which is what the seed scripts do
+  (c) prefixtune engine, seed-style: (b)'s data and loss on prefixtune's engine (isolates engine from data path)
+All three train on the same batches (same examples per step, same order) with AdamW lr 1e-2, grad clip 1.0;
+`--warmup` steps are trained but not timed. Accuracy: rank classification over the label words' first token at
+the last prompt position, one function (a plain forward) for all three, on the same held-out rows.
+
+Model/data: SmolLM2-135M-Instruct on the tweet-sentiment CSV (prefixtune.assets, cached after the first fetch);
+with --random or when the assets cannot be had, a random-init Llama (12 layers, hidden 768, GQA 12/4 heads,
+vocab 32000) with generated word-level data (its accuracy means little; the timings do).
+Memory: CUDA max_memory_allocated; on CPU the growth of peak RSS (ru_maxrss) from just before the first step to
+after the last one (0 when loading the model peaked higher than training).
+Target: (a) step time <= 0.6x (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prefixtune import data as D
+from prefixtune.recipes import TrainConfig
+from prefixtune.train import LossModule, load_data
+
+TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "
+LABELS = ["negative", "neutral", "positive"]
+VARIANTS = {
+    "a": "prefixtune, trainer path (dynamic pad, length-grouped, label-only logits)",
+    "b": "peft prefix, seed-style (pad to 128, full logits)",
+    "c": "prefixtune engine, seed-style (pad to 128, full logits)",
+}
+
+
+# ----------------------------------------------------------------------------- model + data
+
+def random_assets(tmp: Path, n_rows: int, seed: int):
+    """A random-init GQA Llama, a word-level tokenizer and a generated sentiment CSV (learnable from cue words)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cues = {"negative": "bad awful hated terrible sad angry".split(), "neutral": "okay average plain usual normal so-so".split(),
+            "positive": "great good loved wonderful happy fine".split()}
+    filler = "the a movie film plot acting day phone game food trip show today it was is this that really very".split()
+    words = sorted({*filler, *(w for ws in cues.values() for w in ws), *LABELS,
+                    *"tweet sentiment negative , neutral or positive ( ) : .".split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", "<bos>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0, eos_token_id=2, bos_token_id=3)
+    model = LlamaForCausalLM(cfg).eval()
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_rows):
+        lab = rng.choice(LABELS)
+        text = " ".join(rng.choice(filler) for _ in range(rng.randint(8, 60)))
+        pos = rng.randint(0, len(text.split()))
+        t = text.split()
+        t.insert(pos, rng.choice(cues[lab]))
+        rows.append({"sentiment": lab, "text": " ".join(t)})
+    csv = tmp / "random_tweets.jsonl"
+    csv.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, tok, str(csv)
+
+
+def load_assets(args, tmp: Path):
+    """-> (base model, tokenizer, data file, description). Falls back to the random setup."""
+    if not args.random:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from prefixtune import assets
+
+            d = assets.smollm2_dir()
+            csv = str(assets.tweets_csv())
+            return (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(d),
+                    csv, "SmolLM2-135M-Instruct, tweet sentiment")
+        except Exception as e:  # noqa: BLE001 - any failure to get the assets means: use the fallback
+            print(f"  (assets unavailable: {type(e).__name__}: {str(e)[:200]}; using the random-init Llama)", flush=True)
+    model, tok, csv = random_assets(tmp, args.train + args.eval + 200, args.seed)
+    return model, tok, csv, "random-init Llama 12x768 GQA, generated data"
+
+
+# ----------------------------------------------------------------------------- scoring (same for every variant)
+
+@torch.no_grad()
+def rank_accuracy(model, tok, eval_raw, device, batch: int = 16) -> float:
+    """Prompt through a plain forward (right padding), logits at the last prompt position, argmax over the label
+    words' first target tokens (as train.py tokenizes targets: encode_pair)."""
+    prompts = [TEMPLATE.format(text=t) for t in eval_raw["text"]]
+    gold = [LABELS.index(s) for s in eval_raw["sentiment"]]
+    p_ids, _ = D.encode_pair(tok, prompts, [], False)
+    _, lab_ids = D.encode_pair(tok, [prompts[0]] * len(LABELS), LABELS, False)
+    first = [t[0] for t in lab_ids]
+    assert len(set(first)) == len(first), f"label words share a first token: {lab_ids}"
+    collate = D.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
+    model.eval()
+    correct = 0
+    for s in range(0, len(prompts), batch):
+        b = collate([{"input_ids": p} for p in p_ids[s : s + batch]])
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        last = b["attention_mask"].sum(1) - 1
+        pred = logits[torch.arange(len(last), device=device), last][:, first].argmax(-1)
+        correct += sum(int(p == g) for p, g in zip(pred.tolist(), gold[s : s + batch]))
+    return correct / max(len(prompts), 1)
+
+
+# ----------------------------------------------------------------------------- one variant
+
+def peak_mb(device: str, rss0: int) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # Linux: KiB
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_variant(args) -> dict:
+    import prefixtune as pt
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    base, tok, source, what = load_assets(args, tmp)
+    base.to(args.device)
+    cfg = TrainConfig(model="bench", train=source, task="classify", output=str(tmp / "out"), text_column="text",
+                      label_column="sentiment", label_words=LABELS, prompt_template=TEMPLATE, max_length=args.max_length,
+                      max_train_examples=args.train, max_eval_examples=args.eval, batch_size=args.batch, seed=args.seed,
+                      lr=args.lr, max_steps=args.warmup + args.steps)
+    train_tok, _, eval_raw, _ = load_data(cfg, tok, False)  # train.py's data path: same rows for every variant
+    lengths = [len(x) for x in train_tok["input_ids"]]
+    order = D.length_grouped_batches(lengths, args.batch, args.seed)
+    order = [order[i % len(order)] for i in range(args.warmup + args.steps)]
+
+    torch.manual_seed(args.seed)
+    if args.variant == "b":
+        from peft import PrefixTuningConfig, get_peft_model
+
+        model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.prefix))
+    else:
+        model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=args.prefix), tokenizer=tok)
+    if args.variant == "a":
+        collate = D.PadCollator(tok, is_encoder_decoder=False)  # as train.py: dynamic padding
+        lossmod = LossModule(model)  # as train.py: token_nll over the label positions only
+        loss_fn = lambda b: lossmod(b)  # noqa: E731
+    else:  # seed-style: padding="max_length", full logits, plain .loss
+        collate = D.PadCollator(tok, pad_to_multiple_of=args.max_length, padding_side="right", is_encoder_decoder=False)
+        loss_fn = lambda b: model(**b).loss  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    def step(idx):
+        batch = {k: v.to(args.device) for k, v in collate([train_tok[i] for i in idx]).items()}
+        loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item(), int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+
+    model.train()
+    sync(args.device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, real, padded = [], [], 0, 0
+    for i, idx in enumerate(order):
+        t0 = time.perf_counter()
+        loss, n_real, n_pad = step(idx)
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if i >= args.warmup:
+            times.append(dt)
+            real, padded = real + n_real, padded + n_pad
+        print(f"  [{args.variant}] step {i + 1}/{len(order)}{' (warm-up)' if i < args.warmup else ''} "
+              f"loss {loss:.3f} {dt:.2f}s", flush=True)
+    mem = peak_mb(args.device, rss0)
+    t = time.perf_counter()
+    acc = rank_accuracy(model, tok, eval_raw, args.device)
+    print(f"  [{args.variant}] held-out accuracy {acc:.3f} ({len(eval_raw)} rows, {time.perf_counter() - t:.0f}s)", flush=True)
+    total = sum(times)
+    # median: robust to other jobs on a shared machine; tokens/s = real (non-pad) tokens over the mean step time
+    return {"what": what, "s_per_step": sorted(times)[len(times) // 2], "mean_s_per_step": total / len(times),
+            "tokens_per_s": real / total, "padded_tokens_per_step": padded / len(times),
+            "real_tokens_per_step": real / len(times), "peak_mb": mem, "accuracy": acc, "n_eval": len(eval_raw),
+            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "trainable": sum(p.numel() for p in params)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (trained too)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--prefix", type=int, default=20, help="virtual tokens")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--train", type=int, default=400, help="training rows (>= batch x steps covers each once)")
+    p.add_argument("--eval", type=int, default=150, help="held-out rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", action="store_true", help="random-init Llama + generated data instead of SmolLM2 tweets")
+    p.add_argument("--only", default="abc", help="variants to run, e.g. ab")
+    p.add_argument("--threads", type=int, help="torch CPU threads per variant (1 is faster on a machine shared with other jobs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant:
+        Path(args.json_out).write_text(json.dumps(run_variant(args)))
+        return
+
+    results, t_all = {}, time.perf_counter()
+    for v in args.only:
+        print(f"({v}) {VARIANTS[v]}", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        code = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", v, "--json-out", out]).returncode
+        if code != 0:
+            sys.exit(f"variant {v} failed (exit {code})")
+        results[v] = json.loads(Path(out).read_text())
+        os.unlink(out)
+        print(f"({v}) done: {results[v]['s_per_step']:.3f} s/step  [{time.perf_counter() - t_all:.0f}s so far]", flush=True)
+
+    r0 = next(iter(results.values()))
+    ref = results.get("b")
+    mem_kind = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS growth"
+    print(f"\n{r0['what']}: {args.warmup} warm-up + {args.steps} timed steps x batch {args.batch}, {args.prefix} virtual "
+          f"tokens, lr {args.lr:g}, seed {args.seed}, {args.device} ({torch.get_num_threads()} threads), torch "
+          f"{torch.__version__}; accuracy on {r0['n_eval']} held-out rows\n")
+    print(f"| variant | s/step (median) | tokens/s | tokens per step (real / computed) | {mem_kind} (MiB) | final loss | "
+          "held-out acc | step time vs (b) | tokens/s vs (b) | memory vs (b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for v, r in results.items():
+        ratio = lambda k: f"{r[k] / ref[k]:.2f}x" if ref and ref[k] > 0 else "-"  # noqa: E731
+        print(f"| ({v}) {VARIANTS[v]} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['real_tokens_per_step']:.0f} / "
+              f"{r['padded_tokens_per_step']:.0f} | {r['peak_mb']:.0f} | {r['final_loss']:.3f} | {r['accuracy']:.3f} | "
+              f"{ratio('s_per_step')} | {ratio('tokens_per_s')} | {ratio('peak_mb')} |")
+    if "a" in results and ref:
+        x = results["a"]["s_per_step"] / ref["s_per_step"]
+        print(f"\nprefixtune trainer path step time = {x:.2f}x peft seed-style (target <= 0.6x: {'met' if x <= 0.6 else 'NOT met'})")
+    if "c" in results and ref:
+        print(f"prefixtune engine alone (same seed-style data path) = {results['c']['s_per_step'] / ref['s_per_step']:.2f}x peft")
+    print(f"total {time.perf_counter() - t_all:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
