@@ -205,19 +205,12 @@ class LossModule(nn.Module):
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    warmup = int(cfg.warmup_ratio * total_steps)
+    """transformers' warmup schedules: linear / cosine decay to 0, or constant after warmup."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 def precision_plan(precision: str) -> tuple[torch.dtype, str]:
