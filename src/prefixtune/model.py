@@ -110,6 +110,8 @@ class PrefixModel(nn.Module):
         if head_state is not None:
             self.heads[name].load_state_dict(head_state)
         self.prefixes[name].requires_grad_(trainable)
+        if name in self.heads:
+            self.heads[name].requires_grad_(trainable)
 
     def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
         """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
