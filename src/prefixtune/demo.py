@@ -15,7 +15,7 @@ from pathlib import Path
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "
 LABELS = ["negative", "neutral", "positive"]
 INIT_TEXT = "Classify the sentiment of the tweet as negative, neutral or positive."
-DEFAULTS = dict(train_examples=800, eval_examples=150, max_steps=100, batch_size=8, lr=2e-2, max_length=64,
+DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_size=8, lr=2e-2, max_length=64,
                 num_virtual_tokens=16)
 
 
