@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from common import peak_mb, sync
 
 
 def build(args):
@@ -28,17 +29,6 @@ def build(args):
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=max(1, args.hidden // 64 // 4), max_position_embeddings=2048)
     return LlamaForCausalLM(cfg).to(args.device).eval()
-
-
-def peak_mb(device, rss0):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB -> MiB
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_variant(args) -> dict:

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 import prefixtune as pt
+from common import rank_accuracy
 from prefixtune import data
 
-TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive):"
+TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
 TASK_TEXT = "Classify the sentiment of the tweet as negative, neutral or positive."
 
@@ -83,21 +84,9 @@ VARIANTS = {
 }
 
 
-@torch.no_grad()
-def rank_accuracy(model, tok, eval_ds, batch=32) -> float:
-    """Argmax over the label words' first tokens at the last prompt position (labels are single tokens here)."""
-    label_ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
-    prompts = [TEMPLATE.format(text=t) for t in eval_ds["text"]]
-    gold = [LABELS.index(s) for s in eval_ds["sentiment"]]
-    model.eval()
-    correct = 0
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, padding_side="right")
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-        last = enc.attention_mask.sum(1) - 1
-        pred = logits[torch.arange(len(last)), last][:, label_ids].argmax(-1)
-        correct += sum(int(p == g) for p, g in zip(pred.tolist(), gold[i : i + batch]))
-    return correct / len(prompts)
+def rank_acc(model, tok, eval_ds) -> float:
+    return rank_accuracy(model, tok, [TEMPLATE.format(text=t) for t in eval_ds["text"]],
+                         [LABELS.index(x) for x in eval_ds["sentiment"]], LABELS, batch=32)
 
 
 def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args) -> dict:
@@ -113,7 +102,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args) -> dict:
     model.eval()
     with torch.no_grad():
         step0 = sum(model(**batches[i % len(batches)]).loss.item() for i in range(4)) / 4
-    curve.append((0, rank_accuracy(model, tok, eval_ds)))
+    curve.append((0, rank_acc(model, tok, eval_ds)))
     train_s, losses = 0.0, []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
@@ -127,7 +116,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args) -> dict:
         losses.append(loss.item())
         train_s += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, rank_accuracy(model, tok, eval_ds)))
+            curve.append((step, rank_acc(model, tok, eval_ds)))
             print(f"  {name}: step {step} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} acc {curve[-1][1]:.3f}", flush=True)
     unload(model)
     last = losses[-10:]
@@ -222,7 +211,7 @@ def main():
     train_tok, _ = data.tokenize_dataset(train_ds, tok, "classify", is_encoder_decoder=False, text_column="text",
                                          label_column="sentiment", label_words=LABELS, prompt_template=TEMPLATE,
                                          max_length=96)
-    bare = rank_accuracy(base, tok, eval_ds)
+    bare = rank_acc(base, tok, eval_ds)
     print(f"bare model (zero-shot) accuracy {bare:.3f}", flush=True)
     results = {}
     for name, (build, lr) in VARIANTS.items():

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import peak_mb, rank_accuracy, sync
 
 from prefixtune import data as D
 from prefixtune.recipes import TrainConfig
@@ -103,42 +104,6 @@ def load_assets(args, tmp: Path):
 
 # ----------------------------------------------------------------------------- scoring (same for every variant)
 
-@torch.no_grad()
-def rank_accuracy(model, tok, eval_raw, device, batch: int = 16) -> float:
-    """Prompt through a plain forward (right padding), logits at the last prompt position, argmax over the label
-    words' first target tokens (as train.py tokenizes targets: encode_pair)."""
-    prompts = [TEMPLATE.format(text=t) for t in eval_raw["text"]]
-    gold = [LABELS.index(s) for s in eval_raw["sentiment"]]
-    p_ids, _ = D.encode_pair(tok, prompts, [], False)
-    _, lab_ids = D.encode_pair(tok, [prompts[0]] * len(LABELS), LABELS, False)
-    first = [t[0] for t in lab_ids]
-    assert len(set(first)) == len(first), f"label words share a first token: {lab_ids}"
-    collate = D.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
-    model.eval()
-    correct = 0
-    for s in range(0, len(prompts), batch):
-        b = collate([{"input_ids": p} for p in p_ids[s : s + batch]])
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        last = b["attention_mask"].sum(1) - 1
-        pred = logits[torch.arange(len(last), device=device), last][:, first].argmax(-1)
-        correct += sum(int(p == g) for p, g in zip(pred.tolist(), gold[s : s + batch]))
-    return correct / max(len(prompts), 1)
-
-
-# ----------------------------------------------------------------------------- one variant
-
-def peak_mb(device: str, rss0: int) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # Linux: KiB
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_variant(args) -> dict:
     import prefixtune as pt
 
@@ -199,7 +164,8 @@ def run_variant(args) -> dict:
               f"loss {loss:.3f} {dt:.2f}s", flush=True)
     mem = peak_mb(args.device, rss0)
     t = time.perf_counter()
-    acc = rank_accuracy(model, tok, eval_raw, args.device)
+    acc = rank_accuracy(model, tok, [TEMPLATE.format(text=t) for t in eval_raw["text"]],
+                        [LABELS.index(x) for x in eval_raw["sentiment"]], LABELS, args.device)
     print(f"  [{args.variant}] held-out accuracy {acc:.3f} ({len(eval_raw)} rows, {time.perf_counter() - t:.0f}s)", flush=True)
     total = sum(times)
     # median: robust to other jobs on a shared machine; tokens/s = real (non-pad) tokens over the mean step time

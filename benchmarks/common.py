@@ -1,0 +1,42 @@
+"""Pieces the benchmark scripts share: device sync, peak memory, one rank-classification scorer for any model."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from prefixtune import data as D
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_mb(device: str, rss0: int) -> float:
+    """CUDA: max allocated; CPU: peak RSS growth since `rss0` (ru_maxrss, KiB on Linux)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+
+
+@torch.no_grad()
+def rank_accuracy(model, tok, prompts: list[str], gold: list[int], label_words: list[str], device="cpu", batch: int = 16) -> float:
+    """A plain forward (right padding), logits at the last prompt position, argmax over the label words' first
+    target tokens, tokenized exactly as training tokenizes them (data.encode_pair). Works for any model
+    (prefixtune, peft prefix or LoRA) because it only calls model(input_ids, attention_mask)."""
+    p_ids, _ = D.encode_pair(tok, prompts, [], False)
+    _, lab_ids = D.encode_pair(tok, [prompts[0]] * len(label_words), label_words, False)
+    first = [t[0] for t in lab_ids]
+    assert len(set(first)) == len(first), f"label words share a first token: {lab_ids}"
+    collate = D.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
+    model.eval()
+    correct = 0
+    for s in range(0, len(prompts), batch):
+        b = {k: v.to(device) for k, v in collate([{"input_ids": p} for p in p_ids[s : s + batch]]).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        last = b["attention_mask"].sum(1) - 1
+        pred = logits[torch.arange(len(last), device=last.device), last][:, first].argmax(-1)
+        correct += sum(int(p == g) for p, g in zip(pred.tolist(), gold[s : s + batch]))
+    return correct / max(len(prompts), 1)
