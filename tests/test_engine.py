@@ -10,7 +10,6 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune as pt
 import tiny
-from prefixtune import inject
 
 
 def _randomise(model, seed=0):

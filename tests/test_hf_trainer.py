@@ -2,7 +2,6 @@
 exact, save_model writes an adapter directory that loads back (ours and peft's loader)."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

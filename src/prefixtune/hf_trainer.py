@@ -26,34 +26,11 @@ import torch
 from transformers import Trainer
 from transformers.utils.generic import can_return_loss, find_labels
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from .config import ConfigError
 from .model import PrefixModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
-
-
-def load_checkpoint_into(model: PrefixModel, directory, name: str | None = None) -> None:
-    """Load an adapter checkpoint into the existing parameters of adapter `name` (default: active), in place,
-    so an optimizer built on those parameters (and its restored state) stays attached to them."""
-    name = name or model.active_adapter
-    if name not in model.prefixes:
-        raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(model.prefixes)}")
-    cfg, state, head_state = read_adapter(directory, model.arch, model._base_head())
-    enc = model.prefixes[name]
-    mine = enc.state_dict()
-    if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in state):
-        raise ConfigError(
-            f"checkpoint {directory} does not match adapter {name!r}: checkpoint has {sorted(state)}, the adapter "
-            f"has {sorted(mine)} (a projection adapter resumes only from checkpoints saved with keep_projection)"
-        )
-    with torch.no_grad():
-        for k, p in enc.state_dict(keep_vars=True).items():
-            p.copy_(state[k].to(device=p.device, dtype=p.dtype))
-        if head_state is not None and name in model.heads:
-            for k, p in model.heads[name].state_dict(keep_vars=True).items():
-                p.copy_(head_state[k].to(device=p.device, dtype=p.dtype))
-    model._eval_memo.pop(name, None)
 
 
 class PrefixTrainerMixin:
@@ -98,13 +75,13 @@ class PrefixTrainerMixin:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
             raise ConfigError(f"{resume_from_checkpoint} is not a prefixtune checkpoint (no {CONFIG_NAME} / {WEIGHTS_NAME})")
-        load_checkpoint_into(pm, resume_from_checkpoint)
+        pm.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         pm = self._prefix_model()
         if pm is None:
             return super()._load_best_model()
-        load_checkpoint_into(pm, self.state.best_model_checkpoint)
+        pm.load_adapter_weights(self.state.best_model_checkpoint)
 
 
 class PrefixTrainer(PrefixTrainerMixin, Trainer):

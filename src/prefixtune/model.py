@@ -113,6 +113,27 @@ class PrefixModel(nn.Module):
         if name in self.heads:
             self.heads[name].requires_grad_(trainable)
 
+    def load_adapter_weights(self, directory: str | Path, name: str | None = None) -> None:
+        """Load saved weights into adapter `name` (default: active) in place, so an optimizer built on its
+        parameters (and that optimizer's restored state) stays attached: resuming training from a checkpoint."""
+        from .adapter_io import read_adapter
+
+        name = name or self.active_adapter
+        if name not in self.prefixes:
+            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
+        _, state, head_state = read_adapter(directory, self.arch, self._base_head())
+        enc = self.prefixes[name]
+        mine = enc.state_dict()
+        if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in state):
+            raise ConfigError(
+                f"checkpoint {directory} does not match adapter {name!r}: checkpoint has {sorted(state)}, the adapter "
+                f"has {sorted(mine)} (a projection adapter resumes only from checkpoints saved with keep_projection)"
+            )
+        enc.load_state_dict(state)  # copies into the existing tensors
+        if head_state is not None and name in self.heads:
+            self.heads[name].load_state_dict(head_state)
+        self._eval_memo.pop(name, None)
+
     def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
         """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
         from .adapter_io import write_adapter

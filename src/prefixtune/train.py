@@ -31,9 +31,7 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -99,9 +97,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path:
     """checkpoint-NNNNNN/ built in a temp dir and renamed into place; then `latest` is repointed atomically."""
-    final = out / f"{CKPT_PREFIX}{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=out))
-    try:
+    from .adapter_io import atomic_dir
+
+    def fill(tmp: Path) -> None:
         model.save_adapter(tmp / "adapter", keep_projection=True)
         torch.save({
             **state,
@@ -110,12 +108,8 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    final = atomic_dir(out / f"{CKPT_PREFIX}{state['step']:06d}", fill)
     _write_text_atomic(out / "latest", final.name)
     for old in out.glob(f"{CKPT_PREFIX}*"):  # keep only the newest
         if old != final:
@@ -124,14 +118,8 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
-    from .adapter_io import read_adapter
-
-    name = model.active_adapter
-    _, prefix_state, head_state = read_adapter(ckpt / "adapter", model.arch, model._base_head())
-    model.prefixes[name].load_state_dict(prefix_state)
-    if head_state is not None:
-        model.heads[name].load_state_dict(head_state)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    model.load_adapter_weights(ckpt / "adapter")
+    state = torch.load(ckpt / "state.pt", weights_only=False)  # our own checkpoint: optimizer state, RNG
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = state.pop("rng")
