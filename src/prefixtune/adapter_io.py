@@ -55,6 +55,7 @@ def atomic_dir(target: Path, fill) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the result should be readable like any other directory
     try:
         fill(tmp)
         if target.exists():

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from .adapter_io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +54,8 @@ def _find_wheel(name: str, wheels: Path) -> Path | None:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Run build(tmp_dir) then rename tmp_dir -> final, so an interrupted run never leaves a half-made dir."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache should be readable like any other
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():  # lost a race with another process that finished first: fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """Build once: an existing directory is kept; otherwise adapter_io.atomic_dir (temp dir, then rename)."""
+    return final if final.exists() else atomic_dir(final, build)
 
 
 def fetch_wheel(name: str) -> Path:
