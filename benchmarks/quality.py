@@ -201,6 +201,7 @@ def main():
     p.add_argument("--instruct-steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
+    p.add_argument("--lrs", nargs="*", type=float, help="run each chosen variant at each of these learning rates (a sweep)")
     p.add_argument("--no-instruct", action="store_true", help="skip the instruct run")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args()
@@ -216,7 +217,9 @@ def main():
     for name, (build, lr) in VARIANTS.items():
         if args.only and not any(o in name for o in args.only):
             continue
-        results[name] = run_variant(name, build, lr, base, tok, train_tok, eval_ds, args)
+        for rate in args.lrs or [lr]:
+            label = f"{name} lr={rate:g}" if args.lrs else name
+            results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "accuracy_vs_steps.png")

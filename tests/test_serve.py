@@ -421,3 +421,114 @@ def test_client_disconnect_frees_the_row(dirs):
     with LiveServer(eng) as url:
         assert asyncio.run(run(url)) == 0
     assert eng.stats["completion_tokens"] < 100
+
+
+# ---- OpenAI extras: logprobs, penalties, logit_bias, echo, stream_options ----------------------------------
+def generate_with_scores(engine, prompt, adapter, max_new, **kw):
+    ids = engine.tokenizer(prompt)["input_ids"]
+    with engine.lock:
+        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    adapter_names=[adapter], do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new,
+                                    output_logits=True, return_dict_in_generate=True, **kw)
+    toks = out.sequences[0, len(ids):].tolist()
+    return toks, [torch.log_softmax(l[0].float(), -1) for l in out.logits]
+
+
+def test_completion_logprobs_are_the_models_own_and_stream_the_same(engine):
+    toks, logp = generate_with_scores(engine, "w5 w9 w10", "beta", 6)
+    body = {"model": "beta", "prompt": "w5 w9 w10", "max_tokens": 6, "temperature": 0, "logprobs": 3, "ignore_eos": True}
+    app = create_app(engine)
+    r = call(app, lambda c: c.post("/v1/completions", json=body)).json()["choices"][0]
+    lp = r["logprobs"]
+    assert lp["tokens"] == [engine.tokenizer.decode([t]) for t in toks]
+    assert lp["token_logprobs"] == pytest.approx([float(logp[i][t]) for i, t in enumerate(toks)], abs=1e-5)
+    for i, top in enumerate(lp["top_logprobs"]):
+        ref = logp[i].topk(3)
+        assert list(top) == [engine.tokenizer.decode([t]) for t in ref.indices.tolist()]
+        assert list(top.values()) == pytest.approx(ref.values.tolist(), abs=1e-5)
+        assert max(top.values()) == pytest.approx(lp["token_logprobs"][i], abs=1e-6)  # greedy picks the top one
+    assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:i]) for i in range(len(toks))]
+    ev = sse_events(call(app, lambda c: c.post("/v1/completions", json={**body, "stream": True})).text)
+    streamed = [x for e in ev if e["choices"] and e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-6)
+
+
+def test_chat_logprobs_and_stream_options(engine):
+    app = create_app(engine)
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "w30 w31"}], "max_tokens": 5, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    r = call(app, lambda c: c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+    content = r["logprobs"]["content"]
+    assert [e["token"] for e in content] == r["message"]["content"].split()  # a word-level tokenizer: one word a token
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"]) for e in content)
+    assert all(e["bytes"] == list(e["token"].encode()) for e in content)
+    plain = call(app, lambda c: c.post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None})).json()
+    assert plain["choices"][0]["logprobs"] is None
+    ev = sse_events(call(app, lambda c: c.post("/v1/chat/completions", json={
+        **body, "stream": True, "stream_options": {"include_usage": False}})).text)
+    assert all(e["choices"] for e in ev) and "usage" not in ev[-1]  # no usage chunk when asked not to
+    assert [x["logprob"] for e in ev if e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["content"]] == \
+        pytest.approx([e["logprob"] for e in content], abs=1e-6)
+
+
+def test_repetition_penalty_matches_generate_and_logit_bias_forces_a_token(engine):
+    app = create_app(engine)
+    toks, _ = generate_with_scores(engine, "w5 w6 w5 w6", "gamma", 8, repetition_penalty=1.8)
+    plain, _ = generate_with_scores(engine, "w5 w6 w5 w6", "gamma", 8)
+    assert toks != plain  # the penalty really changes this generation, so the comparison below means something
+    body = {"model": "gamma", "prompt": "w5 w6 w5 w6", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    got = call(app, lambda c: c.post("/v1/completions", json={**body, "repetition_penalty": 1.8})).json()
+    assert got["choices"][0]["text"] == engine.tokenizer.decode(toks, skip_special_tokens=True)
+    forced = engine.tokenizer("w77", add_special_tokens=False)["input_ids"][0]
+    r = call(app, lambda c: c.post("/v1/completions", json={**body, "logit_bias": {str(forced): 100}})).json()
+    assert r["choices"][0]["text"].split() == ["w77"] * 8
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula(engine):
+    from prefixtune.scheduler import Request, SamplingParams
+
+    r = Request(None, [1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, -3.0),)), lambda ev: None)
+    r.generated = [4, 4, 4, 7]
+    row = torch.zeros(16)
+    engine._shape_logits(row, r)
+    want = torch.zeros(16)
+    want[4], want[7], want[9] = -(0.5 + 3 * 0.25), -(0.5 + 0.25), -3.0
+    assert torch.equal(row, want)  # prompt tokens 1, 2 are not penalised by OpenAI's penalties
+
+
+def test_echo_prepends_the_prompt(engine):
+    app = create_app(engine)
+    body = {"model": "alpha", "prompt": "w5 w9", "max_tokens": 4, "temperature": 0, "echo": True}
+    ref, _, _ = reference_text(engine, "w5 w9", "alpha", 4)
+    r = call(app, lambda c: c.post("/v1/completions", json=body)).json()
+    assert r["choices"][0]["text"] == "w5 w9" + ref
+    ev = sse_events(call(app, lambda c: c.post("/v1/completions", json={**body, "stream": True})).text)
+    assert "".join(e["choices"][0]["text"] for e in ev if e["choices"]) == "w5 w9" + ref
+
+
+BAD_EXTRAS = [
+    ({"best_of": 3}, "'best_of' is not supported"),
+    ({"suffix": "w9"}, "'suffix' (insertion) is not supported"),
+    ({"tools": [{"type": "function"}]}, "'tools' (function calling) is not supported"),
+    ({"response_format": {"type": "json_object"}}, "'response_format' other than"),
+    ({"echo": True, "logprobs": 2}, "'echo' together with 'logprobs'"),
+    ({"logprobs": 50}, "'logprobs' must be between 0 and 20"),
+    ({"presence_penalty": 3}, "'presence_penalty' must be between -2 and 2"),
+    ({"frequency_penalty": "x"}, "'frequency_penalty' must be a number"),
+    ({"repetition_penalty": 0}, "'repetition_penalty' must be in (0, 10]"),
+    ({"logit_bias": {"w5": 1}}, "'logit_bias' must map token ids"),
+    ({"logit_bias": {"5": 500}}, "'logit_bias' must map token ids"),
+    ({"stream_options": {"include_usage": "yes"}}, "'stream_options' must be an object"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD_EXTRAS)
+def test_unsupported_or_bad_openai_fields_are_400_not_ignored(engine, extra, msg):
+    r = call(create_app(engine), lambda c: c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", **extra}))
+    assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
+
+
+def test_chat_top_logprobs_needs_logprobs(engine):
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
+    r = call(create_app(engine), lambda c: c.post("/v1/chat/completions", json=body))
+    assert r.status_code == 400 and "'top_logprobs' needs 'logprobs': true" in r.json()["error"]["message"]

@@ -68,6 +68,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: fixed output lengths
+    # OpenAI's penalties on tokens generated so far: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF/vLLM's multiplicative penalty on every token of prompt + output (1.0 = off), as generate() applies it.
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
 
 
 @dataclass
@@ -75,6 +86,8 @@ class Event:
     index: int
     text: str = ""  # new text since the last event
     token_ids: list[int] = field(default_factory=list)
+    # One entry per counted token when the request asked for logprobs: (logprob, [(id, logprob)] top-k).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "timeout" | "error" (None while running)
     error: str | None = None
     status: int = 200  # HTTP status that fits an error
@@ -92,6 +105,7 @@ class Request:
     timeout: float | None = None
     # Worker-side state.
     generated: list[int] = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # parallel to generated when params.logprobs is set
     sent_chars: int = 0
     last: int | None = None  # sampled token not yet fed to the model
     cancelled: bool = False
@@ -447,7 +461,16 @@ class Engine:
 
     # ---- sampling and stopping -------------------------------------------------------------------------
     def _step_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
+        raw = logits
+        if any(r.params.shapes_logits for r in rows):
+            logits = logits.clone()
+            for i, r in enumerate(rows):
+                if r.params.shapes_logits:
+                    self._shape_logits(logits[i], r)
         greedy = logits.argmax(-1).tolist()
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        # Logprobs are the model's own distribution (before penalties and temperature), as vLLM reports them.
+        logp = dict(zip(want, torch.log_softmax(raw[want], -1))) if want else {}
         now = time.monotonic()
         for i, r in enumerate(rows):
             if r.cancelled:
@@ -455,9 +478,27 @@ class Engine:
                 continue
             tok = greedy[i] if r.gen is None else self._sample(logits[i], r)
             r.generated.append(tok)
+            if i in logp:
+                k = r.params.logprobs
+                top = logp[i].topk(k) if k else None
+                r.token_logprobs.append((float(logp[i][tok]), list(zip(top.indices.tolist(), top.values.tolist())) if k else []))
             r.last = tok
             self.stats["completion_tokens"] += 1
             self._emit(r, now)
+
+    def _shape_logits(self, row: torch.Tensor, r: Request) -> None:
+        """Penalties and logit_bias for one row, in place, in the order HF then OpenAI apply them."""
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.generated)), device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.generated:
+            ids = torch.tensor(r.generated, device=row.device)
+            counts = torch.bincount(ids, minlength=row.shape[0]).to(row.dtype)
+            row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+        for tok, bias in p.logit_bias:
+            row[tok] += bias
 
     @staticmethod
     def _sample(logits: torch.Tensor, r: Request) -> int:
@@ -496,15 +537,18 @@ class Engine:
                 hold = max(hold, 1)
             upto = len(text) - hold
             delta, r.sent_chars = text[r.sent_chars:upto], max(r.sent_chars, upto)
-            self._send(r, Event(r.index, text=delta, token_ids=[tok]))
+            self._send(r, Event(r.index, text=delta, token_ids=[tok], logprobs=r.token_logprobs[-1:]))
         else:
-            self._finish(r, finish, text=text)
+            self._finish(r, finish, text=text, counted=not eos)
 
-    def _finish(self, r: Request, reason: str, error: str | None = None, status: int = 200, text: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, status: int = 200, text: str | None = None,
+                counted: bool = True) -> None:
+        """`counted`: the last token is part of the output (False for an EOS, which has no text or logprob)."""
         r.finished = True
         delta = "" if text is None else text[r.sent_chars:]
         toks = r.generated[-1:] if r.generated else []
-        self._send(r, Event(r.index, text=delta, token_ids=toks, finish_reason=reason, error=error, status=status,
+        lps = r.token_logprobs[-1:] if counted else []
+        self._send(r, Event(r.index, text=delta, token_ids=toks, logprobs=lps, finish_reason=reason, error=error, status=status,
                             prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
 
     @staticmethod

@@ -27,6 +27,7 @@ from .scheduler import Engine, EngineError, Event, Request, SamplingParams, asyn
 log = logging.getLogger("prefixtune.serve")
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 4
+MAX_LOGPROBS = 20
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -121,7 +122,7 @@ def _field(body: dict, key: str, kind, default=None, required: bool = False):
     return v
 
 
-def _sampling(body: dict, engine: Engine, default_max: int) -> tuple[SamplingParams, int, bool]:
+def _sampling(body: dict, engine: Engine, default_max: int, chat: bool) -> tuple[SamplingParams, int, bool]:
     max_tokens = _field(body, "max_tokens", "int")
     if max_tokens is None:
         max_tokens = _field(body, "max_completion_tokens", "int", default_max)
@@ -143,9 +144,73 @@ def _sampling(body: dict, engine: Engine, default_max: int) -> tuple[SamplingPar
                              or not all(isinstance(s, str) and s for s in stop)):
         raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty strings", param="stop")
     stream = _field(body, "stream", "bool", False)
+    penalties = {}
+    for key in ("presence_penalty", "frequency_penalty"):
+        penalties[key] = float(_field(body, key, "number", 0.0))
+        if not -2.0 <= penalties[key] <= 2.0:
+            raise ApiError(f"'{key}' must be between -2 and 2, got {penalties[key]}", param=key)
+    rep = float(_field(body, "repetition_penalty", "number", 1.0))
+    if not 0.0 < rep <= 10.0:
+        raise ApiError(f"'repetition_penalty' must be in (0, 10] (1 = off), got {rep}", param="repetition_penalty")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            stop=tuple(stop or ()), seed=seed, ignore_eos=bool(body.get("ignore_eos", False)))
+                            stop=tuple(stop or ()), seed=seed, ignore_eos=bool(body.get("ignore_eos", False)),
+                            repetition_penalty=rep, logit_bias=_logit_bias(body, engine), logprobs=_logprobs(body, chat),
+                            **penalties)
     return params, n, stream
+
+
+def _logit_bias(body: dict, engine: Engine) -> tuple[tuple[int, float], ...]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    vocab = engine.base.config.vocab_size
+    msg = f"'logit_bias' must map token ids (0 to {vocab - 1}, as strings) to numbers between -100 and 100"
+    if not isinstance(bias, dict) or len(bias) > 300:
+        raise ApiError(msg + " (at most 300 entries)", param="logit_bias")
+    out = []
+    for k, v in bias.items():
+        if not (str(k).isdigit() and int(k) < vocab) or isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 100:
+            raise ApiError(f"{msg}; got {json.dumps({k: v})[:60]}", param="logit_bias")
+        out.append((int(k), float(v)))
+    return tuple(out)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Completions: `logprobs` = k (0..MAX_LOGPROBS). Chat: `logprobs` true, `top_logprobs` = k."""
+    if chat:
+        top = _field(body, "top_logprobs", "int")
+        if not _field(body, "logprobs", "bool", False):
+            if top is not None:
+                raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        k, key = (0 if top is None else top), "top_logprobs"
+    else:
+        k, key = _field(body, "logprobs", "int"), "logprobs"
+        if k is None:
+            return None
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise ApiError(f"'{key}' must be between 0 and {MAX_LOGPROBS}, got {k}", param=key)
+    return k
+
+
+def _reject_unsupported(body: dict, chat: bool) -> None:
+    """Fields we do not implement fail loudly instead of being silently ignored."""
+    n = body.get("n", 1) or 1
+    if body.get("best_of") not in (None, n):
+        raise ApiError(f"'best_of' is not supported (only best_of == n = {n}); ask for n choices and rank them yourself", param="best_of")
+    if body.get("suffix"):
+        raise ApiError("'suffix' (insertion) is not supported", param="suffix")
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise ApiError(f"'{key}' (function calling) is not supported by this server", param=key)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError("'response_format' other than {\"type\": \"text\"} (JSON mode, schemas) is not supported", param="response_format")
+    if not chat and body.get("echo") and body.get("logprobs") is not None:
+        raise ApiError("'echo' together with 'logprobs' (prompt logprobs) is not supported; use one of them", param="echo")
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and isinstance(opts.get("include_usage", False), bool)):
+        raise ApiError("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
 
 
 def _prompt_ids(body: dict, engine: Engine) -> list[int]:
@@ -209,6 +274,50 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = {404: "not_found_error", 408: "timeout_error", 429: "rate_limit_error", 503: "unavailable_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _prompt_text(body: dict, ids: list[int], engine: Engine) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
+
+
+class _LogprobFormat:
+    """Collects per-token logprobs from engine events and renders them the OpenAI way, per choice index:
+    completions {tokens, token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes,
+    top_logprobs}]}. Token strings are each id decoded alone."""
+
+    def __init__(self, engine: Engine, chat: bool, offset: int):
+        self.engine, self.chat, self.start = engine, chat, offset
+        self.pending: dict[int, list] = {}
+        self.offset: dict[int, int] = {}
+
+    def _tok(self, i: int) -> str:
+        tok = self.engine.tokenizer
+        return tok.decode([i]) if tok is not None else str(i)
+
+    def add(self, ev: Event) -> None:
+        self.pending.setdefault(ev.index, []).extend(zip(ev.token_ids, ev.logprobs))  # zip: an EOS has no logprob
+
+    def take(self, index: int):
+        items = self.pending.pop(index, [])
+        if self.chat:
+            def entry(tid, lp):
+                s = self._tok(tid)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(tid, lp), "top_logprobs": [entry(t, v) for t, v in top]}
+                                for tid, (lp, top) in items]}
+        tokens = [self._tok(tid) for tid, _ in items]
+        offsets, at = [], self.offset.get(index, self.start)
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        self.offset[index] = at
+        return {"tokens": tokens, "token_logprobs": [lp for _, (lp, _) in items],
+                "top_logprobs": [{self._tok(t): v for t, v in top} for _, (_, top) in items], "text_offset": offsets}
 
 
 def _sse(obj) -> str:
@@ -287,10 +396,13 @@ def create_app(engine: Engine) -> FastAPI:
         body = await _json_body(request)
         model_name = _field(body, "model", "str", required=True)
         adapter = engine.adapter_for(model_name)
+        _reject_unsupported(body, chat)
         ids = _chat_ids(body, engine) if chat else _prompt_ids(body, engine)
         default_max = max(1, min(256, engine.max_total_tokens - len(ids))) if chat else 16
-        params, n, stream = _sampling(body, engine, default_max)
+        params, n, stream = _sampling(body, engine, default_max, chat)
         engine.check_limits(len(ids), params.max_tokens, adapter)
+        echo = "" if chat or not _field(body, "echo", "bool", False) else _prompt_text(body, ids, engine)
+        usage_chunk = (body.get("stream_options") or {}).get("include_usage", True)
 
         queue: asyncio.Queue[Event] = asyncio.Queue()
         sink = async_sink(asyncio.get_running_loop(), queue)
@@ -300,15 +412,18 @@ def create_app(engine: Engine) -> FastAPI:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}
+        lp = _LogprobFormat(engine, chat, len(echo)) if params.logprobs is not None else None
         if stream:
-            return StreamingResponse(_stream(reqs, queue, meta, chat, endpoint, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(_stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            texts, finishes, done = [""] * n, [None] * n, 0
+            texts, finishes, done = [echo] * n, [None] * n, 0
             completion_tokens = 0
             while done < n:
                 ev = await queue.get()
                 texts[ev.index] += ev.text
+                if lp:
+                    lp.add(ev)
                 if ev.finish_reason:
                     if ev.error:
                         raise ApiError(ev.error, ev.status)
@@ -317,42 +432,50 @@ def create_app(engine: Engine) -> FastAPI:
         finally:
             for r in reqs:
                 r.cancel()  # no-op for finished rows; frees the others if we bailed out
+        logprobs = [lp.take(i) if lp else None for i in range(n)]
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": l}
+                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
         else:
-            choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(zip(texts, finishes))]
+            choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": l}
+                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
         metrics.record(endpoint, 200, time.monotonic() - t0)
         return {**meta, "choices": choices, "usage": usage}
 
-    async def _stream(reqs, queue, meta, chat, endpoint, t0):
+    async def _stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         n, done, completion_tokens, status = len(reqs), 0, 0, 200
 
         def chunk(i, text, finish):
+            logprobs = lp.take(i) if lp else None
             if chat:
-                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": None}]}
-            return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]}
+                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}
+            return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
         try:
-            if chat:
-                for i in range(n):
+            for i in range(n):
+                if chat:
                     yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
+                elif echo:
+                    yield _sse({**meta, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
             while done < n:
                 ev = await queue.get()
                 if ev.error:  # headers are gone already: report in-band, as OpenAI does
                     status = ev.status
                     yield _sse(_error_body(ev.error, ev.status))
                     break
+                if lp:
+                    lp.add(ev)  # held-back tokens (a possible stop string) ride on the next chunk that has text
                 if ev.text or ev.finish_reason:
                     yield _sse(chunk(ev.index, ev.text, ev.finish_reason))
                 if ev.finish_reason:
                     done += 1
                     completion_tokens += ev.completion_tokens
-            prompt = len(reqs[0].prompt_ids)
-            yield _sse({**meta, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                                                         "total_tokens": prompt + completion_tokens}})
+            if usage_chunk:
+                prompt = len(reqs[0].prompt_ids)
+                yield _sse({**meta, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                                                             "total_tokens": prompt + completion_tokens}})
             yield "data: [DONE]\n\n"
         finally:
             for r in reqs:
