@@ -77,10 +77,14 @@ VARIANTS = {
     "prefixtune init=zero": (ours(init="zero"), 1e-2),
     "prefixtune init=peft N(0,1)": (ours(init="peft"), 1e-2),
     "prefixtune vocab + projection": (ours(projection=True), 1e-3),
+    "prefixtune vocab + projection, table lr 1e-2 / MLP lr 1e-4": (ours(projection=True), 1e-2, 1e-4),
     "peft prefix (random init)": (peft_prefix(False), 1e-2),
     "peft prefix + projection": (peft_prefix(True), 1e-3),
     "peft LoRA r=8 q,v": (peft_lora, 1e-3),
 }
+
+
+INSTRUCT_VARIANTS = ["prefixtune default (vocab init)", "peft prefix (random init)", "peft LoRA r=8 q,v"]
 
 
 def rank_acc(model, tok, eval_ds) -> float:
@@ -88,11 +92,12 @@ def rank_acc(model, tok, eval_ds) -> float:
                          [LABELS.index(x) for x in eval_ds["sentiment"]], LABELS, batch=32)
 
 
-def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args) -> dict:
+def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection_lr=None) -> dict:
     torch.manual_seed(args.seed)
     model = build(base, tok)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = model.param_groups(lr, projection_lr) if isinstance(model, pt.PrefixModel) else params
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     order = data.length_grouped_batches([len(x) for x in train_tok["input_ids"]], args.batch, args.seed)
@@ -120,7 +125,8 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args) -> dict:
     unload(model)
     last = losses[-10:]
     return {"step0_loss": step0, "final_loss": sum(last) / len(last), "accuracy": curve[-1][1], "curve": curve,
-            "trainable": sum(p.numel() for p in params), "s_per_step": train_s / args.steps, "lr": lr}
+            "trainable": sum(p.numel() for p in params), "s_per_step": train_s / args.steps,
+            "lr": lr if projection_lr is None else f"{lr:g} / MLP {projection_lr:g}"}
 
 
 def unload(model):
@@ -140,12 +146,14 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
     ev, _ = data.tokenize_dataset(to_alpaca(eval_ds), tok, "instruct", is_encoder_decoder=False, max_length=128)
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     results = {}
-    for name in ("prefixtune default (vocab init)", "peft prefix (random init)", "peft LoRA r=8 q,v"):
-        build, lr = VARIANTS[name]
+    names = [n for n in VARIANTS if any(o in n for o in args.only)] if args.only else INSTRUCT_VARIANTS
+    runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [VARIANTS[n][1]])]
+    for label, name, lr in runs:
+        build, _, *plr = VARIANTS[name]
         torch.manual_seed(args.seed)
         model = build(base, tok)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr)
+        opt = torch.optim.AdamW(model.param_groups(lr, *plr) if isinstance(model, pt.PrefixModel) else params, lr=lr)
         order = data.length_grouped_batches([len(x) for x in tr["input_ids"]], args.batch, args.seed)
 
         def held_out():
@@ -166,8 +174,8 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        results[name] = {"held_out_loss_step0": before, "held_out_loss": held_out()}
-        print(f"  instruct {name}: {results[name]}", flush=True)
+        results[label] = {"held_out_loss_step0": before, "held_out_loss": held_out()}
+        print(f"  instruct {label}: {results[label]}", flush=True)
         unload(model)
     return results
 
@@ -203,6 +211,7 @@ def main():
     p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
     p.add_argument("--lrs", nargs="*", type=float, help="run each chosen variant at each of these learning rates (a sweep)")
     p.add_argument("--no-instruct", action="store_true", help="skip the instruct run")
+    p.add_argument("--instruct-only", action="store_true", help="skip the classification runs")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -214,15 +223,16 @@ def main():
     bare = rank_acc(base, tok, eval_ds)
     print(f"bare model (zero-shot) accuracy {bare:.3f}", flush=True)
     results = {}
-    for name, (build, lr) in VARIANTS.items():
+    for name, (build, lr, *plr) in ({} if args.instruct_only else VARIANTS).items():
         if args.only and not any(o in name for o in args.only):
             continue
         for rate in args.lrs or [lr]:
             label = f"{name} lr={rate:g}" if args.lrs else name
-            results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args)
+            results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args, *plr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(results, out / "accuracy_vs_steps.png")
+    if results:
+        plot(results, out / "accuracy_vs_steps.png")
     instruct = {} if args.no_instruct else instruct_run(base, tok, train_ds, eval_ds, args)
     (out / "quality.json").write_text(json.dumps({"bare_accuracy": bare, "classify": results, "instruct": instruct}, indent=2))
 
@@ -231,7 +241,7 @@ def main():
     print("| variant | trainable params | lr | step-0 loss | final train loss | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['trainable']:,} | {r['lr']:g} | {r['step0_loss']:.2f} | {r['final_loss']:.3f} | "
+        print(f"| {name} | {r['trainable']:,} | {r['lr'] if isinstance(r['lr'], str) else format(r['lr'], 'g')} | {r['step0_loss']:.2f} | {r['final_loss']:.3f} | "
               f"{r['accuracy']:.3f} | {r['s_per_step']:.2f} |")
     if instruct:
         print(f"\nInstruct ({args.instruct_steps} steps): held-out loss on the response tokens\n")

@@ -136,7 +136,7 @@ def test_mixed_batch_generate_with_left_padding(kind):
 
 def test_single_adapter_prefix_is_expanded_not_copied():
     model = _two_adapters("llama")
-    layers, mask = model._prefix_batch(["a"] * 8)
+    layers, mask = model.prefix_batch(["a"] * 8)
     k, v = layers[0]
     assert k.shape[0] == 8 and k.stride(0) == 0 and v.stride(0) == 0
     assert k.data_ptr() == layers[0][0][0].data_ptr()
@@ -444,3 +444,31 @@ def test_prefix_groups_follow_a_multi_device_map(monkeypatch):
     layers = model._split("f")
     assert len(layers) == 2 * model.arch.num_layers + model.arch.num_encoder_layers
     assert sum(isinstance(d, torch.device) for d in moved) == 2 * len(layers)  # every k and v placed
+
+
+def test_param_groups_give_the_projection_mlp_its_own_learning_rate():
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16))
+    enc = model.prefixes["default"]
+    groups = model.param_groups(1e-2, 1e-5)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-5]
+    assert [id(p) for p in groups[0]["params"]] == [id(enc.embedding.weight)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in enc.transform.parameters()}
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in enc.named_parameters()}
+    assert moved["embedding.weight"] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step is lr * sign(grad)
+    assert moved["transform.0.weight"] == pytest.approx(1e-5, rel=1e-3)
+    assert len(pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).param_groups(1e-2, 1e-5)) == 1
+
+
+def test_random_init_scale_is_relative_to_the_models_own_key_values():
+    base = tiny.make("llama")
+    small = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=6, init="random", init_scale=0.1)).prefixes["default"]
+    full = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=6, init="random", init_scale=1.0)).prefixes["default"]
+    ratio = small.embedding.weight.std() / full.embedding.weight.std()
+    assert 0.05 < ratio < 0.2
+    with pytest.raises(pt.ConfigError, match="init_scale must be > 0"):
+        pt.PrefixConfig(init="random", init_scale=0)

@@ -133,3 +133,14 @@ def test_config_validation():
         TrainConfig(model="m", train="t", task="lm", output="o", max_steps=3, epochs=1).validate()
     with pytest.raises(RecipeError, match="unknown task 'summarize'"):
         TrainConfig(model="m", train="t", task="summarize", output="o").validate()
+    with pytest.raises(RecipeError, match="projection_lr must be a positive number"):
+        TrainConfig(model="m", train="t", task="lm", output="o", projection_lr=-1).validate()
+
+
+def test_task_defaults_fill_only_what_is_unset():
+    from prefixtune.recipes import TASK_DEFAULTS
+
+    for task, defaults in TASK_DEFAULTS.items():
+        cfg = TrainConfig(model="m", train="t", task=task, output="o").validate()
+        assert cfg.lr == defaults["lr"]
+    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123

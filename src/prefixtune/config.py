@@ -37,8 +37,8 @@ class PrefixConfig:
     placement: seq2seq only. "decoder" = decoder self-attention only (what peft does, loads in peft);
         "full" is reserved for encoder + decoder + cross-attention prefixes.
     init: "vocab" (default: key/values the frozen model computes for sampled vocabulary tokens),
-        "text" (the same for `init_text`, Li & Liang), "random" (architecture-aware scale), "zero",
-        "peft" (peft's N(0, 1)).
+        "text" (the same for `init_text`, Li & Liang), "random" (N(0, init_scale * the std of the model's own
+        key/values, per layer and per key/value)), "zero", "peft" (peft's N(0, 1)).
     """
 
     num_virtual_tokens: int = 20
@@ -46,10 +46,11 @@ class PrefixConfig:
     projection_dim: int = 512
     dropout: float = 0.0
     placement: str = "decoder"
-    # "vocab" by measurement: on SmolLM2-135M tweet sentiment the step-0 loss is 6.55 with "vocab"
-    # (bare model 7.14) against 16.2 with peft's N(0, 1) init; see benchmarks/quality.py.
+    # "vocab" by measurement (benchmarks/quality.py, SmolLM2-135M tweets): step-0 loss 5.46 (bare model 5.01)
+    # against 8.7 for "zero" or small "random" and 20 for peft's N(0, 1), and the best accuracy after training.
     init: str = "vocab"
     init_text: str | None = None
+    init_scale: float = 0.1  # "random" only: 1.0 is the real key/value scale (step-0 loss 20 there, 8.7 at 0.1)
     # Filled in by `attach` from the base model; kept so a saved adapter says what it was made for.
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -69,6 +70,8 @@ class PrefixConfig:
             raise ConfigError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not float(self.init_scale) > 0.0:
+            raise ConfigError(f"init_scale must be > 0, got {self.init_scale!r}")
         if self.init == "text" and not self.init_text:
             raise ConfigError("init='text' needs init_text='a short task description'")
 

@@ -3,8 +3,10 @@
 - "peft": peft's default, N(0, 1) for every key/value (nn.Embedding's init). Far off the scale of real
   key/values, which is why a fresh peft prefix disturbs the base model so much.
 - "zero": peft's init_weights="zero" (the table, or the MLP's last layer, is zero).
-- "random": N(0, sigma) with sigma measured per layer and per key/value from the key/values the model makes
-  for random tokens.
+- "random": N(0, init_scale * sigma), sigma measured per layer and per key/value from the key/values the model
+  makes for random tokens (real key norms differ by an order of magnitude across layers). At full scale random
+  directions give large attention logits (step-0 loss as bad as peft's); at 0.1 it is about "zero": the P
+  slots, at logit ~0, still take attention mass from the real tokens. Only real key/values avoid both.
 - "vocab" / "text": the key/values the frozen model computes for sampled vocabulary tokens / for a task
   description (Li & Liang), so the prefix starts out as something the model has seen.
 """
@@ -72,9 +74,8 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
         ids = _sample_tokens(model, P)
     target = real_key_values(model, ids, cfg.placement)
     if cfg.init == "random":
-        # Scale per layer and per key/value: real key norms differ by an order of magnitude across layers.
         slots = target.view(P, -1, model.arch.token_dim)
-        target = (torch.randn_like(slots) * slots.std(dim=(0, 2), keepdim=True)).reshape(P, -1)
+        target = (torch.randn_like(slots) * slots.std(dim=(0, 2), keepdim=True) * cfg.init_scale).reshape(P, -1)
     if last is None:
         enc.embedding.weight.copy_(target)
     else:

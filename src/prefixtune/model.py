@@ -203,7 +203,7 @@ class PrefixModel(nn.Module):
             raise ConfigError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.prefixes)}")
         return list(adapter_names)
 
-    def _prefix_batch(self, names: list[str | None]):
+    def prefix_batch(self, names: list[str | None]):
         """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch."""
         per_name = {n: self.prefix_layers(n) for n in set(names) if n is not None}
         placements = {self.configs[n].placement for n in per_name}
@@ -247,7 +247,7 @@ class PrefixModel(nn.Module):
             self._clear_encoder_prefix()
             return kwargs
 
-        layers, prefix_mask = self._prefix_batch(names)
+        layers, prefix_mask = self.prefix_batch(names)
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             mode = "frozen" if self.training or kwargs.get("use_cache") is False else "dynamic"
             kwargs["past_key_values"] = past_key_values = inject.build_cache(self.arch, layers, mode)
@@ -324,7 +324,7 @@ class PrefixModel(nn.Module):
         # generate() expands tensors for beams / num_return_sequences but not a cache we pass: expand rows here.
         expand = max(kwargs.get("num_beams", gen_cfg.num_beams) or 1, kwargs.get("num_return_sequences", gen_cfg.num_return_sequences) or 1)
         rows = [n for n in names for _ in range(expand)]
-        layers, prefix_mask = self._prefix_batch(rows)
+        layers, prefix_mask = self.prefix_batch(rows)
         prefix_mask = prefix_mask[::expand]  # generate() expands the mask itself
 
         static = kwargs.pop("cache_implementation", gen_cfg.cache_implementation) == "static"
@@ -369,6 +369,21 @@ class PrefixModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
+
+    def param_groups(self, lr: float, projection_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: the prefix tables at `lr`, the projection MLPs at `projection_lr` (default: `lr`).
+
+        Li & Liang tune the MLP with the table; a separate rate lets the (larger, folded-away) MLP move slower."""
+        table, mlp = [], []
+        for enc in self.prefixes.values():
+            for name, p in enc.named_parameters():
+                if p.requires_grad:
+                    (mlp if name.startswith("transform.") else table).append(p)
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]  # heads
+        groups = [{"params": table + rest, "lr": lr, "weight_decay": weight_decay}]
+        if mlp:
+            groups.append({"params": mlp, "lr": lr if projection_lr is None else projection_lr, "weight_decay": weight_decay})
+        return groups
 
     def parameter_summary(self) -> str:
         trainable, total = self.trainable_parameters()

@@ -20,6 +20,15 @@ SCHEDULERS = ("linear", "cosine", "constant")
 EVAL_METHODS = ("rank", "generate")
 
 
+# Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).
+TASK_DEFAULTS = {
+    "classify": {"lr": 1e-2},
+    "instruct": {"lr": 1e-2},
+    "chat": {"lr": 1e-2},
+    "lm": {"lr": 1e-2},
+}
+
+
 class RecipeError(ConfigError):
     """A bad recipe key/value or flag combination."""
 
@@ -56,7 +65,8 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-2
+    lr: float | None = None  # None: the task's measured default (TASK_DEFAULTS)
+    projection_lr: float | None = None  # the projection MLP's rate (None: lr)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     scheduler: str = "linear"
@@ -102,15 +112,20 @@ class TrainConfig:
                 raise RecipeError(f"{name} must be a positive integer, got {v!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs!r}")
+        for key, value in TASK_DEFAULTS.get(self.task, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise RecipeError(f"lr must be a positive number, got {self.lr!r}")
+        if self.projection_lr is not None and not (isinstance(self.projection_lr, (int, float)) and self.projection_lr > 0):
+            raise RecipeError(f"projection_lr must be a positive number, got {self.projection_lr!r}")
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         return self
 
     # fields that define a run: resuming with different values would not continue the same run
     RUN_KEYS = ("model", "train", "eval", "task", "num_virtual_tokens", "projection", "projection_dim", "init",
-                "batch_size", "grad_accum", "lr", "seed", "max_steps", "epochs", "max_length", "scheduler")
+                "batch_size", "grad_accum", "lr", "projection_lr", "seed", "max_steps", "epochs", "max_length", "scheduler")
 
     def run_identity(self) -> dict:
         return {k: getattr(self, k) for k in self.RUN_KEYS}
@@ -160,7 +175,7 @@ def load_recipe(path: str | Path) -> dict:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     check_keys(data, f"recipe ({p.name})")
     # YAML reads 1e-2 as a string; accept it as a number
-    for k in ("lr", "weight_decay", "warmup_ratio", "dropout", "eval_fraction", "epochs"):
+    for k in ("lr", "projection_lr", "weight_decay", "warmup_ratio", "dropout", "eval_fraction", "epochs"):
         if isinstance(data.get(k), str):
             try:
                 data[k] = float(data[k])

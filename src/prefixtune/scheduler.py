@@ -373,7 +373,7 @@ class Engine:
     def _prefix_cache(self, names: list[str | None]):
         if all(n is None for n in names):
             return DynamicCache(), torch.zeros(len(names), 0, dtype=torch.long)
-        layers, pmask = self.model._prefix_batch(names)
+        layers, pmask = self.model.prefix_batch(names)
         return inject.build_cache(self.model.arch, layers, "dynamic"), pmask
 
     def _forward(self, ids, mask, cache):
