@@ -1,6 +1,6 @@
 """Serving throughput: mixed-prefix continuous batching vs one adapter at a time (the PEFT way).
 
-    python benchmarks/serve.py [--adapters 8] [--requests 64] [--prompt 32] [--output 32] [--layers 4] [--hidden 256]
+    python benchmarks/serve.py [--adapters 8] [--requests 64] [--prompt 32] [--output 128] [--layers 4] [--hidden 256]
 
 Same load three ways on one random-init Llama (CPU is fine), greedy, fixed lengths (eos ignored):
   mixed        all requests at once, 8 adapters in one running batch (prefixtune's scheduler)
@@ -67,7 +67,7 @@ def main():
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--output", type=int, default=32)
+    ap.add_argument("--output", type=int, default=128, help="new tokens per request (128: vLLM benchmark_serving's default)")
     ap.add_argument("--prefix", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
