@@ -33,10 +33,15 @@ def rank_accuracy(model, tok, prompts: list[str], gold: list[int], label_words: 
     collate = D.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     model.eval()
     correct = 0
-    for s in range(0, len(prompts), batch):
-        b = {k: v.to(device) for k, v in collate([{"input_ids": p} for p in p_ids[s : s + batch]]).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    # Batches of similar length (sorted), and the LM head only at the few last-prompt positions they have
+    # (logits_to_keep as indices): the full [B, T, vocab] head is most of an eval's cost on a small model.
+    order = sorted(range(len(prompts)), key=lambda i: len(p_ids[i]))
+    for s in range(0, len(order), batch):
+        idx = order[s : s + batch]
+        b = {k: v.to(device) for k, v in collate([{"input_ids": p_ids[i]} for i in idx]).items()}
         last = b["attention_mask"].sum(1) - 1
-        pred = logits[torch.arange(len(last), device=last.device), last][:, first].argmax(-1)
-        correct += sum(int(p == g) for p, g in zip(pred.tolist(), gold[s : s + batch]))
+        keep = torch.unique(last)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep).logits
+        pred = logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)][:, first].argmax(-1)
+        correct += sum(int(p == gold[i]) for p, i in zip(pred.tolist(), idx))
     return correct / max(len(prompts), 1)
