@@ -336,7 +336,9 @@ def test_unknown_adapter_names_in_batch():
 
 # ---- seq2seq placement="full" (Li & Liang: encoder, decoder and cross-attention prefixes) ------------------
 def _full(kind, p=5, seed=0):
-    model = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=p, placement="full"), name="f")
+    # plain table units, so the tests below perturb key/values directly (layer_scale is tested on its own)
+    cfg = pt.PrefixConfig(num_virtual_tokens=p, placement="full", layer_scale=False)
+    model = pt.attach(tiny.make(kind), cfg, name="f")
     return _randomise(model, seed).eval()
 
 
@@ -426,7 +428,7 @@ def test_text_init_needs_tokenizer_and_uses_its_tokens(tiny_tokenizer):
     from prefixtune.init import real_key_values
 
     expected = real_key_values(model, torch.tensor((ids * 2)[:4]))
-    torch.testing.assert_close(model.prefixes["default"].embedding.weight.detach(), expected)
+    torch.testing.assert_close(model.prefixes["default"].folded(), expected)  # the key/values, whatever the units
 
 
 def test_prefix_groups_follow_a_multi_device_map(monkeypatch):
@@ -472,3 +474,33 @@ def test_random_init_scale_is_relative_to_the_models_own_key_values():
     assert 0.05 < ratio < 0.2
     with pytest.raises(pt.ConfigError, match="init_scale must be > 0"):
         pt.PrefixConfig(init="random", init_scale=0)
+
+
+def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale(tmp_path):
+    base = tiny.make("llama")
+    with torch.no_grad():  # give the layers different key/value scales, as real models have
+        base.model.layers[1].self_attn.v_proj.weight *= 10
+        base.model.layers[1].self_attn.k_proj.weight *= 3
+    scaled = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4), name="s")
+    scaled.add_adapter("p", pt.PrefixConfig(num_virtual_tokens=4, layer_scale=False))
+    enc_s, enc_p = scaled.prefixes["s"], scaled.prefixes["p"]
+    torch.testing.assert_close(enc_s.folded(), enc_p.folded())  # same vocab init, different units
+    D = scaled.arch.token_dim
+    group_std = enc_s.scale.view(-1, D)[:, 0]
+    assert group_std.max() / group_std.min() > 5
+    ids = torch.randint(3, 100, (2, 6))
+    moved = {}
+    for name, enc in (("s", enc_s), ("p", enc_p)):
+        scaled.set_adapter(name)
+        before = enc.folded()
+        opt = torch.optim.AdamW(enc.parameters(), lr=1e-3, weight_decay=0.0)
+        scaled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        moved[name] = (enc.folded() - before).abs().view(4, -1, D).amax(dim=(0, 2))
+    torch.testing.assert_close(moved["p"], torch.full_like(moved["p"], 1e-3), rtol=1e-2, atol=0)  # plain: lr everywhere
+    torch.testing.assert_close(moved["s"], 1e-3 * group_std, rtol=1e-2, atol=0)  # scaled: lr x that layer's scale
+    # saved folded (peft format), reloaded as a plain table with the same key/values
+    scaled.save_adapter(tmp_path / "s", "s")
+    again = pt.load_adapter(tiny.make("llama"), tmp_path / "s")
+    assert again.configs[again.active_adapter].layer_scale is False
+    torch.testing.assert_close(again.prefixes[again.active_adapter].folded(), enc_s.folded(), atol=0, rtol=0)

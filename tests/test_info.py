@@ -37,7 +37,7 @@ def test_describes_an_adapter(saved, capsys):
     # llama tiny: 2 layers, 2 kv heads x 16 -> token_dim 32; stored table 6 x (2*2*32)
     assert "6 virtual tokens x 2 layers" in out and "token_dim 32" in out
     assert f"{6 * 2 * 2 * 32:,} stored" in out
-    assert "MLP kept for resuming: True" in out and "classify" in out
+    assert "trainable form kept for resuming: True" in out and "classify" in out
     assert "adapter_model.safetensors" in out and "README.md" in out
 
 

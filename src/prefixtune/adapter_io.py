@@ -4,7 +4,8 @@
     adapter_model.safetensors    `prompt_embeddings` [P, L*2*token_dim] (the MLP folded in), plus
                                  `base_model.<head>.*` for encoder classifiers (peft's modules_to_save)
     prefixtune.json              our extras (placement, init, projection width); peft ignores it
-    prefixtune_projection.safetensors   the unfolded MLP, only with keep_projection (to resume training)
+    prefixtune_projection.safetensors   the unfolded encoder (MLP, or layer-scaled table), only with keep_projection
+                                 (checkpoints: to resume training exactly)
 
 Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves half an
 adapter behind and an existing adapter is only replaced by a complete one.
@@ -77,7 +78,9 @@ def write_adapter(directory, cfg: PrefixConfig, arch, enc, head, head_name, keep
         for k, v in head.state_dict().items():
             tensors[f"base_model.{head_name}.{k}"] = v.detach().cpu().contiguous()
     peft_cfg = peft_config_dict(cfg, arch)
-    extra = {"format": 1, "config": cfg.to_dict(), "projection_kept": bool(keep_projection and cfg.projection)}
+    # keep_projection: also store the encoder in its trainable form (the MLP, or the scaled table and its scale)
+    unfolded = cfg.projection or getattr(enc, "scale", None) is not None
+    extra = {"format": 1, "config": cfg.to_dict(), "projection_kept": bool(keep_projection and unfolded)}
 
     def fill(tmp: Path):
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -148,11 +151,12 @@ def read_adapter(directory, arch, head):
     fields = dict(extra.get("config", {}))
     fields.update(num_virtual_tokens=P, base_model_name_or_path=pc.get("base_model_name_or_path"))
     if extra.get("projection_kept") and (d / PROJECTION_NAME).is_file():
-        state = load_file(d / PROJECTION_NAME)
-        fields["projection"] = True
+        state = load_file(d / PROJECTION_NAME)  # the trainable form: MLP, or scaled table + its scale
+        fields["projection"] = any(k.startswith("transform.") for k in state)
+        fields["layer_scale"] = "scale" in state
     else:  # folded: a plain table, inference-ready (and trainable as a table)
         state = {"embedding.weight": table.float()}
-        fields["projection"] = False
+        fields["projection"] = fields["layer_scale"] = False
     cfg = PrefixConfig.from_dict({k: v for k, v in fields.items() if k in PrefixConfig.__dataclass_fields__})
 
     head_state = None

@@ -33,6 +33,8 @@ class PrefixConfig:
     num_virtual_tokens: prefix length P (key/value slots added to every attention layer).
     projection: train through an MLP (Li & Liang's reparameterisation); folded away at save time.
     projection_dim: the MLP's hidden width (512 as in the paper).
+    layer_scale: without projection, train the table in units of each layer's own key/value scale (see
+        encoder.py); one learning rate then moves every layer by the same relative amount. Folded at save.
     dropout: dropout on the prefix key/values while training.
     placement: seq2seq only. "decoder" = decoder self-attention only (what peft does, loads in peft);
         "full" is reserved for encoder + decoder + cross-attention prefixes.
@@ -44,6 +46,7 @@ class PrefixConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
+    layer_scale: bool = True
     dropout: float = 0.0
     placement: str = "decoder"
     # "vocab" by measurement (benchmarks/quality.py, SmolLM2-135M tweets): step-0 loss 5.46 (bare model 5.01)

@@ -5,6 +5,11 @@ Laid out exactly as peft's `PrefixEncoder` so a state dict maps 1:1 onto peft's 
 - projection: `embedding` is `Embedding(P, token_dim)` and `transform` an MLP
   token_dim -> projection_dim -> L*2*token_dim (Li & Liang's reparameterisation).
 `token_dim` is kv_heads * head_dim (not hidden_size: grouped-query attention and explicit head_dim models).
+
+layer_scale (table only): the table holds key/values in units of a fixed per-layer, per-key/value `scale` (the
+std of the model's own key/values, set by init.py). Adam moves every parameter by about lr per step whatever its
+size, and real value scales differ 50x across layers (SmolLM2: 0.04 in layer 0, 2.3 in layer 23), so in plain
+units one learning rate is too large for some layers and too small for others. Saving folds the scale away.
 """
 
 from __future__ import annotations
@@ -28,16 +33,21 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(cfg.num_virtual_tokens, self.out_dim)
+        # A buffer, so it moves with .to() and sits in state_dict() (checkpoints resume exactly); None = off.
+        self.register_buffer("scale", torch.ones(self.out_dim) if cfg.layer_scale and not cfg.projection else None)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def _table(self) -> torch.Tensor:
+        table = self.embedding.weight
+        if self.projection:
+            return self.transform(table)
+        return table * self.scale if self.scale is not None else table
 
     def forward(self) -> torch.Tensor:
         """All key/values of this prefix, flat: [P, L*2*token_dim] (peft's `prompt_embeddings` layout)."""
-        table = self.embedding.weight
-        out = self.transform(table) if self.projection else table
-        return self.dropout(out)
+        return self.dropout(self._table())
 
     @torch.no_grad()
     def folded(self) -> torch.Tensor:
-        """The MLP folded away: what peft saves as `prompt_embeddings` (inference-only)."""
-        table = self.embedding.weight
-        return (self.transform(table) if self.projection else table).detach().clone()
+        """The MLP / scale folded away: what peft saves as `prompt_embeddings` (inference-only)."""
+        return self._table().detach().clone()

@@ -186,7 +186,7 @@ def format_text(info: dict) -> str:
         f"task           {info['task'] + ' / ' if info['task'] else ''}{info['task_type']}",
         f"prefix         {info['num_virtual_tokens']} virtual tokens x {info['num_layers']} layers, "
         f"token_dim {info['token_dim']} ({info['num_attention_heads']} kv heads), placement {info['placement']}",
-        f"projection     trained with MLP: {info['projection_trained']}; MLP kept for resuming: {info['projection_kept']}",
+        f"projection     trained with MLP: {info['projection_trained']}; trainable form kept for resuming: {info['projection_kept']}",
         f"parameters     {info['parameters']:,} stored"
         + (f" + {info['projection_parameters']:,} in the kept projection" if info.get("projection_parameters") else ""),
         f"size           {_human(info['size_bytes'])} in {len(info['files'])} files: "

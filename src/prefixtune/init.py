@@ -56,7 +56,7 @@ def _sample_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
     if cfg.init == "peft":
-        return  # nn.Embedding / nn.Linear defaults, as peft
+        return  # nn.Embedding / nn.Linear defaults, as peft (a layer_scale stays 1: exactly peft's table)
     last = enc.transform[-1] if cfg.projection else None
     if cfg.init == "zero":
         if last is not None:
@@ -64,6 +64,8 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
             last.bias.zero_()
         else:
             enc.embedding.weight.zero_()
+            if enc.scale is not None:
+                enc.scale.copy_(_layer_std(model, real_key_values(model, _sample_tokens(model, cfg.num_virtual_tokens), cfg.placement)))
         return
     P = cfg.num_virtual_tokens
     if cfg.init == "text":
@@ -73,13 +75,24 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
     else:
         ids = _sample_tokens(model, P)
     target = real_key_values(model, ids, cfg.placement)
+    std = _layer_std(model, target)
     if cfg.init == "random":
-        slots = target.view(P, -1, model.arch.token_dim)
-        target = (torch.randn_like(slots) * slots.std(dim=(0, 2), keepdim=True) * cfg.init_scale).reshape(P, -1)
-    if last is None:
-        enc.embedding.weight.copy_(target)
-    else:
+        target = torch.randn_like(target) * std * cfg.init_scale
+    if last is not None:
         fit_projection(enc, target)
+    elif enc.scale is not None:
+        enc.scale.copy_(std)
+        enc.embedding.weight.copy_(target / std)
+    else:
+        enc.embedding.weight.copy_(target)
+
+
+def _layer_std(model, table: torch.Tensor) -> torch.Tensor:
+    """Std of a prefix table [P, G*2*token_dim] per layer and per key/value, broadcast back to one row."""
+    P, D = table.shape[0], model.arch.token_dim
+    slots = table.view(P, -1, D)
+    std = slots.std(dim=(0, 2), keepdim=True).clamp_min(1e-6)  # [1, G*2, 1]
+    return std.expand(1, slots.shape[1], D).reshape(-1)
 
 
 @torch.no_grad()

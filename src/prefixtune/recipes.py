@@ -57,6 +57,7 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
+    layer_scale: bool = True  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
     init: str = "vocab"  # engine default, chosen by measurement (benchmarks/quality.py)
     init_text: str | None = None
     dropout: float = 0.0
@@ -124,7 +125,7 @@ class TrainConfig:
         return self
 
     # fields that define a run: resuming with different values would not continue the same run
-    RUN_KEYS = ("model", "train", "eval", "task", "num_virtual_tokens", "projection", "projection_dim", "init",
+    RUN_KEYS = ("model", "train", "eval", "task", "num_virtual_tokens", "projection", "projection_dim", "layer_scale", "init",
                 "batch_size", "grad_accum", "lr", "projection_lr", "seed", "max_steps", "epochs", "max_length", "scheduler")
 
     def run_identity(self) -> dict:

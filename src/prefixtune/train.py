@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed)
 
     pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,
-                        projection_dim=cfg.projection_dim, dropout=cfg.dropout, init=cfg.init, init_text=cfg.init_text)
+                        projection_dim=cfg.projection_dim, layer_scale=cfg.layer_scale, dropout=cfg.dropout, init=cfg.init, init_text=cfg.init_text)
     if cfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
         pcfg.extra["init_token_ids"] = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
     pm = attach(base, pcfg)
