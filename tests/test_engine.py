@@ -481,7 +481,7 @@ def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale
     with torch.no_grad():  # give the layers different key/value scales, as real models have
         base.model.layers[1].self_attn.v_proj.weight *= 10
         base.model.layers[1].self_attn.k_proj.weight *= 3
-    scaled = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4), name="s")
+    scaled = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4, layer_scale=True), name="s")
     scaled.add_adapter("p", pt.PrefixConfig(num_virtual_tokens=4, layer_scale=False))
     enc_s, enc_p = scaled.prefixes["s"], scaled.prefixes["p"]
     torch.testing.assert_close(enc_s.folded(), enc_p.folded())  # same vocab init, different units
@@ -504,3 +504,9 @@ def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale
     again = pt.load_adapter(tiny.make("llama"), tmp_path / "s")
     assert again.configs[again.active_adapter].layer_scale is False
     torch.testing.assert_close(again.prefixes[again.active_adapter].folded(), enc_s.folded(), atol=0, rtol=0)
+    # a checkpoint (keep_projection) keeps the scaled form, so training resumes in the same units exactly
+    scaled.save_adapter(tmp_path / "ckpt", "s", keep_projection=True)
+    fresh = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, layer_scale=True, init="zero"), name="s")
+    fresh.load_adapter_weights(tmp_path / "ckpt", "s")
+    for k, v in enc_s.state_dict().items():
+        assert torch.equal(fresh.prefixes["s"].state_dict()[k], v), k

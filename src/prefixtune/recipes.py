@@ -57,7 +57,7 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
-    layer_scale: bool = True  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
+    layer_scale: bool = False  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
     init: str = "vocab"  # engine default, chosen by measurement (benchmarks/quality.py)
     init_text: str | None = None
     dropout: float = 0.0
