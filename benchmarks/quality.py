@@ -1,6 +1,7 @@
 """Quality benchmark: how well prefixes learn, ours vs peft, at equal steps and batch, in one run.
 
-    python benchmarks/quality.py [--steps 150 --batch 8 --train 2000 --eval 300 --out runs/quality]
+    python benchmarks/quality.py                      # the README table: 80 steps x 8, 1200 train / 300 held-out, seed 1
+    python benchmarks/quality.py --seed 0 --only default LoRA --lrs 3e-3 1e-2 3e-2 --no-instruct   # an lr sweep
 
 Task: the demo's (SmolLM2-135M-Instruct, tweet sentiment negative/neutral/positive, a fixed seeded balanced
 split made here). Every variant trains with the same loop, batches, steps and seed; accuracy is rank
@@ -8,7 +9,9 @@ classification over the three label words (right padding, last prompt position, 
 Reported per variant: loss at step 0 (before any update), held-out accuracy, and accuracy against steps
 (plot: accuracy_vs_steps.png). Then an instruct run on instructions made from the same tweets, held-out loss.
 
-Falls back to a random-init Llama (numbers then mean little) when the assets cannot be fetched.
+Learning rates: each method's was chosen by a sweep on the seed-0 split (`--lrs`); the table is reported on the
+seed-1 split (other tweets, other order), so the choice does not flatter whoever was tuned on the reported set.
+Needs the real assets (fetched once from PyPI wheels, see prefixtune.assets).
 """
 
 from __future__ import annotations
@@ -70,17 +73,23 @@ def peft_lora(base, tok):
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 
 
+# Learning rates from sweeps on the seed-0 split (80 steps x 8, 300 held-out; see the README):
+#   ours (plain table)   3e-3: 0.470  1e-2: 0.573  3e-2: 0.523  1e-1: 0.460
+#   ours, layer_scale    1e-2: 0.537  3e-2: 0.573
+#   ours + projection    3e-3: diverged (0.353);  table 1e-2 / MLP 1e-3: 0.513
+#   peft LoRA r=8        1e-3: 0.577  3e-3: 0.603  1e-2: 0.503
 VARIANTS = {
     "prefixtune default (vocab init)": (ours(), 1e-2),
     "prefixtune init=text": (ours(init="text"), 1e-2),
-    "prefixtune init=random": (ours(init="random"), 1e-2),
+    "prefixtune init=random (0.1 x layer std)": (ours(init="random"), 1e-2),
     "prefixtune init=zero": (ours(init="zero"), 1e-2),
     "prefixtune init=peft N(0,1)": (ours(init="peft"), 1e-2),
+    "prefixtune vocab + layer_scale": (ours(layer_scale=True), 3e-2),
     "prefixtune vocab + projection": (ours(projection=True), 1e-3),
-    "prefixtune vocab + projection, table lr 1e-2 / MLP lr 1e-4": (ours(projection=True), 1e-2, 1e-4),
+    "prefixtune vocab + projection, MLP lr 1e-3": (ours(projection=True), 1e-2, 1e-3),
     "peft prefix (random init)": (peft_prefix(False), 1e-2),
     "peft prefix + projection": (peft_prefix(True), 1e-3),
-    "peft LoRA r=8 q,v": (peft_lora, 1e-3),
+    "peft LoRA r=8 q,v": (peft_lora, 3e-3),
 }
 
 
@@ -201,13 +210,13 @@ def plot(results, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--train", type=int, default=1200)
     p.add_argument("--eval", type=int, default=300)
     p.add_argument("--instruct-steps", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
     p.add_argument("--lrs", nargs="*", type=float, help="run each chosen variant at each of these learning rates (a sweep)")
     p.add_argument("--no-instruct", action="store_true", help="skip the instruct run")
