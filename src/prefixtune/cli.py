@@ -35,7 +35,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type); bool flags are store_const
     "--weight-decay": float, "--eval-every": int, "--save-every": int, "--patience": int, "--eval-method": str,
     "--eval-batch-size": int, "--max-train-examples": int, "--max-eval-examples": int, "--eval-fraction": float,
 }
-TRAIN_BOOLS = ("--projection", "--layer-scale", "--resume", "--overwrite", "--gradient-checkpointing")
+TRAIN_BOOLS = ("--projection", "--resume", "--overwrite", "--gradient-checkpointing")
 
 
 def _add_train(sub):
@@ -47,6 +47,8 @@ def _add_train(sub):
         p.add_argument(flag, action="store_const", const=True, default=None)
     p.add_argument("--label-words", default=None, help="comma-separated label set, e.g. negative,neutral,positive")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+    p.add_argument("--no-layer-scale", dest="layer_scale", action="store_const", const=False, default=None,
+                   help="train the prefix table in plain key/value units (peft's parameterisation)")
     p.set_defaults(fn=cmd_train)
 
 
@@ -56,6 +58,7 @@ def cmd_train(args) -> int:
 
     over = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f in (*TRAIN_FLAGS, *TRAIN_BOOLS)}
     over["progress"] = args.progress
+    over["layer_scale"] = args.layer_scale
     if args.label_words:
         over["label_words"] = [w.strip() for w in args.label_words.split(",") if w.strip()]
     cfg = TrainConfig.from_sources(args.config, over)

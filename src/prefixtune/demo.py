@@ -79,7 +79,8 @@ def run(args) -> int:
     cfg = TrainConfig(model=model_path, train=str(train_csv), eval=str(eval_csv), task="classify", output=str(out / "run"),
                       label_column="sentiment", text_column="text", label_words=labels, prompt_template=TEMPLATE,
                       max_length=DEFAULTS["max_length"], on_truncate="warn", num_virtual_tokens=DEFAULTS["num_virtual_tokens"],
-                      init="text", init_text=INIT_TEXT, max_steps=steps, batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"],
+                      init="text", init_text=INIT_TEXT, layer_scale=False,  # as measured (README); not re-run with it
+                      max_steps=steps, batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"],
                       warmup_ratio=0.05, eval_every=steps, save_every=50, overwrite=True)
     summary = train(cfg, model=base, tokenizer=tok)
     model = summary["model"]

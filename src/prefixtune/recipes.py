@@ -22,7 +22,7 @@ EVAL_METHODS = ("rank", "generate")
 
 # Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).
 TASK_DEFAULTS = {
-    "classify": {"lr": 1e-2},
+    "classify": {"lr": 3e-2},
     "instruct": {"lr": 1e-2},
     "chat": {"lr": 1e-2},
     "lm": {"lr": 1e-2},
@@ -57,7 +57,7 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
-    layer_scale: bool = False  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
+    layer_scale: bool = True  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
     init: str = "vocab"  # engine default, chosen by measurement (benchmarks/quality.py)
     init_text: str | None = None
     dropout: float = 0.0
