@@ -58,14 +58,9 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
     if cfg.init == "peft":
         return  # nn.Embedding / nn.Linear defaults, as peft (a layer_scale stays 1: exactly peft's table)
     last = enc.transform[-1] if cfg.projection else None
-    if cfg.init == "zero":
-        if last is not None:
-            last.weight.zero_()
-            last.bias.zero_()
-        else:
-            enc.embedding.weight.zero_()
-            if enc.scale is not None:
-                enc.scale.copy_(_layer_std(model, real_key_values(model, _sample_tokens(model, cfg.num_virtual_tokens), cfg.placement)))
+    if cfg.init == "zero" and last is not None:
+        last.weight.zero_()
+        last.bias.zero_()
         return
     P = cfg.num_virtual_tokens
     if cfg.init == "text":
@@ -78,6 +73,8 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
     std = _layer_std(model, target)
     if cfg.init == "random":
         target = torch.randn_like(target) * std * cfg.init_scale
+    elif cfg.init == "zero":  # a zero table; a layer_scale still takes the real key/value stds
+        target = torch.zeros_like(target)
     if last is not None:
         fit_projection(enc, target)
     elif enc.scale is not None:
