@@ -101,12 +101,18 @@ def rank_acc(model, tok, eval_ds) -> float:
                          [LABELS.index(x) for x in eval_ds["sentiment"]], LABELS, batch=32)
 
 
+def optimizer(model, params, lr, projection_lr=None, weight_decay=0.0):
+    """AdamW; our models give the projection MLP its own rate (param_groups)."""
+    if isinstance(model, pt.PrefixModel):
+        return torch.optim.AdamW(model.param_groups(lr, projection_lr, weight_decay), lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection_lr=None) -> dict:
     torch.manual_seed(args.seed)
     model = build(base, tok)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = model.param_groups(lr, projection_lr) if isinstance(model, pt.PrefixModel) else params
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    opt = optimizer(model, params, lr, projection_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     order = data.length_grouped_batches([len(x) for x in train_tok["input_ids"]], args.batch, args.seed)
@@ -162,7 +168,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
         torch.manual_seed(args.seed)
         model = build(base, tok)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(model.param_groups(lr, *plr) if isinstance(model, pt.PrefixModel) else params, lr=lr)
+        opt = optimizer(model, params, lr, *(plr or [None]), weight_decay=0.01)  # AdamW's default, as measured
         order = data.length_grouped_batches([len(x) for x in tr["input_ids"]], args.batch, args.seed)
 
         def held_out():

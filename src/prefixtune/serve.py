@@ -213,12 +213,17 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
         raise ApiError("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
 
 
-def _prompt_ids(body: dict, engine: Engine) -> list[int]:
+def _prompt(body: dict):
     prompt = body.get("prompt")
-    if prompt is None:
-        raise ApiError("missing required field 'prompt'", param="prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # a batch of one; larger batches: send one request each (or use n)
+    return prompt
+
+
+def _prompt_ids(body: dict, engine: Engine) -> list[int]:
+    prompt = _prompt(body)
+    if prompt is None:
+        raise ApiError("missing required field 'prompt'", param="prompt")
     if isinstance(prompt, str):
         if not prompt:
             raise ApiError("'prompt' is empty: send some text", param="prompt")
@@ -277,9 +282,7 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict:
 
 
 def _prompt_text(body: dict, ids: list[int], engine: Engine) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    prompt = _prompt(body)
     if isinstance(prompt, str):
         return prompt
     return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
