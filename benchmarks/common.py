@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from prefixtune import data as D
+from prefixtune.training import data as D
 
 
 def sync(device: str) -> None:

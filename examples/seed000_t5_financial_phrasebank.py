@@ -22,7 +22,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 import prefixtune as pt
-from prefixtune.hf_trainer import PrefixTrainer
+from prefixtune.training.hf_trainer import PrefixTrainer
 
 LABEL_WORDS = ["negative", "neutral", "positive"]  # Financial PhraseBank's ClassLabel names, used as targets
 PROMPT = "sentiment: {sentence}"

@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from prefixtune import assets
+from prefixtune.cli import assets
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_smollm2_converts_and_generates():
 
 @pytest.mark.assets
 def test_tweets_csv_has_three_sentiments():
-    from prefixtune.data import load_records
+    from prefixtune.training.data import load_records
 
     ds = load_records(str(assets.tweets_csv()))
     assert {"sentiment", "confidence", "text"} <= set(ds.column_names)

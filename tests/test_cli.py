@@ -8,14 +8,14 @@ import pytest
 
 from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
-from prefixtune.cli import main
-from prefixtune.recipes import RecipeError, TrainConfig
+from prefixtune.cli.main import main
+from prefixtune.training.config import RecipeError, TrainConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def run_cli(argv, capsys):
-    """-> (exit code, stdout, stderr) of prefixtune.cli.main."""
+    """-> (exit code, stdout, stderr) of prefixtune.cli.main.main."""
     try:
         code = main([str(a) for a in argv])
     except SystemExit as e:
@@ -119,7 +119,7 @@ def test_empty_dataset_and_bad_yaml_and_used_output(tmp_path, setup, capsys):
 
 
 def test_nan_loss_cli_message(tmp_path, setup, capsys, monkeypatch):
-    import prefixtune.evaluate as E
+    import prefixtune.training.evaluate as E
 
     real = E.token_nll
     monkeypatch.setattr(E, "token_nll", lambda m, b: (real(m, b)[0] * float("nan"), 1) if m.training else real(m, b))
@@ -146,7 +146,7 @@ def test_module_entrypoint_exit_code(tmp_path):
 
 @pytest.mark.parametrize("command", ["serve", "info"])
 def test_hooked_subcommands_take_their_own_flags(command, capsys):
-    from prefixtune.cli import main
+    from prefixtune.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

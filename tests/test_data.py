@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from prefixtune.data import (
+from prefixtune.training.data import (
     DataError,
     PadCollator,
     length_grouped_batches,

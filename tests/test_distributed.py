@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from trainkit import classify_rows, model_dir, write_jsonl
 
-from prefixtune import train as T
+from prefixtune.training import loop as T
 
 STEPS = 6
 

@@ -410,7 +410,7 @@ def test_full_placement_only_for_seq2seq():
 
 
 def test_vocab_init_through_projection_reproduces_real_key_values():
-    from prefixtune.init import _sample_tokens, real_key_values
+    from prefixtune.initialize import _sample_tokens, real_key_values
 
     model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=6, projection=True, projection_dim=32, init="vocab"))
     target = real_key_values(model, _sample_tokens(model, 6))
@@ -425,7 +425,7 @@ def test_text_init_needs_tokenizer_and_uses_its_tokens(tiny_tokenizer):
     model = pt.attach(tiny.make("llama", vocab=len(tok)), cfg, tokenizer=tok)
     ids = model.configs["default"].extra["init_token_ids"]
     assert len(ids) == 3
-    from prefixtune.init import real_key_values
+    from prefixtune.initialize import real_key_values
 
     expected = real_key_values(model, torch.tensor((ids * 2)[:4]))
     torch.testing.assert_close(model.prefixes["default"].folded(), expected)  # the key/values, whatever the units

@@ -8,7 +8,7 @@ import tiny
 from conftest import make_tokenizer
 
 import prefixtune as pt
-from prefixtune import evaluate as E
+from prefixtune.training import evaluate as E
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bart"])

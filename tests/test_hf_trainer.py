@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import TrainingArguments
 
 import prefixtune as pt
-from prefixtune.hf_trainer import PrefixTrainer
+from prefixtune.training.hf_trainer import PrefixTrainer
 from tiny import make
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

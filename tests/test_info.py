@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune import cli, info
+from prefixtune import cli
+from prefixtune.cli import info
 from tiny import make
 
 

@@ -8,7 +8,7 @@ import torch
 
 import prefixtune as pt
 from prefixtune.config import ConfigError
-from prefixtune.scheduler import Engine, EngineError, QueueFull, Request, SamplingParams
+from prefixtune.serving.engine import Engine, EngineError, QueueFull, Request, SamplingParams
 from tiny import make
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.serve import build_engine, create_app
+from prefixtune.serving.api import build_engine, create_app
 from prefixtune.model import PrefixModel
-from prefixtune.scheduler import Engine
+from prefixtune.serving.engine import Engine
 from test_scheduler import offline, word_tokenizer
 from tiny import make
 
@@ -394,7 +394,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(dirs):
 
 
 def test_cli_arguments_default_to_loopback(monkeypatch):
-    import prefixtune.serve as serve
+    import prefixtune.serving.api as serve
 
     seen = {}
     monkeypatch.setattr(serve, "run_server", lambda *a, **k: seen.update(args=a, kw=k))
@@ -485,7 +485,7 @@ def test_repetition_penalty_matches_generate_and_logit_bias_forces_a_token(engin
 
 
 def test_presence_and_frequency_penalties_follow_openai_formula(engine):
-    from prefixtune.scheduler import Request, SamplingParams
+    from prefixtune.serving.engine import Request, SamplingParams
 
     r = Request(None, [1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, -3.0),)), lambda ev: None)
     r.generated = [4, 4, 4, 7]

@@ -13,8 +13,8 @@ import tiny
 from conftest import make_tokenizer
 from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
-from prefixtune.recipes import RecipeError, TrainConfig
-from prefixtune.train import TrainingError, latest_checkpoint, train
+from prefixtune.training.config import RecipeError, TrainConfig
+from prefixtune.training.loop import TrainingError, latest_checkpoint, train
 
 
 def _model(kind="llama"):
@@ -100,7 +100,7 @@ def test_early_stopping(tmp_path):
 
 
 def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
-    import prefixtune.evaluate as E
+    import prefixtune.training.evaluate as E
 
     real, calls = E.token_nll, []
 
@@ -138,7 +138,7 @@ def test_config_validation():
 
 
 def test_task_defaults_fill_only_what_is_unset():
-    from prefixtune.recipes import TASK_DEFAULTS
+    from prefixtune.training.config import TASK_DEFAULTS
 
     for task, defaults in TASK_DEFAULTS.items():
         cfg = TrainConfig(model="m", train="t", task=task, output="o").validate()

@@ -61,7 +61,7 @@ class PrefixModel(nn.Module):
                 raise ConfigError(f"init_text {cfg.init_text!r} tokenizes to nothing; give a short task description")
             cfg.extra["init_token_ids"] = list(ids)
         enc = PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
-        from .init import initialise  # late import: init runs the base model
+        from .initialize import initialise  # late import: init runs the base model
 
         initialise(self, enc, cfg)
         self.prefixes[name] = enc.to(self._device)

@@ -16,7 +16,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .adapter_io import atomic_dir
+from ..adapter_io import atomic_dir
 
 log = logging.getLogger(__name__)
 

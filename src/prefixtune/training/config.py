@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 TASKS = ("classify", "instruct", "chat", "lm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
-from .config import ConfigError
+from ..adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+from ..config import ConfigError
 
 EXIT_MISFIT = 1
 EXIT_USAGE = 2
@@ -60,7 +60,7 @@ def _resolve_dir(path: str) -> Path:
         if not d.is_dir():
             raise ConfigError(f"{d} is a file; pass the adapter directory that holds {CONFIG_NAME}")
         return d
-    from .hub import looks_like_repo_id, resolve
+    from ..hub import looks_like_repo_id, resolve
 
     if looks_like_repo_id(path):
         return resolve(path)
@@ -79,7 +79,7 @@ def _load_config(model: str):
 
 
 def _arch(config):
-    from . import inject
+    from .. import inject
 
     return inject.arch_of(SimpleNamespace(config=config))
 
@@ -91,7 +91,7 @@ def _meta_head(config, arch):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from .model import CLASSIFIER_HEADS
+    from ..model import CLASSIFIER_HEADS
 
     with torch.device("meta"):
         m = AutoModelForSequenceClassification.from_config(config)
@@ -100,7 +100,7 @@ def _meta_head(config, arch):
 
 def check_fit(adapter_dir: Path, config) -> tuple[bool, str]:
     """(fits, reason), with exactly the checks `load_adapter` makes."""
-    from .adapter_io import read_adapter
+    from ..adapter_io import read_adapter
 
     try:
         arch = _arch(config)
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point used by `prefixtune info ...` (cli.py passes the remaining arguments)."""
-    from .hub import HubError
+    from ..hub import HubError
 
     args = build_parser().parse_args(argv)
     try:

@@ -27,7 +27,7 @@ def _unwrap(model):
 
 def _causal_hidden(model, input_ids, attention_mask):
     """Last hidden states [B, T, H] of a causal LM, with the active prefix if `model` is a PrefixModel."""
-    from .model import PrefixModel
+    from ..model import PrefixModel
 
     if isinstance(model, PrefixModel):
         body = getattr(model.base_model, model.base_model.base_model_prefix)

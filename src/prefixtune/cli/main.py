@@ -17,8 +17,8 @@ EXIT_USAGE = 2
 
 def _known_errors() -> tuple[type, ...]:
     from .assets import AssetError
-    from .config import ConfigError
-    from .data import DataError
+    from ..config import ConfigError
+    from ..training.data import DataError
 
     return ConfigError, DataError, AssetError
 
@@ -53,8 +53,8 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> int:
-    from .recipes import TrainConfig
-    from .train import train
+    from ..training.config import TrainConfig
+    from ..training.loop import train
 
     over = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f in (*TRAIN_FLAGS, *TRAIN_BOOLS)}
     over["progress"] = args.progress
@@ -95,11 +95,11 @@ def _add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-    from . import data as D
-    from . import evaluate as E
-    from .loading import load_model
-    from .model import load_adapter
-    from .recipes import TASKS, RecipeError
+    from ..training import data as D
+    from ..training import evaluate as E
+    from ..loading import load_model
+    from ..model import load_adapter
+    from ..training.config import TASKS, RecipeError
 
     if args.task not in TASKS:
         raise RecipeError(f"unknown task {args.task!r}: use --task one of {', '.join(TASKS)}")
@@ -160,9 +160,9 @@ def _add_generate(sub):
 def cmd_generate(args) -> int:
     import torch
 
-    from . import data as D
-    from .loading import load_model
-    from .model import load_adapter
+    from ..training import data as D
+    from ..loading import load_model
+    from ..model import load_adapter
 
     if args.prompts:
         path = Path(args.prompts)
@@ -208,14 +208,14 @@ def _add_demo(sub):
     p.add_argument("--output", default="prefixtune-demo")
     p.add_argument("--train-examples", type=int)
     p.add_argument("--eval-examples", type=int)
-    p.set_defaults(fn=lambda a: importlib.import_module("prefixtune.demo").run(a))
+    p.set_defaults(fn=lambda a: importlib.import_module("prefixtune.cli.demo").run(a))
 
 
 def _add_hook(sub, name: str, help: str):
-    """Subcommands implemented elsewhere: prefixtune.<name>.main(argv) gets the remaining arguments."""
+    """Subcommands implemented elsewhere (HOOKS): their main(argv) gets the remaining arguments."""
     p = sub.add_parser(name, help=help, add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=lambda a: importlib.import_module(f"prefixtune.{name}").main(a.rest) or 0)
+    p.set_defaults(fn=lambda a: importlib.import_module(HOOKS[name]).main(a.rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +240,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-HOOKS = ("info", "serve")
+# Subcommands whose modules parse their own flags: command -> module with main(argv).
+HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.serving.api"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
-        fn = lambda: importlib.import_module(f"prefixtune.{command}").main(rest) or 0  # noqa: E731
+        fn = lambda: importlib.import_module(HOOKS[command]).main(rest) or 0  # noqa: E731
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731

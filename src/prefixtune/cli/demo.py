@@ -21,7 +21,7 @@ DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_siz
 
 def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
     """Equal numbers of each label, disjoint train/eval, written as CSVs the trainer reads like any user data."""
-    from . import data as D
+    from ..training import data as D
 
     ds = D.load_records(str(csv_path))
     text_col = D._column(ds, None, D.TEXT_COLUMNS, "text", "--data")
@@ -51,10 +51,10 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
 
 def run(args) -> int:
     from . import assets
-    from . import evaluate as E
-    from .loading import load_model
-    from .recipes import TrainConfig
-    from .train import train
+    from ..training import evaluate as E
+    from ..loading import load_model
+    from ..training.config import TrainConfig
+    from ..training.loop import train
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -66,7 +66,7 @@ def run(args) -> int:
     print(f"model {model_path}\ndata  {data_path} -> {n_tr} train / {n_ev} eval (balanced, seed 0)")
 
     base, tok = load_model(model_path, dtype="fp32")
-    from . import data as D
+    from ..training import data as D
 
     ev = D.load_records(str(eval_csv))
     labels = sorted(set(ev["sentiment"])) if args.data else LABELS

@@ -39,8 +39,8 @@ from torch import nn
 
 from . import data as D
 from . import evaluate as E
-from .config import ConfigError, PrefixConfig
-from .recipes import TrainConfig
+from ..config import ConfigError, PrefixConfig
+from .config import TrainConfig
 
 CKPT_PREFIX = "checkpoint-"
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path:
     """checkpoint-NNNNNN/ built in a temp dir and renamed into place; then `latest` is repointed atomically."""
-    from .adapter_io import atomic_dir
+    from ..adapter_io import atomic_dir
 
     def fill(tmp: Path) -> None:
         model.save_adapter(tmp / "adapter", keep_projection=True)
@@ -304,7 +304,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from .model import attach
+    from ..model import attach
 
     cfg.validate()
     dtype, mixed = precision_plan(cfg.precision)
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     set_seed(cfg.seed)
 
     if model is None:
-        from .loading import load_model
+        from ..loading import load_model
 
         base, tokenizer = load_model(cfg.model, dtype=dtype, device=str(acc.device))
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .scheduler import Engine, EngineError, Event, Request, SamplingParams, async_sink
+from .engine import Engine, EngineError, Event, Request, SamplingParams, async_sink
 
 log = logging.getLogger("prefixtune.serve")
 MAX_BODY_BYTES = 4 << 20
@@ -492,7 +492,7 @@ def create_app(engine: Engine) -> FastAPI:
 def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> Engine:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import PrefixModel
+    from ..model import PrefixModel
 
     config = AutoConfig.from_pretrained(model_path)
     if getattr(config, "is_encoder_decoder", False):

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from . import inject
-from .adapter_io import CONFIG_NAME
-from .config import ConfigError, check_adapter_name
+from .. import inject
+from ..adapter_io import CONFIG_NAME
+from ..config import ConfigError, check_adapter_name
 
 log = logging.getLogger("prefixtune.serve")
 
