@@ -510,3 +510,61 @@ def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale
     fresh.load_adapter_weights(tmp_path / "ckpt", "s")
     for k, v in enc_s.state_dict().items():
         assert torch.equal(fresh.prefixes["s"].state_dict()[k], v), k
+
+
+# ---- a row's result depends neither on its batch-mates nor on its padding ----------------------------------
+def _pad(prompts, side):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, span], mask[i, span] = p, 1
+    return ids, mask
+
+
+# Decoder-only models are left-padded (as for generation); BERT pools its first slot and BART numbers encoder
+# positions 0..L-1 whatever the mask says, so those two are right-padded, as their tokenizers do.
+PAD_SIDE = {"bert": "right", "bart": "right"}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3", "mistral", "bloom", "t5", "bart", "bert"])
+def test_row_alone_equals_row_in_any_padded_batch(kind):
+    """Row i alone (unpadded) == row i in a padded batch, whatever the other rows run: the bare model (None)
+    or a prefix, in a uniform or a mixed batch; forward logits at real tokens and generated tokens."""
+    model = _two_adapters(kind)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
+    side = PAD_SIDE.get(kind, "left")
+    ids, mask = _pad(prompts, side)
+    width = ids.shape[1]
+    extra = {"labels": torch.randint(3, tiny.VOCAB, (3, 4), generator=g)} if kind in tiny.SEQ2SEQ else {}
+    batches = [[n] * 3 for n in (None, "a", "b")] + [["a", None, "b"], [None, "b", "a"], ["b", "a", None]]
+
+    def real(i, logits):  # row i's logits at its real tokens (decoder positions for seq2seq, one row for BERT)
+        if kind in tiny.SEQ2SEQ or kind == "bert":
+            return logits
+        n = len(prompts[i])
+        return logits[:, width - n :] if side == "left" else logits[:, :n]
+
+    def alone(i, name, fn):
+        p = prompts[i][None]
+        sub = {k: v[i : i + 1] for k, v in extra.items()}
+        return fn(input_ids=p, attention_mask=torch.ones_like(p), adapter_names=[name], **sub)
+
+    for names in batches:
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=names, **extra).logits
+        for i, name in enumerate(names):
+            expected = alone(i, name, model).logits
+            torch.testing.assert_close(real(i, out[i : i + 1]), expected, atol=1e-5, rtol=1e-5, msg=f"row {i} {name} {names}")
+    if kind == "bert":
+        return
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    extra = {}
+    for names in batches:
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen)
+        for i, name in enumerate(names):
+            solo = alone(i, name, lambda **kw: model.generate(**kw, **gen))[0]
+            new, got = (solo, out[i]) if kind in tiny.SEQ2SEQ else (solo[len(prompts[i]) :], out[i, width:])
+            assert torch.equal(got[: len(new)], new), (i, name, names)
+            assert bool((got[len(new) :] == 0).all()), (i, name, names)  # the batch ran on only as padding

@@ -245,6 +245,11 @@ class PrefixModel(nn.Module):
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
         if all(n is None for n in names):
             self._clear_encoder_prefix()
+            # Bare rows are numbered from the mask too, as in a mixed batch and as `generate()` numbers a
+            # left-padded prompt; the bare model's forward would count the pads (0..L-1), so a row's logits
+            # would depend on its padding and its batch-mates.
+            if attention_mask is not None:
+                self._put_positions(kwargs, attention_mask, q_len)
             return kwargs
 
         layers, prefix_mask = self.prefix_batch(names)
@@ -268,9 +273,13 @@ class PrefixModel(nn.Module):
             past = past_key_values.get_seq_length() - prefix_mask.shape[1]
             attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=ref.device)
         kwargs["attention_mask"] = attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        if self.arch.takes_position_ids and kwargs.get("position_ids") is None and "position_ids" in self._fwd_params:
-            kwargs["position_ids"] = inject.positions_from_mask(attention_mask, q_len)
+        self._put_positions(kwargs, attention_mask, q_len)
         return kwargs
+
+    def _put_positions(self, kwargs: dict, full_mask: torch.Tensor, q_len: int) -> None:
+        """Mask-derived position ids (see `inject.positions_from_mask`) unless the caller gave some."""
+        if self.arch.takes_position_ids and kwargs.get("position_ids") is None and "position_ids" in self._fwd_params:
+            kwargs["position_ids"] = inject.positions_from_mask(full_mask, q_len)
 
     def _needs_grouping(self, names) -> bool:
         """Rows that cannot share one forward: encoder classifiers with a head per adapter, and models whose
@@ -315,7 +324,7 @@ class PrefixModel(nn.Module):
         if self._needs_grouping(names):
             return self._generate_grouped(names, input_ids, attention_mask, **kwargs)
         if all(n is None for n in names):
-            self._clear_encoder_prefix()
+            self._clear_encoder_prefix()  # generate() numbers positions from the mask itself, as prefixed_inputs does
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         gen_cfg = kwargs.get("generation_config") or self.base_model.generation_config
         if attention_mask is None:
