@@ -1,12 +1,37 @@
-"""Pieces the benchmark scripts share: device sync, peak memory, one rank-classification scorer for any model."""
+"""Pieces the benchmark scripts share: --device/--dtype, device sync, peak memory, one rank-classification scorer."""
 
 from __future__ import annotations
 
+import argparse
 import resource
 
 import torch
 
 from prefixtune.training import data as D
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, the same in every benchmark script (check them with `check_device_args`)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the model (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="the base model's weights dtype (prefix parameters stay float32)")
+
+
+def check_device_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.dtype:
+    """One clear error for a device this machine lacks; -> the torch dtype named by --dtype."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        p.error(f"--device {args.device}: MPS is not available here; use --device cpu")
+    return DTYPES[args.dtype]
 
 
 def sync(device: str) -> None:

@@ -1,6 +1,6 @@
 """Engine benchmark: prefixtune vs peft prefix tuning, side by side in one run.
 
-    python benchmarks/engine.py [--layers 12 --hidden 768 --batch 8 --seq 128 --steps 5]
+    python benchmarks/engine.py [--layers 12 --hidden 768 --batch 8 --seq 128 --steps 5] [--device cuda --dtype bfloat16]
 
 Train step (forward + backward + AdamW) time and peak memory on a random-init Llama with grouped-query
 attention, and greedy generation latency with a prefix vs the bare model. Each variant runs in its own
@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from common import peak_mb, sync
+from common import add_device_args, check_device_args, peak_mb, sync
 
 
 def build(args):
@@ -28,7 +28,7 @@ def build(args):
     cfg = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=max(1, args.hidden // 64 // 4), max_position_embeddings=2048)
-    return LlamaForCausalLM(cfg).to(args.device).eval()
+    return LlamaForCausalLM(cfg).to(args.device, args.torch_dtype).eval()
 
 
 def run_variant(args) -> dict:
@@ -88,10 +88,11 @@ def main():
     p.add_argument("--prefix", type=int, default=20)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch default)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.torch_dtype = check_device_args(p, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant:
@@ -108,7 +109,7 @@ def main():
     pe, pt_ = results["peft"], results["prefixtune"]
     gb, gp = results["gen-bare"]["gen_s"], results["gen-prefix"]["gen_s"]
     print(f"\nLlama {args.layers} layers, hidden {args.hidden}, GQA, batch {args.batch} x {args.seq}, "
-          f"{args.prefix} virtual tokens, {args.device}, torch {torch.__version__}\n")
+          f"{args.prefix} virtual tokens, {args.device} {args.dtype}, torch {torch.__version__}\n")
     print("| measure | peft | prefixtune | ratio (target) |")
     print("|---|---|---|---|")
     print(f"| train step (s) | {pe['step_s']:.3f} | {pt_['step_s']:.3f} | {pt_['step_s'] / pe['step_s']:.2f}x (<= 1.0x) |")

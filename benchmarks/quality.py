@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                      # the README table: 80 steps x 8, 1200 train / 300 held-out, seed 1
     python benchmarks/quality.py --seed 0 --only default LoRA --lrs 3e-3 1e-2 3e-2 --no-instruct   # an lr sweep
+    python benchmarks/quality.py --device cuda --dtype bfloat16                                  # on a GPU
 
 Task: the demo's (SmolLM2-135M-Instruct, tweet sentiment negative/neutral/positive, a fixed seeded balanced
 split made here). Every variant trains with the same loop, batches, steps and seed; accuracy is rank
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import prefixtune as pt
-from common import rank_accuracy
+from common import add_device_args, check_device_args, rank_accuracy
 from prefixtune.training import data
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
@@ -32,13 +33,19 @@ LABELS = ["negative", "neutral", "positive"]
 TASK_TEXT = "Classify the sentiment of the tweet as negative, neutral or positive."
 
 
-def load_base():
+def load_base(device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefixtune.cli import assets
 
     d = assets.smollm2_dir()
-    return AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d), str(assets.tweets_csv())
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(d), str(assets.tweets_csv())
+
+
+def on_device(batch: dict, model) -> dict:
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def balanced_split(csv: str, n_train: int, n_eval: int, seed: int = 0):
@@ -98,7 +105,8 @@ INSTRUCT_VARIANTS = ["prefixtune default (vocab init, layer_scale)", "prefixtune
 
 def rank_acc(model, tok, eval_ds) -> float:
     return rank_accuracy(model, tok, [TEMPLATE.format(text=t) for t in eval_ds["text"]],
-                         [LABELS.index(x) for x in eval_ds["sentiment"]], LABELS, batch=32)
+                         [LABELS.index(x) for x in eval_ds["sentiment"]], LABELS, device=next(model.parameters()).device,
+                         batch=32)
 
 
 def optimizer(model, params, lr, projection_lr=None, weight_decay=0.0):
@@ -116,7 +124,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     order = data.length_grouped_batches([len(x) for x in train_tok["input_ids"]], args.batch, args.seed)
-    batches = [collate([train_tok[j] for j in b]) for b in order]
+    batches = [on_device(collate([train_tok[j] for j in b]), model) for b in order]
     curve = []
     model.eval()
     with torch.no_grad():
@@ -176,7 +184,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
             with torch.no_grad():
                 tot = n = 0
                 for i in range(0, len(ev), 32):
-                    b = collate([ev[j] for j in range(i, min(len(ev), i + 32))])
+                    b = on_device(collate([ev[j] for j in range(i, min(len(ev), i + 32))]), model)
                     k = int((b["labels"][:, 1:] != -100).sum())
                     tot += model(**b).loss.item() * k
                     n += k
@@ -185,7 +193,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
         before = held_out()
         for step in range(args.instruct_steps):
             model.train()
-            model(**collate([tr[j] for j in order[step % len(order)]])).loss.backward()
+            model(**on_device(collate([tr[j] for j in order[step % len(order)]]), model)).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -228,9 +236,11 @@ def main():
     p.add_argument("--no-instruct", action="store_true", help="skip the instruct run")
     p.add_argument("--instruct-only", action="store_true", help="skip the classification runs")
     p.add_argument("--out", default="runs/quality")
+    add_device_args(p)
     args = p.parse_args()
+    dtype = check_device_args(p, args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base, tok, csv = load_base()
+    base, tok, csv = load_base(args.device, dtype)
     train_ds, eval_ds = balanced_split(csv, args.train, args.eval, args.seed)
     train_tok, _ = data.tokenize_dataset(train_ds, tok, "classify", is_encoder_decoder=False, text_column="text",
                                          label_column="sentiment", label_words=LABELS, prompt_template=TEMPLATE,
@@ -252,7 +262,7 @@ def main():
     (out / "quality.json").write_text(json.dumps({"bare_accuracy": bare, "classify": results, "instruct": instruct}, indent=2))
 
     print(f"\nSmolLM2-135M-Instruct, tweets: {args.train} train / {len(eval_ds)} held-out (balanced), "
-          f"{args.steps} steps x batch {args.batch}, zero-shot accuracy {bare:.3f}\n")
+          f"{args.steps} steps x batch {args.batch}, {args.device} {args.dtype}, zero-shot accuracy {bare:.3f}\n")
     print("| variant | trainable params | lr | step-0 loss | final train loss | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -1,6 +1,7 @@
 """Serving throughput: mixed-prefix continuous batching vs one adapter at a time (the PEFT way).
 
     python benchmarks/serve.py [--adapters 8] [--requests 64] [--prompt 32] [--output 128] [--layers 4] [--hidden 256]
+                               [--device cuda --dtype bfloat16]
 
 Same load three ways on one random-init Llama (CPU is fine), greedy, fixed lengths (eos ignored):
   mixed        all requests at once, 8 adapters in one running batch (prefixtune's scheduler)
@@ -17,6 +18,7 @@ import threading
 import time
 
 import torch
+from common import add_device_args, check_device_args, sync
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefixtune as pt
@@ -28,7 +30,8 @@ def build(args):
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
                       max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    model = pt.attach(LlamaForCausalLM(cfg).eval(), pt.PrefixConfig(num_virtual_tokens=args.prefix), "a0")
+    base = LlamaForCausalLM(cfg).to(args.device, args.torch_dtype).eval()
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=args.prefix), "a0")
     for i in range(1, args.adapters):
         model.add_adapter(f"a{i}", pt.PrefixConfig(num_virtual_tokens=args.prefix))
     return model.eval()
@@ -56,9 +59,10 @@ def run_engine(engine, waves, params):
 def run_generate(model, waves, new_tokens):
     t0 = time.perf_counter()
     for wave in waves:
-        ids = torch.tensor([p for _, p in wave])
+        ids = torch.tensor([p for _, p in wave], device=model.device)
         model.generate(ids, attention_mask=torch.ones_like(ids), adapter_names=[a for a, _ in wave], do_sample=False,
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    sync(str(model.device))
     return time.perf_counter() - t0
 
 
@@ -74,7 +78,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(ap)
     args = ap.parse_args()
+    args.torch_dtype = check_device_args(ap, args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,8 +111,8 @@ def main():
 
     mixed_tps, per_tps, single_tps = rows[0][2], rows[1][2], rows[3][2]
     print(f"\n{args.adapters} adapters x P={args.prefix}, {args.requests} concurrent requests, prompt {args.prompt} / output "
-          f"{args.output} tokens; Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
-          f"{torch.get_num_threads()} CPU threads\n")
+          f"{args.output} tokens; Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.device} "
+          f"{args.dtype}, {torch.get_num_threads()} CPU threads\n")
     print("| mode | wall s | tokens/s | mixed speed-up |")
     print("|---|---:|---:|---:|")
     for label, secs, tps in rows:
