@@ -568,3 +568,22 @@ def test_row_alone_equals_row_in_any_padded_batch(kind):
             new, got = (solo, out[i]) if kind in tiny.SEQ2SEQ else (solo[len(prompts[i]) :], out[i, width:])
             assert torch.equal(got[: len(new)], new), (i, name, names)
             assert bool((got[len(new) :] == 0).all()), (i, name, names)  # the batch ran on only as padding
+
+
+def test_eval_memo_follows_moves_casts_and_swapped_weights():
+    """The memoised eval-mode prefix is recomputed when the model is cast or moved (a model used on the CPU,
+    then sent to a GPU) or an adapter's weights are replaced without an in-place op."""
+    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
+    kw = {k: v for k, v in tiny.batch("llama").items() if k != "labels"}
+    before = model(**kw).logits
+    model.double()
+    assert model.prefix_layers("default")[0][0].dtype == torch.float64
+    model.float()
+    p = next(model.prefixes["default"].parameters())
+    p.data = p.data * 3 + 1  # a new tensor: no version bump
+    after = model(**kw).logits
+    fresh = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        next(fresh.prefixes["default"].parameters()).copy_(p)
+    torch.testing.assert_close(after, fresh(**kw).logits, atol=1e-6, rtol=0)
+    assert (after - before).abs().max() > 1e-3

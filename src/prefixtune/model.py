@@ -172,7 +172,9 @@ class PrefixModel(nn.Module):
         """
         enc = self.prefixes[name]
         if not self.training:
-            version = tuple(p._version for p in enc.parameters())
+            # In-place updates bump _version; .to(device/dtype) and `.data =` swap the storage instead, and the
+            # base model's dtype/device decide the cached layers' own.
+            version = (self._dtype, self._device, *((p._version, p.data_ptr()) for p in enc.parameters()))
             hit = self._eval_memo.get(name)
             if hit is not None and hit[0] == version:
                 return hit[1]
