@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, PrefixConfig
-from .inject import num_groups
+from .inject import CLASSIFIER_HEADS, num_groups
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,7 +47,7 @@ def peft_config_dict(cfg: PrefixConfig, arch) -> dict:
         "revision": None,
         "auto_mapping": None,
         "init_weights": None,
-        "modules_to_save": ["classifier", "score"] if arch.kind == "encoder" else None,
+        "modules_to_save": list(CLASSIFIER_HEADS) if arch.kind == "encoder" else None,
     }
 
 
@@ -161,7 +161,7 @@ def read_adapter(directory, arch, head):
 
     head_state = None
     if head is not None:
-        prefix = next((f"base_model.{n}." for n in ("classifier", "score") if any(k.startswith(f"base_model.{n}.") for k in tensors)), None)
+        prefix = next((f"base_model.{n}." for n in CLASSIFIER_HEADS if any(k.startswith(f"base_model.{n}.") for k in tensors)), None)
         if prefix is not None:
             head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             mine = head.state_dict()
