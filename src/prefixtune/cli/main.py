@@ -97,6 +97,7 @@ def _add_eval(sub):
 def cmd_eval(args) -> int:
     from ..training import data as D
     from ..training import evaluate as E
+    from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
     from ..training.config import TASKS, RecipeError
@@ -118,7 +119,7 @@ def cmd_eval(args) -> int:
     max_length = args.max_length or info.get("max_length") or 256
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
-    is_ed = bool(getattr(base.config, "is_encoder_decoder", False))
+    is_ed = inject.kind_of_config(base.config) == "seq2seq"
     words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
     kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
               label_column=args.label_column or info.get("label_column"),
@@ -160,6 +161,7 @@ def _add_generate(sub):
 def cmd_generate(args) -> int:
     import torch
 
+    from .. import inject
     from ..training import data as D
     from ..loading import load_model
     from ..model import load_adapter
@@ -181,7 +183,7 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
-    seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
+    seq2seq = inject.kind_of_config(base.config) == "seq2seq"
     ids, _ = D.encode_pair(tok, prompts, [], seq2seq)
     collate = D.PadCollator(tok, padding_side="right" if seq2seq else "left", is_encoder_decoder=seq2seq)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, pad_token_id=collate.pad_id)

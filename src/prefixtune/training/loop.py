@@ -40,6 +40,7 @@ from torch import nn
 from . import data as D
 from . import evaluate as E
 from ..config import ConfigError, PrefixConfig
+from ..inject import kind_of_config
 from .config import TrainConfig
 
 CKPT_PREFIX = "checkpoint-"
@@ -330,7 +331,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         base, tokenizer = load_model(cfg.model, dtype=dtype, device=str(acc.device))
     else:
         base = model
-    is_ed = bool(getattr(base.config, "is_encoder_decoder", False))
+    is_ed = kind_of_config(base.config) == "seq2seq"
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed)
 
     pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,
