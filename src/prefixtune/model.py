@@ -470,27 +470,18 @@ class PrefixModel(nn.Module):
         `state_dict`/`safe_serialization` and other PreTrainedModel arguments are accepted and ignored.
         keep_projection (default True here) keeps the unfolded MLP so training can resume exactly.
         """
-        import os
-        import shutil
-        import tempfile
-
-        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME, atomic_files
 
         if not is_main_process:
             return None
-        target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
-        tmp_root = Path(tempfile.mkdtemp(prefix=".prefixtune-save-", dir=target))
-        try:
-            built = self.save_adapter(tmp_root / "adapter", keep_projection=keep_projection)
-            names = [n for n in (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME) if (built / n).is_file()]
-            for stale in {PROJECTION_NAME} - set(names):
-                (target / stale).unlink(missing_ok=True)
-            for n in names:  # weights last: a directory with new weights has the matching config beside them
-                os.replace(built / n, target / n)
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-        return target
+
+        def fill(tmp: Path) -> list[Path]:
+            built = self.save_adapter(tmp / "adapter", keep_projection=keep_projection)
+            # weights last: a directory with new weights has the matching config beside them
+            order = (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME)
+            return [built / n for n in order if (built / n).is_file()]
+
+        return atomic_files(Path(save_directory), fill, stale=[PROJECTION_NAME])
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the active adapter to the Hugging Face Hub (see `prefixtune.hub.push_to_hub`)."""

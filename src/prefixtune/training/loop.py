@@ -39,6 +39,7 @@ from torch import nn
 
 from . import data as D
 from . import evaluate as E
+from ..adapter_io import write_text_atomic as _write_text_atomic
 from ..config import ConfigError, PrefixConfig
 from ..inject import kind_of_config
 from .config import TrainConfig
@@ -88,12 +89,6 @@ def latest_checkpoint(out: Path) -> Path | None:
             return p
     found = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if (p / "state.pt").is_file())
     return found[-1] if found else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path:
