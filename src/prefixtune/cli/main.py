@@ -18,9 +18,23 @@ EXIT_USAGE = 2
 def _known_errors() -> tuple[type, ...]:
     from .assets import AssetError
     from ..config import ConfigError
+
+    if _missing_train_extra():  # info/serve run without the [train] extra; DataError lives with it
+        return ConfigError, AssetError
     from ..training.data import DataError
 
     return ConfigError, DataError, AssetError
+
+
+# Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
+NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
+TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib")
+
+
+def _missing_train_extra() -> list[str]:
+    import importlib.util
+
+    return [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
 
 
 # ----------------------------------------------------------------------------- train
@@ -234,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     # Our own tqdm bar and messages are the output; the libraries' per-file bars are noise around them.
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    if not _missing_train_extra():
+        import datasets
+
+        datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
@@ -255,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731
+    missing = _missing_train_extra() if command in NEEDS_TRAIN_EXTRA else []
+    if missing:
+        print(f"prefixtune {command}: error: needs the training extra (missing {', '.join(missing)}): "
+              "pip install 'prefixtune[train]'", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     _quiet_libraries()
     try:
         code = fn()
