@@ -587,3 +587,31 @@ def test_eval_memo_follows_moves_casts_and_swapped_weights():
         next(fresh.prefixes["default"].parameters()).copy_(p)
     torch.testing.assert_close(after, fresh(**kw).logits, atol=1e-6, rtol=0)
     assert (after - before).abs().max() > 1e-3
+
+@pytest.mark.parametrize("kind,cfg", [
+    ("llama", dict(init="vocab")),  # layer_scale table, folded on save
+    ("t5", dict(init="vocab", placement="full")),
+    ("bert", dict(init="vocab")),  # classifier head from the file
+    ("gpt2", dict(init="vocab", projection=True, projection_dim=16)),
+])
+@pytest.mark.parametrize("keep_projection", [False, True])
+def test_loading_an_adapter_never_runs_the_base_model(kind, cfg, keep_projection, tmp_path):
+    saved = _randomise(pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))).eval()
+    saved.save_adapter(tmp_path / "a", keep_projection=keep_projection)
+    kw = tiny.batch(kind)
+    expected = saved(**kw).logits
+    base = tiny.make(kind)
+    calls = []
+    handle = base.register_forward_pre_hook(lambda *a: calls.append(1))
+    model = pt.PrefixModel(base)
+    model.load_adapter(tmp_path / "a")
+    model.load_adapter(tmp_path / "a", name="again", trainable=True)  # hot load beside another adapter
+    assert calls == []  # initialising (init="vocab" runs the model) is skipped: the weights come from the file
+    handle.remove()
+    model.eval()
+    torch.testing.assert_close(model(**kw).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(**kw, adapter_names="again").logits, expected, atol=1e-5, rtol=0)
+    # the loaded prefix is the saved one, not what initialising would give (vocab init differs from it)
+    torch.testing.assert_close(model.prefixes["again"].folded(), saved.prefixes["default"].folded())
+    fresh = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))
+    assert (fresh.prefixes["default"].folded() - saved.prefixes["default"].folded()).abs().max() > 0.1

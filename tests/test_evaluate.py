@@ -57,7 +57,6 @@ def test_match_label():
 def test_evaluate_classify_both_methods(kind):
     tok = make_tokenizer()
     m = tiny.make(kind)
-    m.config.eos_token_id = m.generation_config.eos_token_id = 2
     pm = pt.attach(m, pt.PrefixConfig(num_virtual_tokens=2))
     ds = Dataset.from_dict({"text": ["the movie was great", "the film was bad", "it was fine"],
                             "label": ["positive", "negative", "positive"]})

@@ -9,20 +9,8 @@ import torch
 import prefixtune as pt
 from prefixtune.config import ConfigError
 from prefixtune.serving.engine import Engine, EngineError, QueueFull, Request, SamplingParams
-from tiny import make
-
-
-def word_tokenizer():
-    """Word-level tokenizer over the tiny models' 128 ids: <pad>=0, <eos>=1, <bos>=2, then w3..w127."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, 128)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-    tok.chat_template = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
-    return tok
+from helpers import id_tokenizer as word_tokenizer  # old name, kept for test_serve
+from helpers import make
 
 
 def three_adapters(kind="llama"):

@@ -8,19 +8,19 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 
-import prefixtune as pt
-from prefixtune.serving.api import build_engine, create_app
-from prefixtune.model import PrefixModel
-from prefixtune.serving.engine import Engine
-from test_scheduler import offline, word_tokenizer
-from tiny import make
-
-pytest.importorskip("fastapi")
+pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import prefixtune as pt  # noqa: E402
+from prefixtune.serving.api import build_engine, create_app  # noqa: E402
+from prefixtune.model import PrefixModel  # noqa: E402
+from prefixtune.serving.engine import Engine  # noqa: E402
+from test_scheduler import offline, word_tokenizer  # noqa: E402
+from tiny import make  # noqa: E402
 
 BASE = "tiny-llama"
 ADAPTERS = ("alpha", "beta", "gamma")

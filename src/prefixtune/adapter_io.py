@@ -8,7 +8,8 @@
                                  (checkpoints: to resume training exactly)
 
 Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves half an
-adapter behind and an existing adapter is only replaced by a complete one.
+adapter behind and an existing adapter is only replaced by a complete one. The atomic-write helpers
+(`atomic_dir`, `atomic_files`, `write_text_atomic`, `scratch_dir`) are the project's only ones.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, PrefixConfig
-from .inject import num_groups
+from .inject import CLASSIFIER_HEADS, num_groups
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,7 +49,7 @@ def peft_config_dict(cfg: PrefixConfig, arch) -> dict:
         "revision": None,
         "auto_mapping": None,
         "init_weights": None,
-        "modules_to_save": ["classifier", "score"] if arch.kind == "encoder" else None,
+        "modules_to_save": list(CLASSIFIER_HEADS) if arch.kind == "encoder" else None,
     }
 
 
@@ -70,6 +72,40 @@ def atomic_dir(target: Path, fill) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextmanager
+def scratch_dir(prefix: str = "prefixtune-", dir=None):
+    """A temporary directory (in `dir`, default the system's temp dir) removed afterwards, even on error."""
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=dir, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
+
+
+def atomic_files(target: Path, fill, stale=()) -> Path:
+    """Add or replace files inside the existing-or-new directory `target`, each file atomically.
+
+    `fill(tmp_dir)` builds the files in a scratch directory inside `target` (same filesystem, so each move is
+    an atomic rename) and returns their paths in the order to move them (put the file readers check first,
+    e.g. weights, last); names in `stale` that `fill` did not produce are removed from `target` first.
+    Unlike `atomic_dir`, other files in `target` (e.g. a Trainer checkpoint's) are left alone.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(prefix=".prefixtune-save-", dir=target) as tmp:
+        built = [Path(p) for p in fill(tmp)]
+        for name in set(stale) - {p.name for p in built}:
+            (target / name).unlink(missing_ok=True)
+        for p in built:
+            os.replace(p, target / p.name)
+    return target
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the file `path` with `text` in one rename: readers see the old or the new content, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_adapter(directory, cfg: PrefixConfig, arch, enc, head, head_name, keep_projection: bool) -> Path:
@@ -161,7 +197,7 @@ def read_adapter(directory, arch, head):
 
     head_state = None
     if head is not None:
-        prefix = next((f"base_model.{n}." for n in ("classifier", "score") if any(k.startswith(f"base_model.{n}.") for k in tensors)), None)
+        prefix = next((f"base_model.{n}." for n in CLASSIFIER_HEADS if any(k.startswith(f"base_model.{n}.") for k in tensors)), None)
         if prefix is not None:
             head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             mine = head.state_dict()

@@ -46,16 +46,15 @@ class PrefixConfig:
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_dim: int = 512
-    # measured (benchmarks/quality.py, two splits x 300 tweets, each at its best lr): 0.573 / 0.610 against a plain
-    # table's 0.573 / 0.567 (LoRA r=8: 0.603 / 0.593)
+    # on by measurement (benchmarks/quality.py): README "Benchmarks", numbers in benchmarks/results/quality.json
     layer_scale: bool = True
     dropout: float = 0.0
     placement: str = "decoder"
-    # "vocab" by measurement (benchmarks/quality.py, SmolLM2-135M tweets): step-0 loss 5.46 (bare model 5.01)
-    # against 8.7 for "zero" or small "random" and 20 for peft's N(0, 1), and the best accuracy after training.
+    # "vocab" by measurement (benchmarks/quality.py): the lowest step-0 loss and the best accuracy after training
+    # (README "Benchmarks", benchmarks/results/quality.json).
     init: str = "vocab"
     init_text: str | None = None
-    init_scale: float = 0.1  # "random" only: 1.0 is the real key/value scale (step-0 loss 20 there, 8.7 at 0.1)
+    init_scale: float = 0.1  # "random" only: 1.0 is the real key/value scale (why not 1.0: initialize.py)
     # Filled in by `attach` from the base model; kept so a saved adapter says what it was made for.
     base_model_name_or_path: str | None = None
     task_type: str | None = None

@@ -7,8 +7,8 @@ Laid out exactly as peft's `PrefixEncoder` so a state dict maps 1:1 onto peft's 
 `token_dim` is kv_heads * head_dim (not hidden_size: grouped-query attention and explicit head_dim models).
 
 layer_scale (table only): the table holds key/values in units of a fixed per-layer, per-key/value `scale` (the
-std of the model's own key/values, set by init.py). Adam moves every parameter by about lr per step whatever its
-size, and real value scales differ 50x across layers (SmolLM2: 0.04 in layer 0, 2.3 in layer 23), so in plain
+std of the model's own key/values, set by initialize.py). Adam moves every parameter by about lr per step whatever its
+size, and real value scales differ about 50x across layers (SmolLM2-135M; see the README), so in plain
 units one learning rate is too large for some layers and too small for others. Saving folds the scale away.
 """
 

@@ -12,10 +12,9 @@ neither a partial commit on the Hub nor stray files locally; a failed download l
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
-from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME, scratch_dir
 from .config import ConfigError
 
 ADAPTER_FILES = [CONFIG_NAME, WEIGHTS_NAME, EXTRA_NAME, PROJECTION_NAME, "README.md", "task.json"]
@@ -133,8 +132,8 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str 
     token = token or hf.get_token()
     if not token:
         raise HubError(f"{what}: no Hugging Face credentials found; {LOGIN_HINT}")
-    with tempfile.TemporaryDirectory(prefix="prefixtune-push-") as tmp:
-        folder = model.save_adapter(Path(tmp) / "adapter", name=adapter_name, keep_projection=keep_projection)
+    with scratch_dir(prefix="prefixtune-push-") as tmp:
+        folder = model.save_adapter(tmp / "adapter", name=adapter_name, keep_projection=keep_projection)
         for name, src in (extra_files or {}).items():
             (folder / name).write_bytes(Path(src).read_bytes())
         api = hf.HfApi(endpoint=endpoint, token=token)

@@ -18,7 +18,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
-from .inject import num_groups
+from .inject import num_groups, slot_index
 
 
 @torch.no_grad()
@@ -36,12 +36,12 @@ def real_key_values(model, token_ids: torch.Tensor, placement: str = "decoder") 
     P, L = ids.shape[1], arch.num_layers
     G = num_groups(arch, placement)
     table = torch.zeros(2 * G, arch.kv_heads, P, arch.head_dim, device=ids.device)
-    stride = 4 if arch.kind == "seq2seq" and placement == "decoder" else 2  # inverse of inject.split_layers
     # "full" also feeds cross-attention and the encoder: start those from the decoder layers' key/values too.
     for g in reversed(range(G)):  # seq2seq "decoder" ties layers i and i+L/2 (peft layout): the lower wins
         layer = cache.layers[min(g % L if g < 2 * L else g - 2 * L, L - 1)]
-        table[(stride * g) % (2 * G)] = layer.keys[0].float()
-        table[(stride * g + 1) % (2 * G)] = layer.values[0].float()
+        k, v = slot_index(arch, placement, g)  # the layout inject.split_layers reads
+        table[k] = layer.keys[0].float()
+        table[v] = layer.values[0].float()
     return table.permute(2, 0, 1, 3).reshape(P, -1)
 
 

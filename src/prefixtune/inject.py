@@ -41,6 +41,25 @@ NO_POSITION_IDS = {"bloom", "t5", "mt5", "bart"}
 # Decoders that number positions from the cache length and take no position_ids: rows with different prefix
 # lengths cannot share a batch without shifting positions, so they run as sub-batches.
 POSITIONS_FROM_CACHE_LENGTH = {"bart"}
+# Where encoder classifiers keep their (randomly initialised) head, which trains with the prefix as in peft
+# (peft's modules_to_save): BERT-style `classifier`, Llama-style `score`.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def kind_of_config(config) -> str:
+    """"causal" / "seq2seq" / "encoder" from a (raw) model config, without building the model.
+
+    Supported model types answer from SUPPORTED (as `arch_of`); any other config falls back on its
+    `is_encoder_decoder` flag, so loaders can pick the right Auto class before support is checked."""
+    mt = getattr(config, "model_type", None)
+    if mt in SUPPORTED:
+        return SUPPORTED[mt]
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def head_name(model) -> str | None:
+    """The attribute holding an encoder classifier's head on `model` (None if it has none)."""
+    return next((n for n in CLASSIFIER_HEADS if hasattr(model, n)), None)
 
 
 @dataclass(frozen=True)
@@ -113,8 +132,8 @@ def num_groups(arch: Arch, placement: str) -> int:
     return arch.num_layers if placement == "decoder" else 2 * arch.num_layers + arch.num_encoder_layers
 
 
-def split_layers(flat: torch.Tensor, arch: Arch, placement: str = "decoder") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[P, G*2*kv*hd] -> per attention layer (key, value), each [kv_heads, P, head_dim] (views, no copy).
+def slot_index(arch: Arch, placement: str, group: int) -> tuple[int, int]:
+    """(key slot, value slot) of prefix group `group` in the flat table's 2*G slots of token_dim each.
 
     Decoder-only and encoder models: layer i uses slots 2i (key) and 2i+1 (value), as peft.
     Seq2seq "decoder": peft duplicates the table for two "submodules" and splits by 4, then drops the
@@ -122,10 +141,45 @@ def split_layers(flat: torch.Tensor, arch: Arch, placement: str = "decoder") -> 
     adapters load with identical outputs (it ties layers i and i+L/2; the price of compatibility).
     Seq2seq "full" (ours, Li & Liang): decoder self-attention layers, then cross-attention, then encoder.
     """
+    slots = 2 * num_groups(arch, placement)
+    stride = 4 if arch.kind == "seq2seq" and placement == "decoder" else 2
+    return (stride * group) % slots, (stride * group + 1) % slots
+
+
+def split_layers(flat: torch.Tensor, arch: Arch, placement: str = "decoder") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[P, G*2*kv*hd] -> per attention layer (key, value), each [kv_heads, P, head_dim] (views, no copy);
+    the slot layout is `slot_index`'s."""
     G, P = num_groups(arch, placement), flat.shape[0]
     kv = flat.view(P, 2 * G, arch.kv_heads, arch.head_dim).permute(1, 2, 0, 3)
-    stride = 4 if arch.kind == "seq2seq" and placement == "decoder" else 2
-    return [(kv[(stride * i) % (2 * G)], kv[(stride * i + 1) % (2 * G)]) for i in range(G)]
+    return [(kv[k], kv[v]) for k, v in (slot_index(arch, placement, i) for i in range(G))]
+
+
+def extend_masks(arch: Arch, prefix_mask: torch.Tensor, attention_mask: torch.Tensor | None, *, query_len: int,
+                 past_len: int = 0, full_placement: bool = False, decoder_mask: torch.Tensor | None = None,
+                 decoder_len: int | None = None, device=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The one place prefix slots enter masks: -> (attention_mask, decoder_attention_mask).
+
+    `prefix_mask` [B, Pmax] (from `batch_prefix`) goes in front of the mask of every attention that sees the
+    prefix: the (self-attention) `attention_mask` of decoder-only and encoder models, which then covers
+    past_len + query_len tokens (all ones if None); for seq2seq the decoder's mask (created, covering
+    `decoder_len` tokens, only when some row has unused prefix slots to hide) and, with placement "full", the
+    encoder's `attention_mask` (its keys then carry the prefix too). Masks the prefix does not reach are
+    returned as given.
+    """
+    device = device if device is not None else prefix_mask.device
+
+    def extend(mask, length):
+        if mask is None:
+            mask = torch.ones(prefix_mask.shape[0], length, dtype=torch.long, device=device)
+        return torch.cat([prefix_mask.to(mask.dtype), mask], dim=1)
+
+    if arch.kind != "seq2seq":
+        return extend(attention_mask, past_len + query_len), decoder_mask
+    if full_placement:
+        attention_mask = extend(attention_mask, query_len)
+    if decoder_mask is not None or not bool(prefix_mask.all()):
+        decoder_mask = extend(decoder_mask, decoder_len)
+    return attention_mask, decoder_mask
 
 
 def layer_devices(model, arch: Arch) -> list[torch.device] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .inject import kind_of_config
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
             f"--model {path}: not a model I can load ({type(e).__name__}: {str(e)[:300]}). Pass a local model "
             "directory, a reachable Hub id, or a .gguf file"
         ) from None
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    cls = AutoModelForSeq2SeqLM if kind_of_config(config) == "seq2seq" else AutoModelForCausalLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     try:

@@ -18,8 +18,7 @@ from . import inject
 from .config import ConfigError, PrefixConfig, check_adapter_name
 from .encoder import PrefixEncoder
 
-# Encoder classifiers train their (randomly initialised) head with the prefix, as peft does.
-CLASSIFIER_HEADS = ("classifier", "score")
+CLASSIFIER_HEADS = inject.CLASSIFIER_HEADS  # old name, kept importable
 
 
 class PrefixModel(nn.Module):
@@ -41,18 +40,7 @@ class PrefixModel(nn.Module):
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None) -> None:
         """Add a fresh prefix. `tokenizer` is needed only for init="text" (to turn init_text into tokens)."""
-        check_adapter_name(name)
-        if name in self.prefixes:
-            raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
-        if cfg.placement != "decoder" and self.arch.kind != "seq2seq":
-            raise ConfigError(f"placement={cfg.placement!r} only applies to encoder-decoder models; use 'decoder'")
-        if cfg.placement == "full" and self._encoder_hooks is None:
-            self._encoder_hooks = inject.EncoderPrefixHooks(self.base_model)
-        cfg = copy.deepcopy(cfg)
-        cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(
-            self.base_model.config, "_name_or_path", None
-        )
-        cfg.task_type = self.arch.peft_task_type
+        cfg = self._adapter_config(name, cfg)
         if cfg.init == "text" and "init_token_ids" not in cfg.extra:
             if tokenizer is None:
                 raise ConfigError("init='text' needs the tokenizer: attach(base, cfg, tokenizer=tokenizer)")
@@ -60,10 +48,33 @@ class PrefixModel(nn.Module):
             if not ids:
                 raise ConfigError(f"init_text {cfg.init_text!r} tokenizes to nothing; give a short task description")
             cfg.extra["init_token_ids"] = list(ids)
-        enc = PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
+        enc = self._new_encoder(cfg)
         from .initialize import initialise  # late import: init runs the base model
 
         initialise(self, enc, cfg)
+        self._install(name, cfg, enc)
+
+    def _adapter_config(self, name: str, cfg: PrefixConfig) -> PrefixConfig:
+        """Check that adapter `name` can be added with `cfg`; -> a copy filled in for this base model."""
+        check_adapter_name(name)
+        if name in self.prefixes:
+            raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
+        if cfg.placement != "decoder" and self.arch.kind != "seq2seq":
+            raise ConfigError(f"placement={cfg.placement!r} only applies to encoder-decoder models; use 'decoder'")
+        cfg = copy.deepcopy(cfg)
+        cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(
+            self.base_model.config, "_name_or_path", None
+        )
+        cfg.task_type = self.arch.peft_task_type
+        return cfg
+
+    def _new_encoder(self, cfg: PrefixConfig) -> PrefixEncoder:
+        """The adapter's parameters in their shapes, with nn defaults (peft's init); the base model does not run."""
+        return PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
+
+    def _install(self, name: str, cfg: PrefixConfig, enc: PrefixEncoder) -> None:
+        if cfg.placement == "full" and self._encoder_hooks is None:
+            self._encoder_hooks = inject.EncoderPrefixHooks(self.base_model)
         self.prefixes[name] = enc.to(self._device)
         self.configs[name] = cfg
         head = self._base_head()
@@ -104,9 +115,12 @@ class PrefixModel(nn.Module):
         cfg, state, head_state = read_adapter(directory, self.arch, self._base_head())
         if name in self.prefixes:
             self.delete_adapter(name)
-        cfg.init = "zero"  # weights come from the file
-        self.add_adapter(name, cfg)
-        self.prefixes[name].load_state_dict(state)
+        # The weights come from the file: build the encoder in its shapes and load them, without initialising
+        # (which would run the base model for a prefix that is then overwritten).
+        cfg = self._adapter_config(name, cfg)
+        enc = self._new_encoder(cfg)
+        enc.load_state_dict(state)
+        self._install(name, cfg, enc)
         if head_state is not None:
             self.heads[name].load_state_dict(head_state)
         self.prefixes[name].requires_grad_(trainable)
@@ -159,7 +173,7 @@ class PrefixModel(nn.Module):
     def _head_name(self) -> str | None:
         if self.arch.kind != "encoder":
             return None
-        return next((n for n in CLASSIFIER_HEADS if hasattr(self.base_model, n)), None)
+        return inject.head_name(self.base_model)
 
     def _base_head(self):
         return getattr(self.base_model, self._head_name) if self._head_name else None
@@ -259,23 +273,19 @@ class PrefixModel(nn.Module):
             mode = "frozen" if self.training or kwargs.get("use_cache") is False else "dynamic"
             kwargs["past_key_values"] = past_key_values = inject.build_cache(self.arch, layers, mode)
 
+        dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
+        dec_len = dec.shape[1] if self.arch.kind == "seq2seq" and dec is not None else None
+        past = past_key_values.get_seq_length() - prefix_mask.shape[1] if attention_mask is None else 0
+        kwargs["attention_mask"], dam = inject.extend_masks(
+            self.arch, prefix_mask, attention_mask, query_len=q_len, past_len=past,
+            full_placement=self._full_placement(names), decoder_mask=kwargs.get("decoder_attention_mask"),
+            decoder_len=dec_len, device=ref.device,
+        )
         if self.arch.kind == "seq2seq":
-            if self._full_placement(names):  # encoder self-attention and cross-attention see the prefix too
-                if attention_mask is None:
-                    attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=ref.device)
-                kwargs["attention_mask"] = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-            dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
-            dam = kwargs.get("decoder_attention_mask")
-            if dam is None and not bool(prefix_mask.all()):
-                dam = torch.ones(batch, dec.shape[1], dtype=prefix_mask.dtype, device=prefix_mask.device)
             if dam is not None:
-                kwargs["decoder_attention_mask"] = torch.cat([prefix_mask.to(dam.dtype), dam], dim=1)
+                kwargs["decoder_attention_mask"] = dam
             return kwargs
-        if attention_mask is None:
-            past = past_key_values.get_seq_length() - prefix_mask.shape[1]
-            attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=ref.device)
-        kwargs["attention_mask"] = attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        self._put_positions(kwargs, attention_mask, q_len)
+        self._put_positions(kwargs, kwargs["attention_mask"], q_len)
         return kwargs
 
     def _put_positions(self, kwargs: dict, full_mask: torch.Tensor, q_len: int) -> None:
@@ -346,13 +356,14 @@ class PrefixModel(nn.Module):
         cache = inject.build_cache(
             self.arch, layers, "static" if static else "dynamic", self.base_model.config, max_len
         )
-        if self.arch.kind == "seq2seq":
-            start = torch.ones(batch, 1, dtype=prefix_mask.dtype, device=prefix_mask.device)
-            kwargs["decoder_attention_mask"] = torch.cat([prefix_mask, start], dim=1)
-            if self._full_placement(names):
-                attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        else:
-            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        # seq2seq: the decoder starts from one token (decoder_start_token_id), which follows the prefix slots.
+        start = torch.ones(batch, 1, dtype=prefix_mask.dtype, device=prefix_mask.device)
+        attention_mask, dam = inject.extend_masks(
+            self.arch, prefix_mask, attention_mask, query_len=input_ids.shape[1],
+            full_placement=self._full_placement(names), decoder_mask=start if self.arch.kind == "seq2seq" else None,
+        )
+        if dam is not None:
+            kwargs["decoder_attention_mask"] = dam
         return self.base_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs
         )
@@ -469,27 +480,18 @@ class PrefixModel(nn.Module):
         `state_dict`/`safe_serialization` and other PreTrainedModel arguments are accepted and ignored.
         keep_projection (default True here) keeps the unfolded MLP so training can resume exactly.
         """
-        import os
-        import shutil
-        import tempfile
-
-        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME, atomic_files
 
         if not is_main_process:
             return None
-        target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
-        tmp_root = Path(tempfile.mkdtemp(prefix=".prefixtune-save-", dir=target))
-        try:
-            built = self.save_adapter(tmp_root / "adapter", keep_projection=keep_projection)
-            names = [n for n in (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME) if (built / n).is_file()]
-            for stale in {PROJECTION_NAME} - set(names):
-                (target / stale).unlink(missing_ok=True)
-            for n in names:  # weights last: a directory with new weights has the matching config beside them
-                os.replace(built / n, target / n)
-        finally:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-        return target
+
+        def fill(tmp: Path) -> list[Path]:
+            built = self.save_adapter(tmp / "adapter", keep_projection=keep_projection)
+            # weights last: a directory with new weights has the matching config beside them
+            order = (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME)
+            return [built / n for n in order if (built / n).is_file()]
+
+        return atomic_files(Path(save_directory), fill, stale=[PROJECTION_NAME])
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the active adapter to the Hugging Face Hub (see `prefixtune.hub.push_to_hub`)."""

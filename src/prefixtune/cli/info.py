@@ -91,11 +91,12 @@ def _meta_head(config, arch):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ..model import CLASSIFIER_HEADS
+    from ..inject import head_name
 
     with torch.device("meta"):
         m = AutoModelForSequenceClassification.from_config(config)
-    return next((getattr(m, n) for n in CLASSIFIER_HEADS if hasattr(m, n)), None)
+    name = head_name(m)
+    return getattr(m, name) if name else None
 
 
 def check_fit(adapter_dir: Path, config) -> tuple[bool, str]:

@@ -18,9 +18,23 @@ EXIT_USAGE = 2
 def _known_errors() -> tuple[type, ...]:
     from .assets import AssetError
     from ..config import ConfigError
+
+    if _missing_train_extra():  # info/serve run without the [train] extra; DataError lives with it
+        return ConfigError, AssetError
     from ..training.data import DataError
 
     return ConfigError, DataError, AssetError
+
+
+# Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
+NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
+TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib")
+
+
+def _missing_train_extra() -> list[str]:
+    import importlib.util
+
+    return [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
 
 
 # ----------------------------------------------------------------------------- train
@@ -97,6 +111,7 @@ def _add_eval(sub):
 def cmd_eval(args) -> int:
     from ..training import data as D
     from ..training import evaluate as E
+    from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
     from ..training.config import TASKS, RecipeError
@@ -118,7 +133,7 @@ def cmd_eval(args) -> int:
     max_length = args.max_length or info.get("max_length") or 256
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
-    is_ed = bool(getattr(base.config, "is_encoder_decoder", False))
+    is_ed = inject.kind_of_config(base.config) == "seq2seq"
     words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
     kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
               label_column=args.label_column or info.get("label_column"),
@@ -160,6 +175,7 @@ def _add_generate(sub):
 def cmd_generate(args) -> int:
     import torch
 
+    from .. import inject
     from ..training import data as D
     from ..loading import load_model
     from ..model import load_adapter
@@ -181,7 +197,7 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
-    seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
+    seq2seq = inject.kind_of_config(base.config) == "seq2seq"
     ids, _ = D.encode_pair(tok, prompts, [], seq2seq)
     collate = D.PadCollator(tok, padding_side="right" if seq2seq else "left", is_encoder_decoder=seq2seq)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, pad_token_id=collate.pad_id)
@@ -232,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     # Our own tqdm bar and messages are the output; the libraries' per-file bars are noise around them.
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    if not _missing_train_extra():
+        import datasets
+
+        datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
@@ -253,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731
+    missing = _missing_train_extra() if command in NEEDS_TRAIN_EXTRA else []
+    if missing:
+        print(f"prefixtune {command}: error: needs the training extra (missing {', '.join(missing)}): "
+              "pip install 'prefixtune[train]'", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     _quiet_libraries()
     try:
         code = fn()

@@ -23,7 +23,7 @@ EVAL_METHODS = ("rank", "generate")
 # Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).
 TASK_DEFAULTS = {
     "classify": {"lr": 3e-2},
-    "instruct": {"lr": 3e-2},  # held-out loss 0.126 (plain table at 1e-2: 0.124); 60 steps x 8
+    "instruct": {"lr": 3e-2},  # README "Benchmarks", instruct rows
     "chat": {"lr": 3e-2},  # chat and lm: not measured separately, as instruct
     "lm": {"lr": 3e-2},
 }

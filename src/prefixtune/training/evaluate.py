@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..inject import kind_of_config
 from . import data as D
 
 OTHER = "<other>"
@@ -37,7 +38,7 @@ def _causal_hidden(model, input_ids, attention_mask):
 
 
 def _is_seq2seq(model) -> bool:
-    return bool(getattr(_unwrap(model).config, "is_encoder_decoder", False))
+    return kind_of_config(_unwrap(model).config) == "seq2seq"
 
 
 def _head_only_ok(model) -> bool:

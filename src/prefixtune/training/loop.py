@@ -39,7 +39,9 @@ from torch import nn
 
 from . import data as D
 from . import evaluate as E
+from ..adapter_io import write_text_atomic as _write_text_atomic
 from ..config import ConfigError, PrefixConfig
+from ..inject import kind_of_config
 from .config import TrainConfig
 
 CKPT_PREFIX = "checkpoint-"
@@ -87,12 +89,6 @@ def latest_checkpoint(out: Path) -> Path | None:
             return p
     found = sorted(p for p in out.glob(f"{CKPT_PREFIX}*") if (p / "state.pt").is_file())
     return found[-1] if found else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Path:
@@ -330,7 +326,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         base, tokenizer = load_model(cfg.model, dtype=dtype, device=str(acc.device))
     else:
         base = model
-    is_ed = bool(getattr(base.config, "is_encoder_decoder", False))
+    is_ed = kind_of_config(base.config) == "seq2seq"
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed)
 
     pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,

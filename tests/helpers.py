@@ -1,0 +1,169 @@
+"""Test helpers, one module: tiny random models built from configs (no Hub), one word-level tokenizer whose
+special ids are the models' own, tiny model directories and generated datasets for train/eval/CLI tests.
+
+Older names stay importable: `tiny` (make, batch, ...), `conftest.make_tokenizer`, `trainkit` (model_dir, ...),
+`test_scheduler.word_tokenizer` (= id_tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForSequenceClassification,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 128
+# One set of special ids for the models and the tokenizers below: <pad>=0, <unk>=1, <eos>=2, <bos>=3.
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>", "<bos>")
+PAD, UNK, EOS, BOS = range(len(SPECIAL_TOKENS))
+SPECIAL = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+
+
+def make(kind: str, seed: int = 0, vocab: int = VOCAB, layers: int = 2):
+    torch.manual_seed(seed)
+    if kind == "llama":  # grouped-query attention: 4 query heads, 2 kv heads
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **SPECIAL))
+    elif kind == "qwen3":  # head_dim (24) != hidden / heads (16)
+        m = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=512, **SPECIAL))
+    elif kind == "mistral":
+        m = MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **SPECIAL))
+    elif kind == "gpt2":
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=512, **SPECIAL))
+    elif kind == "bloom":
+        m = BloomForCausalLM(BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=layers, n_head=4, **SPECIAL))
+    elif kind == "t5":
+        m = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=layers, num_heads=4,
+                                                decoder_start_token_id=0, **SPECIAL))
+    elif kind == "bart":  # decoder starts from <bos>; no forced <eos> at max_length (tests compare every step)
+        m = BartForConditionalGeneration(BartConfig(vocab_size=vocab, d_model=64, encoder_layers=layers, decoder_layers=layers,
+                                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                                    decoder_ffn_dim=128, max_position_embeddings=512, decoder_start_token_id=BOS,
+                                                    forced_eos_token_id=None, **SPECIAL))
+    elif kind == "bert":
+        m = BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                                     intermediate_size=128, num_labels=3, max_position_embeddings=512, pad_token_id=0))
+    else:
+        raise ValueError(kind)
+    return m.eval()
+
+
+CAUSAL = ["gpt2", "llama", "qwen3", "mistral", "bloom"]
+SEQ2SEQ = ["t5", "bart"]
+ALL = CAUSAL + SEQ2SEQ + ["bert"]
+
+
+def batch(kind: str, b: int = 3, t: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, t), generator=g)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if kind in SEQ2SEQ:
+        kw["labels"] = torch.randint(3, VOCAB, (b, 5), generator=g)
+    elif kind == "bert":
+        kw["labels"] = torch.randint(0, 3, (b,), generator=g)
+    else:
+        kw["labels"] = ids.clone()
+    return kw
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+WORDS = (
+    "the a movie film was is great good bad awful fine i it this that loved hated plot acting "
+    "positive negative neutral label text human assistant user system hello hi how are you "
+    "what say add two and one three four five sum of numbers answer translate to french "
+    "bonjour , . ! ? : < > ="
+)
+# id_tokenizer: every model id after the specials is a word "w<id>", so tests can write prompts as ids.
+ID_WORDS = [f"w{i}" for i in range(len(SPECIAL_TOKENS), VOCAB)]
+ID_CHAT_TEMPLATE = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
+
+
+def make_tokenizer(bos: bool = False, pad: bool = True, chat_template: str | None = CHAT_TEMPLATE,
+                   words: str | list[str] = WORDS):
+    """Word-level tokenizer: one id per word, so tests can count tokens by eye.
+
+    Specials as the tiny models: <pad>=0, <unk>=1, <eos>=2, <bos>=3 (<bos> only added to inputs when bos=True).
+    `words`: a string (its distinct words, sorted, get ids 4, 5, ...) or a list (ids in list order).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    ordered = sorted(set(words.split())) if isinstance(words, str) else list(dict.fromkeys(words))
+    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + ordered)}
+    assert len(vocab) <= VOCAB, "the tiny models have VOCAB ids"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "<user>" -> "<", "user", ">"
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    kw = dict(unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+    if pad:
+        kw["pad_token"] = "<pad>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+    fast.chat_template = chat_template
+    return fast
+
+
+def id_tokenizer():
+    """`make_tokenizer` over the tiny models' ids: "w4 w5" -> [4, 5] (the serving tests write prompts so)."""
+    return make_tokenizer(chat_template=ID_CHAT_TEMPLATE, words=ID_WORDS)
+
+
+# ---- model directories and datasets for train/eval/CLI tests ---------------------------------------------
+POS, NEG = "great good fine loved".split(), "bad awful hated".split()
+
+
+def model_dir(tmp: Path, kind: str = "llama") -> Path:
+    """save_pretrained of a tiny random model + the word-level test tokenizer (same special ids)."""
+    d = tmp / f"model-{kind}"
+    if not d.exists():
+        m = make(kind)
+        m.save_pretrained(d)
+        make_tokenizer().save_pretrained(d)
+    return d
+
+
+def classify_rows(n: int = 48, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        lab = rng.choice(["positive", "negative"])
+        rows.append({"text": f"the movie was {rng.choice(POS if lab == 'positive' else NEG)} i think", "label": lab})
+    return rows
+
+
+def instruct_rows(n: int = 24, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    nums = "one two three four five".split()
+    return [{"instruction": "add two numbers", "input": f"{rng.choice(nums)} and {rng.choice(nums)}",
+             "output": f"the sum is {rng.choice(nums)}"} for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
