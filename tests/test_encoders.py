@@ -291,3 +291,21 @@ def test_minilm_tweets_beats_the_majority_class(tmp_path, capsys):
     support = [c["support"] for c in report["per_class"].values()]
     majority = max(support) / sum(support)
     assert report["method"] == "head" and report["accuracy"] > majority + 0.1, (report["accuracy"], majority)
+
+
+def test_head_tokenization_keeps_special_tokens_and_applies_on_truncate():
+    from datasets import Dataset
+
+    from prefixtune.training import data as D
+
+    tok = encoder_tokenizer("bert")
+    ds = Dataset.from_list([{"text": "the movie was great i loved it", "label": "positive"},
+                            {"text": "bad", "label": "negative"}])
+    tokd, info = D.tokenize_dataset(ds, tok, "classify", is_encoder_decoder=False, head=True, max_length=5)
+    first = tok.convert_ids_to_tokens(tokd[0]["input_ids"])
+    assert first == ["[CLS]", "the", "movie", "was", "[SEP]"] and info["n_truncated"] == 1  # cut at the end, [SEP] kept
+    assert tokd["labels"] == [1, 0] and info["prompt_template"] == "{text}"
+    with pytest.raises(D.DataError, match="longer than max_length=5"):
+        D.tokenize_dataset(ds, tok, "classify", is_encoder_decoder=False, head=True, max_length=5, on_truncate="error")
+    dropped, info = D.tokenize_dataset(ds, tok, "classify", is_encoder_decoder=False, head=True, max_length=5, on_truncate="drop")
+    assert len(dropped) == 1 and info["n_dropped"] == 1
