@@ -35,6 +35,8 @@ def write_model_card(directory: Path, peft_cfg: dict, cfg, tensors: dict, metric
     task = extra.get("task")
     auto = AUTO_CLASS.get(peft_cfg.get("task_type"), "AutoModelForCausalLM")
     trainable = trainable_parameter_count(peft_cfg, cfg, tensors)
+    labels = extra.get("labels")  # encoder classifiers: the head's outputs, in order
+    head_kw = f", num_labels={len(labels)}" if labels else ""
     lines = [
         "---",
         "library_name: peft",
@@ -52,6 +54,9 @@ def write_model_card(directory: Path, peft_cfg: dict, cfg, tensors: dict, metric
         f"- stored parameters: {n_params:,} ({size_mb:.2f} MB)",
         f"- trained with projection MLP: {cfg.projection} (folded into `prompt_embeddings`)",
     ]
+    if labels:
+        lines.append(f"- classification head (trained with the prefix, saved as peft's `modules_to_save`): "
+                     f"{len(labels)} labels, ids 0..{len(labels) - 1} = {', '.join(map(str, labels))}")
     if metrics:
         lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, default=str), "```"]
     else:
@@ -63,7 +68,7 @@ def write_model_card(directory: Path, peft_cfg: dict, cfg, tensors: dict, metric
         "```python",
         "import prefixtune as pt",
         f"from transformers import {auto}",
-        f"base = {auto}.from_pretrained({base!r})",
+        f"base = {auto}.from_pretrained({base!r}{head_kw})",
         "model = pt.load_adapter(base, 'path/to/this/adapter')  # or a Hub id: 'user/repo'",
         "",
         "# or with peft",

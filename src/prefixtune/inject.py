@@ -35,26 +35,22 @@ SUPPORTED = {
     "bart": "seq2seq",
     "bert": "encoder",
     "roberta": "encoder",
+    "xlm-roberta": "encoder",
+    "camembert": "encoder",
+    "electra": "encoder",
 }
+# Encoders whose attention takes no cache in transformers 5 (the prefix cannot get in): refused with a reason.
+ENCODERS_WITHOUT_CACHE = {"distilbert", "deberta", "deberta-v2", "albert", "mpnet", "modernbert"}
 # ALiBi / relative-bias models take no position_ids: their positions already follow the mask or the cache.
-NO_POSITION_IDS = {"bloom", "t5", "mt5", "bart"}
+# RoBERTa-family embeddings number tokens from padding_idx + 1 + cache length; left to themselves they match
+# peft (which passes no position_ids), our mask-derived ids would be off by padding_idx + 1.
+NO_POSITION_IDS = {"bloom", "t5", "mt5", "bart", "roberta", "xlm-roberta", "camembert"}
 # Decoders that number positions from the cache length and take no position_ids: rows with different prefix
 # lengths cannot share a batch without shifting positions, so they run as sub-batches.
 POSITIONS_FROM_CACHE_LENGTH = {"bart"}
 # Where encoder classifiers keep their (randomly initialised) head, which trains with the prefix as in peft
 # (peft's modules_to_save): BERT-style `classifier`, Llama-style `score`.
 CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def kind_of_config(config) -> str:
-    """"causal" / "seq2seq" / "encoder" from a (raw) model config, without building the model.
-
-    Supported model types answer from SUPPORTED (as `arch_of`); any other config falls back on its
-    `is_encoder_decoder` flag, so loaders can pick the right Auto class before support is checked."""
-    mt = getattr(config, "model_type", None)
-    if mt in SUPPORTED:
-        return SUPPORTED[mt]
-    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
 def head_name(model) -> str | None:
@@ -91,6 +87,52 @@ class Arch:
         return 2 if self.kind == "seq2seq" else 1
 
 
+# What the command line can train on each kind of model. An encoder attends both ways, so a causal-LM head over
+# it sees the label it must predict (a near-zero loss that learns nothing): encoders train a classification head.
+TASKS_BY_KIND = {
+    "causal": ("classify", "instruct", "chat", "lm"),
+    "seq2seq": ("classify", "instruct", "lm"),
+    "encoder": ("classify",),
+}
+
+
+def _supported_pairs() -> str:
+    return "; ".join(f"{kind} models: {', '.join(tasks)}" for kind, tasks in TASKS_BY_KIND.items())
+
+
+def _refuse_cacheless(mt: str) -> None:
+    if mt in ENCODERS_WITHOUT_CACHE:
+        encoders = sorted(m for m, k in SUPPORTED.items() if k == "encoder")
+        raise ConfigError(
+            f"model type {mt!r} is not supported for prefix tuning: its attention takes no key/value cache in "
+            f"transformers, so a prefix cannot reach it. Supported encoders: {', '.join(encoders)}; "
+            f"supported model types: {', '.join(sorted(SUPPORTED))}"
+        )
+
+
+def kind_of_config(config, task: str | None = None) -> str:
+    """"causal" / "seq2seq" / "encoder" for a base model's config; with `task`, also check the CLI can train it.
+
+    The one place that decides which head a model is loaded with (`loading.load_model`) and how its data is
+    tokenized and scored, read from a raw config without building the model. Model types we do not know follow
+    `is_encoder_decoder`, so loaders can pick the right Auto class before `arch_of` checks support.
+    """
+    mt = getattr(config, "model_type", None)
+    _refuse_cacheless(mt)
+    if mt in SUPPORTED:
+        kind = SUPPORTED[mt]
+    else:
+        kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    if kind == "encoder" and getattr(config, "is_decoder", False):
+        raise ConfigError(f"{mt} config has is_decoder=True (a causal-attention variant); prefixtune trains {mt} "
+                          "only as a bidirectional encoder with a classification head: set is_decoder false")
+    if task is not None and task not in TASKS_BY_KIND[kind]:
+        hint = " (an encoder reads the whole text at once: a language-model head over it would see the answer)" if kind == "encoder" else ""
+        raise ConfigError(f"task {task!r} does not apply to {mt} ({kind} model){hint}; supported model/task pairs: "
+                          f"{_supported_pairs()}")
+    return kind
+
+
 def _get(cfg, *names):
     for n in names:
         v = getattr(cfg, n, None)
@@ -102,6 +144,7 @@ def _get(cfg, *names):
 def arch_of(model) -> Arch:
     cfg = model.config
     mt = getattr(cfg, "model_type", None)
+    _refuse_cacheless(mt)
     if mt not in SUPPORTED:
         raise ConfigError(
             f"model type {mt!r} ({type(model).__name__}) is not supported for prefix tuning; "

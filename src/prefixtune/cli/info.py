@@ -130,6 +130,7 @@ def describe_adapter(d: Path) -> dict:
         "peft_type": pc.get("peft_type"),
         "task_type": pc.get("task_type"),
         "task": (cfg.get("extra") or {}).get("task"),
+        "labels": (cfg.get("extra") or {}).get("labels"),  # encoder classifiers: the head's outputs, in order
         "base_model": pc.get("base_model_name_or_path"),
         "num_virtual_tokens": pc.get("num_virtual_tokens"),
         "num_layers": pc.get("num_layers"),
@@ -185,6 +186,8 @@ def format_text(info: dict) -> str:
         f"adapter        {info['path']} ({info['format']} format, {info['peft_type']})",
         f"base model     {info['base_model'] or 'unknown'}",
         f"task           {info['task'] + ' / ' if info['task'] else ''}{info['task_type']}",
+        *([f"head           sequence classification, {len(info['labels'])} labels: {', '.join(map(str, info['labels']))}"]
+          if info.get("labels") else []),
         f"prefix         {info['num_virtual_tokens']} virtual tokens x {info['num_layers']} layers, "
         f"token_dim {info['token_dim']} ({info['num_attention_heads']} kv heads), placement {info['placement']}",
         f"projection     trained with MLP: {info['projection_trained']}; trainable form kept for resuming: {info['projection_kept']}",
@@ -204,7 +207,10 @@ def run(args) -> int:
     if (d / CONFIG_NAME).is_file():
         info = describe_adapter(d)
         if args.model:
-            info["fits"], info["fit_reason"] = check_fit(d, _load_config(args.model))
+            config = _load_config(args.model)
+            if info.get("labels"):  # an encoder classifier's head is sized by the adapter's labels, not the base config
+                config.num_labels = len(info["labels"])
+            info["fits"], info["fit_reason"] = check_fit(d, config)
             info["model"] = args.model
     elif (d / "config.json").is_file():
         if args.model:

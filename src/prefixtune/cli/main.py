@@ -99,7 +99,8 @@ def _add_eval(sub):
     p.add_argument("--adapter", help="adapter directory (omit for the bare base model)")
     p.add_argument("--data", required=True)
     p.add_argument("--task", required=True)
-    p.add_argument("--method", default="rank", help="classify: rank (label log-likelihood) or generate")
+    p.add_argument("--method", default="rank", help="classify: rank (label log-likelihood) or generate; encoder "
+                   "classifiers are always scored by their head (head)")
     p.add_argument("--output", help="where eval.json / predictions.jsonl go (default: <adapter>/eval or ./eval)")
     p.add_argument("--text-column"), p.add_argument("--label-column"), p.add_argument("--prompt-template")
     p.add_argument("--label-words", help="comma-separated; default: from the adapter's task.json, else the data")
@@ -114,12 +115,12 @@ def cmd_eval(args) -> int:
     from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
-    from ..training.config import TASKS, RecipeError
+    from ..training.config import EVAL_METHODS, TASKS, RecipeError
 
     if args.task not in TASKS:
         raise RecipeError(f"unknown task {args.task!r}: use --task one of {', '.join(TASKS)}")
-    if args.method not in ("rank", "generate"):
-        raise RecipeError(f"unknown --method {args.method!r}: use rank or generate")
+    if args.method not in EVAL_METHODS:
+        raise RecipeError(f"unknown --method {args.method!r}: use one of {', '.join(EVAL_METHODS)}")
     info = read_task_info(args.adapter)
     if info.get("task") not in (None, args.task):
         print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {args.task!r}", file=sys.stderr)
@@ -131,12 +132,16 @@ def cmd_eval(args) -> int:
     if args.max_examples:
         ds = ds.select(range(min(args.max_examples, len(ds))))
     max_length = args.max_length or info.get("max_length") or 256
-    base, tok = load_model(args.model)
+    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
+    head = _encoder_kind(args.model, args.task)
+    if head and not words:
+        raise D.DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
+                          "`prefixtune train` (task.json) or pass --label-words")
+    base, tok = load_model(args.model, task=args.task, label_names=words if head else None)
     model = load_adapter(base, args.adapter) if args.adapter else base
     is_ed = inject.kind_of_config(base.config) == "seq2seq"
-    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
     kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
-              label_column=args.label_column or info.get("label_column"),
+              label_column=args.label_column or info.get("label_column"), head=head,
               prompt_template=args.prompt_template or info.get("prompt_template"), max_length=max_length, on_truncate="warn")
     tokd, tinfo = D.tokenize_dataset(ds, tok, args.task, label_words=words, **kw)
     if args.task == "classify":
@@ -144,6 +149,10 @@ def cmd_eval(args) -> int:
         result, preds = E.evaluate_classify(model, tok, ds, task_info, method=args.method, batch_size=args.batch_size,
                                             max_length=max_length)
         result["loss"] = E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)["loss"]
+        warning = E.single_class_warning(result, result["loss"])
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            result["single_class_warning"] = warning
     else:
         result, preds = {"task": args.task, **E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)}, None
     out = Path(args.output or (Path(args.adapter) / "eval" if args.adapter else "eval"))
@@ -151,6 +160,14 @@ def cmd_eval(args) -> int:
     print(E.format_report(result))
     print(f"wrote {out / 'eval.json'}" + (f" and {out / 'predictions.jsonl'}" if preds is not None else ""))
     return 0
+
+
+def _encoder_kind(model: str, task: str | None) -> bool:
+    """True for an encoder (BERT family) base model; refuses model/task pairs the CLI cannot handle."""
+    from ..inject import kind_of_config
+    from ..loading import load_config
+
+    return kind_of_config(load_config(model), task) == "encoder"
 
 
 # ----------------------------------------------------------------------------- generate
@@ -189,6 +206,9 @@ def cmd_generate(args) -> int:
             raise D.DataError(f"--prompts {path} has no non-empty lines")
     else:
         prompts = [args.prompt]
+    if _encoder_kind(args.model, None):
+        raise D.DataError(f"generate does not apply to {args.model}: it is an encoder (a classifier, not a text "
+                          "generator); use `prefixtune eval` to score an encoder classifier's adapter")
     info = {} if args.raw else read_task_info(args.adapter)
     template = info.get("prompt_template")
     if template and info.get("task") in ("classify", "instruct"):

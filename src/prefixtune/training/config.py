@@ -17,7 +17,7 @@ from ..config import ConfigError
 TASKS = ("classify", "instruct", "chat", "lm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
-EVAL_METHODS = ("rank", "generate")
+EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
 
 
 # Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).

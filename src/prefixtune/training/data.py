@@ -25,6 +25,7 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
 EVAL_SPLITS = ("validation", "test", "eval")
 CLASSIFY_TEMPLATE_CAUSAL = "{text}\nLabel: "
 CLASSIFY_TEMPLATE_SEQ2SEQ = "{text}"
+CLASSIFY_TEMPLATE_HEAD = "{text}"  # encoder classifiers: the text alone, [CLS] ... [SEP] added by the tokenizer
 INSTRUCT_TEMPLATE = "Human: {instruction}\n{input}\n\nAssistant: "
 INSTRUCT_TEMPLATE_NO_INPUT = "Human: {instruction}\n\nAssistant: "
 ON_TRUNCATE = ("error", "warn", "drop")
@@ -263,7 +264,39 @@ def _fmt(template: str, row: dict, **fields) -> str:
         raise DataError(f"prompt_template {template!r} uses {e}, which is not a column; columns: {', '.join(row)}")
 
 
-def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_column, label_words, prompt_template):
+def encode_for_head(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Encoder-classifier inputs: the tokenizer's own special tokens, texts cut at the end to max_length.
+    -> (input ids, which rows were cut). Training and evaluation both encode with this."""
+    ids = tokenizer(texts)["input_ids"]
+    cut = [len(x) > max_length for x in ids]
+    if any(cut):
+        short = tokenizer([t for t, c in zip(texts, cut) if c], truncation=True, max_length=max_length)["input_ids"]
+        it = iter(short)
+        ids = [next(it) if c else x for x, c in zip(ids, cut)]
+    return ids, cut
+
+
+def _head_rows(tokenizer, prompts, label_ids, fit: _Fitter) -> dict[str, list]:
+    """Encoder classifier: input_ids of the text, labels = the class index (loss is the head's cross-entropy)."""
+    ids, cut = encode_for_head(tokenizer, prompts, fit.max_length)
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i, (x, c, y) in enumerate(zip(ids, cut, label_ids)):
+        if c:
+            if fit.mode == "error":
+                raise DataError(f"example {i}: the text is longer than max_length={fit.max_length} tokens. Raise "
+                                "--max-length or use on_truncate='warn' (cut the end of the text) or 'drop'")
+            if fit.mode == "drop":
+                fit.n_dropped += 1
+                continue
+            fit.n_truncated += 1
+        out["input_ids"].append(x)
+        out["attention_mask"].append([1] * len(x))
+        out["labels"].append(y)
+    return out
+
+
+def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_column, label_words, prompt_template,
+              head=False):
     text_col = _column(ds, text_column, TEXT_COLUMNS, "text", "--text-column")
     label_col = _column(ds, label_column, LABEL_COLUMNS, "label", "--label-column")
     feat = ds.features[label_col]
@@ -278,11 +311,15 @@ def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_colu
             f"label(s) {', '.join(map(repr, unknown))} in column {label_col!r} of {_where(ds)} are not in the "
             f"training label set {label_words}; fix the data or pass the same label_words used for training"
         )
-    template = prompt_template or (CLASSIFY_TEMPLATE_SEQ2SEQ if is_encoder_decoder else CLASSIFY_TEMPLATE_CAUSAL)
+    default = CLASSIFY_TEMPLATE_HEAD if head else CLASSIFY_TEMPLATE_SEQ2SEQ if is_encoder_decoder else CLASSIFY_TEMPLATE_CAUSAL
+    template = prompt_template or default
     prompts = [_fmt(template, row, text=row[text_col]) for row in ds]
+    info = {"label_words": label_words, "text_column": text_col, "label_column": label_col, "prompt_template": template}
+    if head:
+        index = {w: i for i, w in enumerate(label_words)}
+        return _head_rows(tokenizer, prompts, [index[v] for v in values], fit), {**info, "head": True}
     p, t = encode_pair(tokenizer, prompts, values, is_encoder_decoder)
-    return _assemble(p, t, fit, is_encoder_decoder), {"label_words": label_words, "text_column": text_col,
-                                                     "label_column": label_col, "prompt_template": template}
+    return _assemble(p, t, fit, is_encoder_decoder), info
 
 
 def _instruct(ds, tokenizer, fit, *, is_encoder_decoder, prompt_template, **_):
@@ -367,8 +404,12 @@ def tokenize_dataset(
     prompt_template: str | None = None,
     max_length: int = 256,
     on_truncate: str = "warn",
+    head: bool = False,
 ) -> tuple[Dataset, dict[str, Any]]:
     """Format + tokenize for `task`. Returns (Dataset of input_ids/attention_mask/labels, info).
+
+    head=True (encoder classifiers, task classify): labels are class indices into label_words for the model's
+    classification head instead of label tokens.
 
     info has label_words (classify; pass it back in for the eval set), n_truncated, n_dropped, and
     the resolved columns/template.
@@ -378,9 +419,12 @@ def tokenize_dataset(
     if len(ds) == 0:
         raise DataError(f"{_where(ds)} is empty; nothing to tokenize")
     fit = _Fitter(tokenizer, max_length, on_truncate)
+    if head and task != "classify":
+        raise DataError(f"task {task!r} has no classification-head form; encoder models train task 'classify' only")
     cols, info = _TASK_FNS[task](
         ds, tokenizer, fit, is_encoder_decoder=is_encoder_decoder, text_column=text_column,
         label_column=label_column, label_words=label_words, prompt_template=prompt_template,
+        **({"head": True} if head else {}),
     )
     fit.report(task)
     if not cols["input_ids"]:
@@ -423,7 +467,9 @@ class PadCollator:
         ids = [f["input_ids"] for f in features]
         mask = [f.get("attention_mask") or [1] * len(f["input_ids"]) for f in features]
         batch = {"input_ids": self._pad(ids, self.pad_id, self.side), "attention_mask": self._pad(mask, 0, self.side)}
-        if "labels" in features[0]:
+        if "labels" in features[0] and isinstance(features[0]["labels"], int):  # class indices (encoder classifier)
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        elif "labels" in features[0]:
             labels = [f["labels"] for f in features]
             seq2seq = self.is_encoder_decoder
             if seq2seq is None:

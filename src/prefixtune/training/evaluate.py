@@ -41,6 +41,12 @@ def _is_seq2seq(model) -> bool:
     return kind_of_config(_unwrap(model).config) == "seq2seq"
 
 
+def is_head_classifier(model) -> bool:
+    """An encoder (BERT family) with a sequence-classification head: scored by the head, not by label tokens."""
+
+    return kind_of_config(_unwrap(model).config) == "encoder"
+
+
 def _head_only_ok(model) -> bool:
     cfg = _unwrap(model).config
     # models that post-process logits (soft-capping, scaling) go through the full forward instead
@@ -51,6 +57,9 @@ def selected_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     """-> (logits [N, V] fp32, target ids [N], row index [N]) for the N label positions of the batch."""
     labels = batch["labels"]
     m = _unwrap(model)
+    if is_head_classifier(m):  # one class index per row, scored by the classification head
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits.float(), labels, torch.arange(labels.shape[0], device=labels.device)
     if _is_seq2seq(m):  # every decoder position is a label (padding aside)
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
         sel = labels != -100
@@ -157,6 +166,22 @@ def _rank_single_token(model, tokenizer, p_ids, label_ids, max_length, batch_siz
     return [max(range(len(label_ids)), key=row.__getitem__) for row in table], table
 
 
+@torch.no_grad()
+def head_predict(model, tokenizer, prompts: list[str], label_words: list[str], *, max_length: int = 256,
+                 batch_size: int = 16) -> tuple[list[int], list[list[float]]]:
+    """Encoder classifier: argmax of the classification head; -> (class indices, class probabilities)."""
+    ids, _ = D.encode_for_head(tokenizer, prompts, max_length)
+    collate = D.PadCollator(tokenizer, padding_side="right")
+    probs = []
+    for b in _batches([{"input_ids": x} for x in ids], collate, batch_size, _device(model)):
+        logits = model(**b).logits.float()
+        if logits.shape[-1] != len(label_words):
+            raise D.DataError(f"the classifier head has {logits.shape[-1]} outputs but there are {len(label_words)} "
+                              f"labels {label_words}; load the model with the adapter's label set")
+        probs += torch.softmax(logits, -1).tolist()
+    return [max(range(len(label_words)), key=row.__getitem__) for row in probs], probs
+
+
 def match_label(text: str, label_words: list[str]) -> str:
     """Map generated text to a label: exact match, else the label the text starts with, else the first one it mentions."""
     t = text.strip().lower()
@@ -222,23 +247,53 @@ def evaluate_classify(model, tokenizer, ds, task_info: dict, *, method: str = "r
     if unknown:
         raise D.DataError(f"eval label(s) {unknown} are not in the trained label set {label_words}; fix the data "
                           "or the --label-column")
+    head = is_head_classifier(model)
+    if head and method == "generate":
+        raise D.DataError("an encoder classifier is evaluated by its classification head; --method generate does "
+                          "not apply (use --method head)")
+    if method == "head" and not head:
+        raise D.DataError("--method head applies to encoder classifiers only; use rank or generate")
+    method = "head" if head else method  # "rank", the default, means "the model's own scoring" for encoders
     was_training = model.training
     model.eval()
     try:
-        if method == "rank":
+        if method == "head":
+            idx, probs = head_predict(model, tokenizer, prompts, label_words, max_length=max_length, batch_size=batch_size)
+            pred, extra = [label_words[i] for i in idx], [{"probs": dict(zip(label_words, p))} for p in probs]
+        elif method == "rank":
             idx, scores = rank_predict(model, tokenizer, prompts, label_words, max_length=max_length, batch_size=batch_size)
             pred, extra = [label_words[i] for i in idx], [{"scores": dict(zip(label_words, s))} for s in scores]
         elif method == "generate":
             pred, texts = generate_predict(model, tokenizer, prompts, label_words, max_length=max_length, batch_size=batch_size)
             extra = [{"generated": t} for t in texts]
         else:
-            raise D.DataError(f"unknown eval method {method!r}; use --method rank or --method generate")
+            raise D.DataError(f"unknown eval method {method!r}; use --method rank, generate or head")
     finally:
         model.train(was_training)
     result = {"task": "classify", "method": method, **classification_report(gold, pred, label_words)}
     preds = [{"prompt": p, "label": g, "prediction": y, "correct": g == y, **e}
              for p, g, y, e in zip(prompts, gold, pred, extra)]
     return result, preds
+
+
+def single_class_warning(result: dict, loss: float | None) -> str | None:
+    """The symptom of a label leak (a causal-LM head over a bidirectional encoder): every prediction is one class
+    while the loss says the labels are nearly certain. A model that always predicts one class cannot have a
+    cross-entropy much below the entropy of the gold labels, so loss < half of it alongside one-class predictions
+    means the loss and the predictions disagree. -> a message, or None."""
+    cm = result.get("confusion_matrix") or {}
+    rows = cm.get("rows_gold_cols_pred") or []
+    predicted = [j for j in range(len(cm.get("labels", []))) if any(r[j] for r in rows)]
+    support = [sum(r) for r in rows]
+    n = sum(support)
+    if loss is None or len(predicted) != 1 or sum(1 for s in support if s) < 2:
+        return None
+    entropy = -sum(s / n * math.log(s / n) for s in support if s)
+    if loss >= 0.5 * entropy:
+        return None
+    return (f"every prediction is {cm['labels'][predicted[0]]!r} (accuracy {result['accuracy']:.4f} = that class's "
+            f"share) while the loss is {loss:.4f}, far below the {entropy:.4f} a one-class predictor must have: the "
+            "loss does not measure what is evaluated (a label leak?), so this adapter has learnt nothing usable")
 
 
 # ----------------------------------------------------------------------------- loss / perplexity

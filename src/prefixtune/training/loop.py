@@ -144,8 +144,8 @@ def load_source(source: str, config_name: str | None = None):
     return D.load_records(source)
 
 
-def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool):
-    """-> (train tokenized, eval tokenized, eval records, task_info)."""
+def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, head: bool = False):
+    """-> (train tokenized, eval tokenized, eval records, task_info). head: encoder classifier (class-index labels)."""
     raw = load_source(cfg.train, cfg.data_config)
     train_raw, eval_raw = D.split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=cfg.eval)
     if cfg.max_train_examples and len(train_raw) > cfg.max_train_examples:
@@ -153,7 +153,7 @@ def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool):
     if cfg.max_eval_examples and len(eval_raw) > cfg.max_eval_examples:
         eval_raw = eval_raw.select(range(cfg.max_eval_examples))
     kw = dict(is_encoder_decoder=is_encoder_decoder, text_column=cfg.text_column, label_column=cfg.label_column,
-              prompt_template=cfg.prompt_template, max_length=cfg.max_length, on_truncate=cfg.on_truncate)
+              prompt_template=cfg.prompt_template, max_length=cfg.max_length, on_truncate=cfg.on_truncate, head=head)
     train_tok, info = D.tokenize_dataset(train_raw, tokenizer, cfg.task, label_words=cfg.label_words, **kw)
     _no_silent_cuts(info, cfg, "training")
     kw.update(text_column=info.get("text_column", cfg.text_column), label_column=info.get("label_column", cfg.label_column))
@@ -161,6 +161,8 @@ def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool):
     _no_silent_cuts(einfo, cfg, "eval")
     task_info = {"task": cfg.task, "max_length": cfg.max_length,
                  **{k: info.get(k) for k in ("label_words", "text_column", "label_column", "prompt_template")}}
+    if head:  # eval / info / generate read this to know the adapter carries a classification head
+        task_info["head"] = "sequence-classification"
     return train_tok, eval_tok, eval_raw, task_info
 
 
@@ -274,6 +276,14 @@ def run_eval(model, tokenizer, eval_tok, eval_raw, task_info: dict, cfg: TrainCo
     return out, preds
 
 
+def _recent_train_loss(out: Path, last: int = 10) -> float:
+    """Mean training loss of the last logged steps (inf if none were logged)."""
+    path = out / "metrics.jsonl"
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    losses = [r["loss"] for r in recs if "loss" in r][-last:]
+    return sum(losses) / len(losses) if losses else math.inf
+
+
 def _score(ev: dict) -> float:
     return ev["eval_accuracy"] if "eval_accuracy" in ev else -ev["eval_loss"]
 
@@ -320,19 +330,30 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
 
-    if model is None:
-        from ..loading import load_model
+    from ..loading import check_classifier, load_config, load_model, load_tokenizer
 
-        base, tokenizer = load_model(cfg.model, dtype=dtype, device=str(acc.device))
+    # the model kind decides the data format; an encoder's head size comes from the data's label set
+    kind = kind_of_config(model.config if model is not None else load_config(cfg.model), cfg.task)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    is_ed, head = kind == "seq2seq", kind == "encoder"
+    train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed, head=head)
+    if model is None:
+        base, _ = load_model(cfg.model, dtype=dtype, device=str(acc.device), task=cfg.task,
+                             label_names=task_info["label_words"] if head else None)
     else:
         base = model
-    is_ed = kind_of_config(base.config) == "seq2seq"
-    train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed)
+    if head:
+        check_classifier(base, task_info["label_words"])
+        say(f"encoder classifier: training the prefix and the {len(task_info['label_words'])}-way classification "
+            "head (loss: the head's cross-entropy; evaluation: the head's argmax)")
 
     pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,
                         projection_dim=cfg.projection_dim, layer_scale=cfg.layer_scale, dropout=cfg.dropout, init=cfg.init, init_text=cfg.init_text)
     if cfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
         pcfg.extra["init_token_ids"] = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    pcfg.extra["task"] = cfg.task  # shown by `prefixtune info` and the model card
+    if head:
+        pcfg.extra["labels"] = list(task_info["label_words"])
     pm = attach(base, pcfg)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
@@ -461,6 +482,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
             last_eval, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
         report, preds = dict(last_eval["report"]), last_preds
         report["eval_loss"] = last_eval["eval_loss"]
+        if cfg.task == "classify":
+            warning = E.single_class_warning(report, min(_recent_train_loss(out), last_eval["eval_loss"]))
+            if warning:
+                log.warning("%s", warning)
+                report["single_class_warning"] = warning
         E.write_results(out, report, preds)
         plot_curves(out)
         say(pm.parameter_summary())
