@@ -199,15 +199,15 @@ def test_encoder_without_a_cache_is_refused(tmp_path, capsys):
 def test_causal_lm_head_over_an_encoder_is_refused():
     from transformers import BertConfig
 
-    from prefixtune.inject import model_kind
+    from prefixtune.inject import kind_of_config
 
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    assert model_kind(cfg, "classify") == "encoder"
+    assert kind_of_config(cfg, "classify") == "encoder"
     with pytest.raises(pt.ConfigError, match="supported model/task pairs: causal models: classify, instruct, chat, lm"):
-        model_kind(cfg, "lm")
+        kind_of_config(cfg, "lm")
     cfg.is_decoder = True  # BertLMHeadModel as a causal decoder: not something the engine trains
     with pytest.raises(pt.ConfigError, match="is_decoder=True"):
-        model_kind(cfg)
+        kind_of_config(cfg)
 
 
 def test_train_refuses_an_encoder_without_a_head(tmp_path):
