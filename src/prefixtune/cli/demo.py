@@ -95,4 +95,14 @@ def run(args) -> int:
     print(f"\nzero-shot accuracy {zs['accuracy']:.3f} -> prefix-tuned {after['accuracy']:.3f} "
           f"({steps} steps, {wall / 60:.1f} min wall)")
     print(f"adapter: {out / 'run' / 'adapter'}   curves: {out / 'run' / 'loss_curve.png'}, accuracy_curve.png")
+    print_serve_hint(model_path, out / "run" / "adapter", None if args.model else assets.smollm2_gguf())
     return 0
+
+
+def print_serve_hint(model_path: str, adapter: Path, gguf: Path | None) -> None:
+    """How to serve the adapter just trained, on either engine (the server serves every adapter under a directory)."""
+    print("\nserve it (OpenAI-compatible API; the adapter's name is its directory name):")
+    print(f"  prefixtune serve --model {model_path} --adapters {adapter.parent}")
+    if gguf is not None:
+        print(f"  prefixtune serve --backend llamacpp --model {gguf} --adapters {adapter.parent}   "
+              "# llama.cpp, quantized GGUF: pip install 'prefixtune[llamacpp]'")
