@@ -39,43 +39,22 @@ def _missing_train_extra() -> list[str]:
 
 # ----------------------------------------------------------------------------- train
 
-TRAIN_FLAGS = {  # flag -> (TrainConfig field, type); bool flags are store_const True
-    "--model": str, "--train": str, "--eval": str, "--task": str, "--output": str,
-    "--text-column": str, "--label-column": str, "--prompt-template": str, "--data-config": str,
-    "--num-virtual-tokens": int, "--projection-dim": int, "--init": str,
-    "--max-steps": int, "--epochs": float, "--batch-size": int, "--grad-accum": int, "--lr": float, "--projection-lr": float,
-    "--dropout": float, "--seed": int,
-    "--max-length": int, "--on-truncate": str, "--precision": str, "--scheduler": str, "--warmup-ratio": float,
-    "--weight-decay": float, "--eval-every": int, "--save-every": int, "--patience": int, "--eval-method": str,
-    "--eval-batch-size": int, "--max-train-examples": int, "--max-eval-examples": int, "--eval-fraction": float,
-}
-TRAIN_BOOLS = ("--projection", "--resume", "--overwrite", "--gradient-checkpointing")
-
-
 def _add_train(sub):
-    p = sub.add_parser("train", help="train a prefix", description="Train a prefix. Flags override --config recipe values.")
-    p.add_argument("--config", help="YAML recipe (keys = the flag names with _ instead of -)")
-    for flag, typ in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None)
-    for flag in TRAIN_BOOLS:
-        p.add_argument(flag, action="store_const", const=True, default=None)
-    p.add_argument("--label-words", default=None, help="comma-separated label set, e.g. negative,neutral,positive")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
-    p.add_argument("--no-layer-scale", dest="layer_scale", action="store_const", const=False, default=None,
-                   help="train the prefix table in plain key/value units (peft's parameterisation)")
+    from .flags import add_config_flags
+
+    p = sub.add_parser("train", help="train a prefix", description="Train a prefix. Flags override --config recipe "
+                       "values; every flag is also a recipe key (with _ for -; prefix keys flat or under `prefix:`).")
+    p.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of TrainConfig keys (default: none, flags only)")
+    add_config_flags(p)
     p.set_defaults(fn=cmd_train)
 
 
 def cmd_train(args) -> int:
     from ..training.config import TrainConfig
     from ..training.loop import train
+    from .flags import overrides
 
-    over = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f in (*TRAIN_FLAGS, *TRAIN_BOOLS)}
-    over["progress"] = args.progress
-    over["layer_scale"] = args.layer_scale
-    if args.label_words:
-        over["label_words"] = [w.strip() for w in args.label_words.split(",") if w.strip()]
-    cfg = TrainConfig.from_sources(args.config, over)
+    cfg = TrainConfig.from_sources(args.config, overrides(args))
     summary = train(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}, default=str))
     return 0

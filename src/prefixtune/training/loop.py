@@ -329,10 +329,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     is_ed = kind_of_config(base.config) == "seq2seq"
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed)
 
-    pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,
-                        projection_dim=cfg.projection_dim, layer_scale=cfg.layer_scale, dropout=cfg.dropout, init=cfg.init, init_text=cfg.init_text)
-    if cfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
-        pcfg.extra["init_token_ids"] = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    pcfg = PrefixConfig.from_dict(cfg.prefix.to_dict())  # a copy: attach and init_token_ids fill it in
+    if pcfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
+        pcfg.extra["init_token_ids"] = tokenizer(pcfg.init_text, add_special_tokens=False)["input_ids"]
     pm = attach(base, pcfg)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
