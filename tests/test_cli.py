@@ -218,7 +218,7 @@ def test_run_identity_matches_a_run_json_from_before_the_nested_prefix(tmp_path)
 BAD = {
     "missing file": (["--train", "nope.jsonl"], "nope.jsonl does not exist"),
     "missing column": (["--text-column", "body"], "column 'body' not found"),
-    "unknown task": (["--task", "summarize"], "unknown task 'summarize'"),
+    "unknown task": (["--task", "summarize"], "--task: invalid choice: 'summarize'"),  # argparse choices (TASKS)
     "not a model": (["--model", "{tmp}"], "not a transformers model|without config.json"),
     "label not in set": (["--label-words", "positive,neutral"], "not in the training label set"),
     "target too long": (["--max-length", "1"], "target longer than max_length=1|dropped by max_length=1; raise --max-length"),
