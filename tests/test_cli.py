@@ -293,3 +293,24 @@ def test_hooked_subcommands_take_their_own_flags(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert f"usage: prefixtune {command}" in capsys.readouterr().out
+
+
+def test_serve_adapters_dir_takes_a_run_dir(tmp_path):
+    """`serve --adapters DIR`: an entry that is a training run serves its final adapter/ under the run's name."""
+    import torch
+
+    import prefixtune as pt
+    from helpers import make
+    from prefixtune.serving.engine import Engine
+
+    src = pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2, init="random", layer_scale=False))
+    d = tmp_path / "adapters"
+    src.save_adapter(d / "plain")
+    src.save_adapter(d / "run" / "adapter")
+    (d / "run" / "run.json").write_text("{}")
+    (d / "unfinished").mkdir()
+    (d / "unfinished" / "run.json").write_text("{}")  # no adapter/ yet: skipped with a warning
+    eng = Engine(pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2)), adapters_dir=d)
+    assert eng.load_dir() == ["plain", "run"]
+    for name in ("plain", "run"):
+        torch.testing.assert_close(eng.model.prefixes[name].embedding.weight, src.prefixes["default"].embedding.weight)
