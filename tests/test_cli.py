@@ -149,6 +149,10 @@ def test_generated_flags_cover_every_config_field():
     internal = {"prefix", "extra", "base_model_name_or_path", "task_type"}
     fields = {f.name for c in (TrainConfig, PrefixConfig) for f in dataclasses.fields(c)} - internal
     assert dests == fields
+    from prefixtune.cli.flags import flag_fields
+
+    no_help = [f.name for f, _, _ in flag_fields() if not f.metadata.get("help")]
+    assert not no_help, f"give these fields metadata={{'help': ...}} (training/config.py `_f`): {no_help}"
     opts = set(train._option_string_actions)
     assert {"--num-virtual-tokens", "--projection", "--no-projection", "--projection-dim", "--init", "--init-text",
             "--init-scale", "--placement", "--dropout", "--layer-scale", "--no-layer-scale", "--no-progress",

@@ -44,15 +44,18 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def flag_fields() -> list[tuple[dataclasses.Field, type]]:
-    """(field, resolved type) for every flag: TrainConfig's fields with PrefixConfig's in place of `prefix`."""
+def flag_fields() -> list[tuple[dataclasses.Field, type, str]]:
+    """(field, resolved type, group) for every flag: TrainConfig's fields with PrefixConfig's in place of `prefix`.
+
+    A field declared without metadata still gets a flag (in "output"); tests/test_cli.py fails on its missing help.
+    """
     out = []
-    for cls in (TrainConfig, PrefixConfig):
+    for cls, group in ((TrainConfig, "output"), (PrefixConfig, "prefix")):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal") or f.metadata.get("nested"):
                 continue
-            out.append((f, hints[f.name]))
+            out.append((f, hints[f.name], f.metadata.get("group", group)))
     return out
 
 
@@ -66,9 +69,8 @@ def _scalar(tp) -> type:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    for f, tp in flag_fields():
-        group = groups[f.metadata.get("group", "prefix")]  # PrefixConfig's fields name no group: all "prefix"
-        help = f"{f.metadata['help']} (default: {_default_text(f)})".replace("%", "%%")
+    for f, tp, group in flag_fields():
+        help = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".strip().replace("%", "%%")
         kind = _scalar(tp)
         kw: dict = dict(dest=f.name, default=None, help=help)
         if kind is bool:
@@ -81,9 +83,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 kw["choices"] = f.metadata["choices"]
             else:
                 kw["metavar"] = {int: "N", float: "X"}.get(kind, f.name.upper())
-        group.add_argument(f"--{_flag(f.name)}", **kw)
+        groups[group].add_argument(f"--{_flag(f.name)}", **kw)
 
 
 def overrides(args: argparse.Namespace) -> dict:
     """The flags' values by field name (None where a flag was not given)."""
-    return {f.name: getattr(args, f.name) for f, _ in flag_fields()}
+    return {f.name: getattr(args, f.name) for f, _, _ in flag_fields()}
