@@ -2,6 +2,9 @@
 
     cfg = TrainConfig.from_sources("examples/financial_phrasebank_t5.yaml", {"max_steps": 10})
 
+The prefix itself is a nested PrefixConfig (`cfg.prefix`), declared once in prefixtune/config.py; recipes and
+flags name its fields flat (`num_virtual_tokens: 10`, `--num-virtual-tokens 10`) or, in recipes, under
+`prefix:`. Each field's metadata (group, help, choices) is what `prefixtune train --help` shows (cli/flags.py).
 Unknown YAML keys and bad values raise RecipeError naming the key and the fix.
 """
 
