@@ -37,7 +37,7 @@ def test_recipe_t5_financial_phrasebank_end_to_end(tmp_path, capsys):
                               "--no-progress"], capsys)
     assert code == 0, err
     run = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
-    assert run["num_virtual_tokens"] == 20 and run["lr"] == 0.01 and run["max_steps"] == 3 and run["epochs"] is None
+    assert run["prefix"]["num_virtual_tokens"] == 20 and run["lr"] == 0.01 and run["max_steps"] == 3 and run["epochs"] is None
     assert "trainable params" in out and (tmp_path / "o" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -74,10 +74,155 @@ def test_train_eval_generate(tmp_path, setup, capsys):
     assert code == 0, err and out.strip() != ""
 
 
+def test_run_dir_as_adapter(tmp_path, setup, capsys):
+    """eval/generate/info take the directory `train --output` wrote: its final adapter/, or best/ with --best."""
+    mdir, data = setup
+    run = tmp_path / "o"
+    code, _, err = run_cli(["train", "--model", mdir, "--train", data, "--task", "classify", "--output", run,
+                            "--max-steps", 4, "--eval-every", 2, "--num-virtual-tokens", 4, "--no-progress"], capsys)
+    assert code == 0, err
+    by_dir = {}
+    for adapter, extra in ((run / "adapter", []), (run, []), (run, ["--best"]), (run / "best", [])):
+        code, out, err = run_cli(["eval", "--model", mdir, "--adapter", adapter, *extra, "--data", data, "--task",
+                                  "classify", "--max-examples", 8, "--output", tmp_path / f"ev{len(by_dir)}"], capsys)
+        assert code == 0, err
+        by_dir[(adapter.name, tuple(extra))] = (json.loads((tmp_path / f"ev{len(by_dir)}" / "eval.json").read_text()), err)
+    final, final_note = by_dir[("o", ())]
+    assert "using its final adapter" in final_note and str(run / "adapter") in final_note
+    assert final == by_dir[("adapter", ())][0]  # the same adapter as naming adapter/ directly
+    best, best_note = by_dir[("o", ("--best",))]
+    assert "best adapter" in best_note and best == by_dir[("best", ())][0]
+    code, out, err = run_cli(["generate", "--model", mdir, "--adapter", run, "--prompt", "good", "--max-new-tokens", 2],
+                             capsys)
+    assert code == 0 and "using its final adapter" in err, err
+    from prefixtune.cli import info
+
+    assert info.main([str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["num_virtual_tokens"] == 4 and "final adapter" in err
+    # an unfinished run (no adapter/ yet) and a directory that is neither: one line naming the fix
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "run.json").write_text("{}")
+    code, _, err = run_cli(["eval", "--model", mdir, "--adapter", tmp_path / "u", "--data", data, "--task", "classify"],
+                           capsys)
+    assert code == 2 and "has not finished" in err and "--resume" in err
+    code, _, err = run_cli(["generate", "--model", mdir, "--adapter", tmp_path, "--best", "--prompt", "x"], capsys)
+    assert code == 2 and "--best" in err and "best/" in err
+
+
+def _train_parser():
+    import argparse
+
+    from prefixtune.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_help_and_default(capsys):
+    parsers = _train_parser()
+    for command in ("train", "eval", "generate"):
+        for action in parsers[command]._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, (command, action.option_strings)
+            assert "default" in action.help or "required" in action.help, (command, action.option_strings, action.help)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--num-virtual-tokens N prefix length", "(default: 20)", "--layer-scale, --no-layer-scale",
+                     "(default: --layer-scale)", "--placement {decoder,full}", "--init-text INIT_TEXT",
+                     "--init-scale X", "(default: 0.1)", "per task: TASK_DEFAULTS, classify 0.03",
+                     "(default: 0.06)", "--progress, --no-progress"):
+        assert expected in text, expected
+    for group in ("data:", "prefix (PrefixConfig", "optimisation:", "evaluation:", "output:"):
+        assert group in text, group
+
+
+def test_generated_flags_cover_every_config_field():
+    import dataclasses
+
+    from prefixtune.config import PrefixConfig
+
+    train = _train_parser()["train"]
+    dests = {a.dest for a in train._actions} - {"help", "config", "fn"}
+    internal = {"prefix", "extra", "base_model_name_or_path", "task_type"}
+    fields = {f.name for c in (TrainConfig, PrefixConfig) for f in dataclasses.fields(c)} - internal
+    assert dests == fields
+    from prefixtune.cli.flags import flag_fields
+
+    no_help = [f.name for f, _, _ in flag_fields() if not f.metadata.get("help")]
+    assert not no_help, f"give these fields metadata={{'help': ...}} (training/config.py `_f`): {no_help}"
+    opts = set(train._option_string_actions)
+    assert {"--num-virtual-tokens", "--projection", "--no-projection", "--projection-dim", "--init", "--init-text",
+            "--init-scale", "--placement", "--dropout", "--layer-scale", "--no-layer-scale", "--no-progress",
+            "--label-words"} <= opts
+    # the argparse defaults are None, so only flags actually given override a recipe
+    assert all(a.default is None for a in train._actions if a.dest in fields)
+
+
+def test_prefix_flags_reach_the_model(tmp_path, capsys):
+    rows = [{"sentence": r["text"], "label": r["label"]} for r in classify_rows(16)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, _, err = run_cli(["train", "--model", model_dir(tmp_path, "t5"), "--train", data, "--task", "classify",
+                            "--output", tmp_path / "o", "--max-steps", 1, "--num-virtual-tokens", 3, "--placement", "full",
+                            "--init", "text", "--init-text", "classify the sentiment", "--dropout", 0.25,
+                            "--no-layer-scale", "--label-words", "negative, positive", "--no-progress"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "o" / "adapter" / "prefixtune.json").read_text())["config"]
+    assert (saved["placement"], saved["init"], saved["init_text"], saved["dropout"], saved["layer_scale"]) == \
+        ("full", "text", "classify the sentiment", 0.25, False)
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["identity"]["placement"] == "full" and run["config"]["label_words"] == ["negative", "positive"]
+    # --init text without the text: one line naming the missing field
+    code, _, err = run_cli(["train", "--model", "m", "--train", data, "--task", "lm", "--output", tmp_path / "x",
+                            "--init", "text"], capsys)
+    assert code == 2 and "init_text" in err
+
+
+def test_recipe_prefix_nested_and_flat(tmp_path):
+    head = "model: m\ntrain: t\ntask: lm\noutput: o\n"
+    (tmp_path / "nested.yaml").write_text(head + "prefix:\n  num_virtual_tokens: 7\n  init: text\n  init-text: hi\n"
+                                          "  init_scale: 2e-1\n")
+    (tmp_path / "flat.yaml").write_text(head + "num_virtual_tokens: 7\ninit: text\ninit_text: hi\ninit_scale: 2e-1\n")
+    nested = TrainConfig.from_sources(tmp_path / "nested.yaml")
+    flat = TrainConfig.from_sources(tmp_path / "flat.yaml")
+    assert nested.prefix == flat.prefix and (nested.prefix.num_virtual_tokens, nested.prefix.init_scale) == (7, 0.2)
+    assert TrainConfig.from_sources(tmp_path / "nested.yaml", {"num_virtual_tokens": 9}).prefix.num_virtual_tokens == 9
+    assert TrainConfig.from_sources(tmp_path / "flat.yaml", {"num_virtual_tokens": 9}).prefix.num_virtual_tokens == 9
+    bad = {"nested_typo.yaml": (head + "prefix:\n  num_virtual_token: 7\n", "did you mean 'num_virtual_tokens'"),
+           "flat_typo.yaml": (head + "init_txt: hi\n", "did you mean 'init_text'"),
+           "both.yaml": (head + "num_virtual_tokens: 5\nprefix:\n  num_virtual_tokens: 7\n", "both flat and under"),
+           "not_map.yaml": (head + "prefix: 7\n", "'prefix' must be a mapping"),
+           "internal.yaml": (head + "prefix:\n  task_type: CAUSAL_LM\n", "unknown recipe .* key 'task_type'")}
+    for name, (text, pattern) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(RecipeError, match=pattern):
+            TrainConfig.from_sources(tmp_path / name)
+
+
+def test_run_identity_matches_a_run_json_from_before_the_nested_prefix(tmp_path):
+    """run.json files written when TrainConfig had flat prefix fields still resume with the same settings."""
+    from prefixtune.training.loop import TrainingError, check_output_dir
+
+    old_identity = {"model": "m", "train": "t", "eval": None, "task": "lm", "num_virtual_tokens": 20, "projection": False,
+                    "projection_dim": 512, "layer_scale": True, "init": "vocab", "batch_size": 8, "grad_accum": 1,
+                    "lr": 0.03, "projection_lr": None, "seed": 0, "max_steps": 3, "epochs": None, "max_length": 256,
+                    "scheduler": "linear"}
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"identity": old_identity}))
+    over = {"model": "m", "train": "t", "task": "lm", "output": str(out), "max_steps": 3, "resume": True}
+    assert check_output_dir(TrainConfig.from_sources(None, over)) is True
+    for changed, words in (({"placement": "full"}, "placement"), ({"num_virtual_tokens": 10}, "num_virtual_tokens")):
+        with pytest.raises(TrainingError, match=words):
+            check_output_dir(TrainConfig.from_sources(None, {**over, **changed}))
+
+
 BAD = {
     "missing file": (["--train", "nope.jsonl"], "nope.jsonl does not exist"),
     "missing column": (["--text-column", "body"], "column 'body' not found"),
-    "unknown task": (["--task", "summarize"], "unknown task 'summarize'"),
+    "unknown task": (["--task", "summarize"], "--task: invalid choice: 'summarize'"),  # argparse choices (TASKS)
     "not a model": (["--model", "{tmp}"], "not a transformers model|without config.json"),
     "label not in set": (["--label-words", "positive,neutral"], "not in the training label set"),
     "target too long": (["--max-length", "1"], "target longer than max_length=1|dropped by max_length=1; raise --max-length"),
@@ -152,3 +297,24 @@ def test_hooked_subcommands_take_their_own_flags(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert f"usage: prefixtune {command}" in capsys.readouterr().out
+
+
+def test_serve_adapters_dir_takes_a_run_dir(tmp_path):
+    """`serve --adapters DIR`: an entry that is a training run serves its final adapter/ under the run's name."""
+    import torch
+
+    import prefixtune as pt
+    from helpers import make
+    from prefixtune.serving.engine import Engine
+
+    src = pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2, init="random", layer_scale=False))
+    d = tmp_path / "adapters"
+    src.save_adapter(d / "plain")
+    src.save_adapter(d / "run" / "adapter")
+    (d / "run" / "run.json").write_text("{}")
+    (d / "unfinished").mkdir()
+    (d / "unfinished" / "run.json").write_text("{}")  # no adapter/ yet: skipped with a warning
+    eng = Engine(pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2)), adapters_dir=d)
+    assert eng.load_dir() == ["plain", "run"]
+    for name in ("plain", "run"):
+        torch.testing.assert_close(eng.model.prefixes[name].embedding.weight, src.prefixes["default"].embedding.weight)

@@ -13,6 +13,7 @@ import tiny
 from conftest import make_tokenizer
 from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
+from prefixtune.config import PrefixConfig
 from prefixtune.training.config import RecipeError, TrainConfig
 from prefixtune.training.loop import TrainingError, latest_checkpoint, train
 
@@ -26,7 +27,7 @@ def _cfg(tmp_path, out="out", **kw):
     data = write_jsonl(tmp_path / "cls.jsonl", classify_rows())
     base = dict(model="tiny", train=str(data), task="classify", output=str(tmp_path / out), max_steps=8, batch_size=4,
                 lr=3e-2, num_virtual_tokens=4, eval_every=4, save_every=3, progress=False)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})  # flat prefix keys (num_virtual_tokens, ...) go to cfg.prefix
 
 
 def _table(path):
@@ -86,7 +87,8 @@ def test_resume_after_sigkill(tmp_path):
 def test_instruct_task_masks_prompt_and_trains(tmp_path):
     data = write_jsonl(tmp_path / "ins.jsonl", instruct_rows())
     cfg = TrainConfig(model="tiny", train=str(data), task="instruct", output=str(tmp_path / "o"), max_steps=6,
-                      batch_size=4, num_virtual_tokens=3, projection=True, projection_dim=8, progress=False)
+                      batch_size=4, prefix=PrefixConfig(num_virtual_tokens=3, projection=True, projection_dim=8),
+                      progress=False)
     res = train(cfg, model=_model("bloom"), tokenizer=make_tokenizer())
     ev = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert ev["task"] == "instruct" and ev["perplexity"] > 1 and res["best"] == pytest.approx(-ev["loss"], rel=1e-5)

@@ -205,3 +205,41 @@ def read_adapter(directory, arch, head):
             if bad or set(head_state) != set(mine):
                 raise ConfigError(f"classifier head in {weights} does not fit the model ({'; '.join(bad) or sorted(head_state)}): different number of labels?")
     return cfg, state, head_state
+
+
+# What `prefixtune train --output RUN` writes (training/loop.py): the final adapter and the best one by eval.
+RUN_MARKER, RUN_FINAL, RUN_BEST = "run.json", "adapter", "best"
+
+
+def resolve_adapter_dir(path, best: bool = False) -> tuple[Path, str | None]:
+    """An adapter directory, or a training run directory -> (the adapter directory, a one-line note or None).
+
+    A run directory (`train --output`) holds its final adapter in adapter/ and the best by eval in best/;
+    `best=True` picks best/. The note says which was used, for the caller to print or log. A path that does
+    not exist is returned as it is (it may be a Hub id, resolved later by the loader).
+    """
+    d = Path(path)
+    if not d.is_dir():
+        if best and d.exists():
+            raise ConfigError(f"{d} is a file; --best needs a training run directory (the one `train --output` wrote)")
+        return d, None
+    is_run = (d / RUN_MARKER).is_file() or (d / RUN_FINAL / CONFIG_NAME).is_file()
+    if best:
+        if (d / RUN_BEST / CONFIG_NAME).is_file():
+            return d / RUN_BEST, f"using the run's best adapter {d / RUN_BEST}"
+        if (d / CONFIG_NAME).is_file() and d.name == RUN_BEST:
+            return d, None  # the run's best/ itself
+        raise ConfigError(f"--best: {d} has no {RUN_BEST}/{CONFIG_NAME}; a training run writes best/ at its first "
+                          "evaluation. Drop --best to use the final adapter, or pass the run directory")
+    if (d / CONFIG_NAME).is_file():
+        return d, None
+    if (d / RUN_FINAL / CONFIG_NAME).is_file():
+        alt = f" (--best for {d / RUN_BEST})" if (d / RUN_BEST / CONFIG_NAME).is_file() else ""
+        return d / RUN_FINAL, f"{d} is a training run: using its final adapter {d / RUN_FINAL}{alt}"
+    if is_run:
+        alt = (f"; its best adapter so far is in {d / RUN_BEST} (pass --best)" if (d / RUN_BEST / CONFIG_NAME).is_file()
+               else "")
+        raise ConfigError(f"{d} is a training run without a final adapter ({RUN_FINAL}/{CONFIG_NAME}): the run has not "
+                          f"finished (finish it with `prefixtune train ... --resume`){alt}")
+    raise ConfigError(f"{d} has no {CONFIG_NAME}: neither an adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a "
+                      f"training run directory (with {RUN_FINAL}/ inside)")

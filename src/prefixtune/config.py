@@ -43,22 +43,34 @@ class PrefixConfig:
         key/values, per layer and per key/value)), "zero", "peft" (peft's N(0, 1)).
     """
 
-    num_virtual_tokens: int = 20
-    projection: bool = False
-    projection_dim: int = 512
+    # metadata["help"]: the `prefixtune train` flag's help (cli/flags.py); "internal": not a flag or recipe key
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length: key/value slots added to every "
+                                                          "attention layer"})
+    projection: bool = field(default=False, metadata={"help": "train through an MLP (Li & Liang's "
+                                                      "reparameterisation), folded away at save time"})
+    projection_dim: int = field(default=512, metadata={"help": "the projection MLP's hidden width"})
     # on by measurement (benchmarks/quality.py): README "Benchmarks", numbers in benchmarks/results/quality.json
-    layer_scale: bool = True
-    dropout: float = 0.0
-    placement: str = "decoder"
+    layer_scale: bool = field(default=True, metadata={"help": "train the table in each layer's own key/value scale "
+                                                      "(--no-layer-scale: plain key/value units, as peft)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values while training"})
+    placement: str = field(default="decoder", metadata={
+        "help": "seq2seq only: decoder = decoder self-attention (loads in peft), full = encoder + decoder + "
+                "cross-attention", "choices": PLACEMENTS})
     # "vocab" by measurement (benchmarks/quality.py): the lowest step-0 loss and the best accuracy after training
     # (README "Benchmarks", benchmarks/results/quality.json).
-    init: str = "vocab"
-    init_text: str | None = None
-    init_scale: float = 0.1  # "random" only: 1.0 is the real key/value scale (why not 1.0: initialize.py)
+    init: str = field(default="vocab", metadata={
+        "help": "prefix start: vocab = the model's key/values for sampled vocabulary tokens, text = the same for "
+                "--init-text, random = N(0, init_scale x the model's key/value std), zero, peft = N(0, 1)",
+        "choices": INITS})
+    init_text: str | None = field(default=None, metadata={"help": "init=text: a short task description whose "
+                                                          "key/values start the prefix"})
+    # 1.0 is the real key/value scale (why not 1.0: initialize.py)
+    init_scale: float = field(default=0.1, metadata={"help": "init=random: the start's scale relative to the "
+                                                     "model's own key/values"})
     # Filled in by `attach` from the base model; kept so a saved adapter says what it was made for.
-    base_model_name_or_path: str | None = None
-    task_type: str | None = None
-    extra: dict = field(default_factory=dict)
+    base_model_name_or_path: str | None = field(default=None, metadata={"internal": True})
+    task_type: str | None = field(default=None, metadata={"internal": True})
+    extra: dict = field(default_factory=dict, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:

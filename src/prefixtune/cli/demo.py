@@ -53,6 +53,7 @@ def run(args) -> int:
     from . import assets
     from ..training import evaluate as E
     from ..loading import load_model
+    from ..config import PrefixConfig
     from ..training.config import TrainConfig
     from ..training.loop import train
 
@@ -78,8 +79,9 @@ def run(args) -> int:
     steps = args.max_steps or DEFAULTS["max_steps"]
     cfg = TrainConfig(model=model_path, train=str(train_csv), eval=str(eval_csv), task="classify", output=str(out / "run"),
                       label_column="sentiment", text_column="text", label_words=labels, prompt_template=TEMPLATE,
-                      max_length=DEFAULTS["max_length"], on_truncate="warn", num_virtual_tokens=DEFAULTS["num_virtual_tokens"],
-                      init="text", init_text=INIT_TEXT, layer_scale=False,  # as measured (README); not re-run with it
+                      max_length=DEFAULTS["max_length"], on_truncate="warn",
+                      prefix=PrefixConfig(num_virtual_tokens=DEFAULTS["num_virtual_tokens"], init="text", init_text=INIT_TEXT,
+                                          layer_scale=False),  # as measured (README); not re-run with it
                       max_steps=steps, batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"],
                       warmup_ratio=0.05, eval_every=steps, save_every=50, overwrite=True)
     summary = train(cfg, model=base, tokenizer=tok)

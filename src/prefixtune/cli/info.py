@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME
+from ..adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME, resolve_adapter_dir
 from ..config import ConfigError
 
 EXIT_MISFIT = 1
@@ -24,7 +24,10 @@ EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("path", metavar="DIR", help="adapter directory (or Hub id 'user/repo'), or a model directory")
+    parser.add_argument("path", metavar="DIR", help="adapter directory (or Hub id 'user/repo'), a training run directory "
+                        "(`train --output`: its final adapter/), or a model directory")
+    parser.add_argument("--best", action="store_true", help="with a run directory: describe its best/ adapter instead of "
+                        "the final one")
     parser.add_argument("--model", help="base model directory or Hub id: check that the adapter fits it (config only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
@@ -204,6 +207,10 @@ def format_text(info: dict) -> str:
 
 def run(args) -> int:
     d = _resolve_dir(args.path)
+    if getattr(args, "best", False) or not ((d / CONFIG_NAME).is_file() or (d / "config.json").is_file()):
+        d, note = resolve_adapter_dir(d, best=getattr(args, "best", False))  # a run directory -> its adapter
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     if (d / CONFIG_NAME).is_file():
         info = describe_adapter(d)
         if args.model:

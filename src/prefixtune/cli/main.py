@@ -39,43 +39,22 @@ def _missing_train_extra() -> list[str]:
 
 # ----------------------------------------------------------------------------- train
 
-TRAIN_FLAGS = {  # flag -> (TrainConfig field, type); bool flags are store_const True
-    "--model": str, "--train": str, "--eval": str, "--task": str, "--output": str,
-    "--text-column": str, "--label-column": str, "--prompt-template": str, "--data-config": str,
-    "--num-virtual-tokens": int, "--projection-dim": int, "--init": str,
-    "--max-steps": int, "--epochs": float, "--batch-size": int, "--grad-accum": int, "--lr": float, "--projection-lr": float,
-    "--dropout": float, "--seed": int,
-    "--max-length": int, "--on-truncate": str, "--precision": str, "--scheduler": str, "--warmup-ratio": float,
-    "--weight-decay": float, "--eval-every": int, "--save-every": int, "--patience": int, "--eval-method": str,
-    "--eval-batch-size": int, "--max-train-examples": int, "--max-eval-examples": int, "--eval-fraction": float,
-}
-TRAIN_BOOLS = ("--projection", "--resume", "--overwrite", "--gradient-checkpointing")
-
-
 def _add_train(sub):
-    p = sub.add_parser("train", help="train a prefix", description="Train a prefix. Flags override --config recipe values.")
-    p.add_argument("--config", help="YAML recipe (keys = the flag names with _ instead of -)")
-    for flag, typ in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None)
-    for flag in TRAIN_BOOLS:
-        p.add_argument(flag, action="store_const", const=True, default=None)
-    p.add_argument("--label-words", default=None, help="comma-separated label set, e.g. negative,neutral,positive")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
-    p.add_argument("--no-layer-scale", dest="layer_scale", action="store_const", const=False, default=None,
-                   help="train the prefix table in plain key/value units (peft's parameterisation)")
+    from .flags import add_config_flags
+
+    p = sub.add_parser("train", help="train a prefix", description="Train a prefix. Flags override --config recipe "
+                       "values; every flag is also a recipe key (with _ for -; prefix keys flat or under `prefix:`).")
+    p.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of TrainConfig keys (default: none, flags only)")
+    add_config_flags(p)
     p.set_defaults(fn=cmd_train)
 
 
 def cmd_train(args) -> int:
     from ..training.config import TrainConfig
     from ..training.loop import train
+    from .flags import overrides
 
-    over = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f in (*TRAIN_FLAGS, *TRAIN_BOOLS)}
-    over["progress"] = args.progress
-    over["layer_scale"] = args.layer_scale
-    if args.label_words:
-        over["label_words"] = [w.strip() for w in args.label_words.split(",") if w.strip()]
-    cfg = TrainConfig.from_sources(args.config, over)
+    cfg = TrainConfig.from_sources(args.config, overrides(args))
     summary = train(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}, default=str))
     return 0
@@ -93,19 +72,55 @@ def read_task_info(adapter: str | None) -> dict:
     return {}
 
 
+ADAPTER_HELP = ("adapter directory, or the run directory `train --output` wrote (its final adapter/; --best for "
+                "best/) (default: none, the bare base model)")
+
+
+def _add_adapter_args(p) -> None:
+    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
+    p.add_argument("--best", action="store_true", help="with a run directory as --adapter: use its best/ adapter "
+                   "(best eval score) instead of the final one (default: the final adapter)")
+
+
+def resolve_adapter(args) -> str | None:
+    """--adapter (an adapter or a run directory) -> the adapter directory; says which one when it chose."""
+    from ..adapter_io import resolve_adapter_dir
+
+    if not args.adapter:
+        if args.best:
+            from ..config import ConfigError
+
+            raise ConfigError("--best needs --adapter RUN_DIR (the directory `train --output` wrote)")
+        return None
+    path, note = resolve_adapter_dir(args.adapter, best=args.best)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return str(path)
+
+
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate an adapter on a dataset")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", help="adapter directory (omit for the bare base model)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--method", default="rank", help="classify: rank (label log-likelihood) or generate; encoder "
-                   "classifiers are always scored by their head (head)")
+    from ..training.config import EVAL_METHODS, TASKS
+
+    p = sub.add_parser("eval", help="evaluate an adapter on a dataset",
+                       description="Evaluate an adapter (or the bare model) on a dataset; writes eval.json and "
+                       "predictions.jsonl.")
+    p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
+    _add_adapter_args(p)
+    p.add_argument("--data", required=True, help="CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a "
+                   "DatasetDict is evaluated on its validation/test split (required)")
+    p.add_argument("--task", required=True, choices=TASKS, help="the task the adapter was trained for (required)")
+    p.add_argument("--method", default="rank", choices=EVAL_METHODS,
+                   help="classify: rank = label log-likelihood, generate = free generation; encoder classifiers are "
+                   "always scored by their head (default: rank)")
     p.add_argument("--output", help="where eval.json / predictions.jsonl go (default: <adapter>/eval or ./eval)")
-    p.add_argument("--text-column"), p.add_argument("--label-column"), p.add_argument("--prompt-template")
-    p.add_argument("--label-words", help="comma-separated; default: from the adapter's task.json, else the data")
-    p.add_argument("--max-length", type=int), p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-examples", type=int)
+    p.add_argument("--text-column", help="input text column (default: from the adapter's task.json, else guessed)")
+    p.add_argument("--label-column", help="classify: label column (default: from the adapter's task.json, else guessed)")
+    p.add_argument("--prompt-template", help="prompt template (default: from the adapter's task.json, else the task's)")
+    p.add_argument("--label-words", help="classify: comma-separated label set (default: from the adapter's task.json, "
+                   "else the data)")
+    p.add_argument("--max-length", type=int, help="longest tokenized example (default: the training run's, else 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    p.add_argument("--max-examples", type=int, help="evaluate at most this many rows (default: all)")
     p.set_defaults(fn=cmd_eval)
 
 
@@ -121,6 +136,7 @@ def cmd_eval(args) -> int:
         raise RecipeError(f"unknown task {args.task!r}: use --task one of {', '.join(TASKS)}")
     if args.method not in EVAL_METHODS:
         raise RecipeError(f"unknown --method {args.method!r}: use one of {', '.join(EVAL_METHODS)}")
+    args.adapter = resolve_adapter(args)
     info = read_task_info(args.adapter)
     if info.get("task") not in (None, args.task):
         print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {args.task!r}", file=sys.stderr)
@@ -173,19 +189,21 @@ def _encoder_kind(model: str, task: str | None) -> bool:
 # ----------------------------------------------------------------------------- generate
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="generate text with (or without) an adapter")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter")
+    p = sub.add_parser("generate", help="generate text with (or without) an adapter",
+                       description="Generate text; prompts are wrapped in the adapter's training template unless --raw.")
+    p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
+    _add_adapter_args(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt")
-    g.add_argument("--prompts", help="text file, one prompt per line")
-    p.add_argument("--raw", action="store_true", help="do not wrap prompts in the adapter's training template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", help="one prompt (this or --prompts is required)")
+    g.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (this or --prompt is required)")
+    p.add_argument("--raw", action="store_true", help="do not wrap prompts in the adapter's training template "
+                   "(default: wrap them)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0 (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling, with --temperature > 0 (default: 50)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -209,6 +227,7 @@ def cmd_generate(args) -> int:
     if _encoder_kind(args.model, None):
         raise D.DataError(f"generate does not apply to {args.model}: it is an encoder (a classifier, not a text "
                           "generator); use `prefixtune eval` to score an encoder classifier's adapter")
+    args.adapter = resolve_adapter(args)
     info = {} if args.raw else read_task_info(args.adapter)
     template = info.get("prompt_template")
     if template and info.get("task") in ("classify", "instruct"):

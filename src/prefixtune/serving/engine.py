@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import inject
-from ..adapter_io import CONFIG_NAME
+from ..adapter_io import CONFIG_NAME, RUN_MARKER, resolve_adapter_dir
 from ..config import ConfigError, check_adapter_name
 
 log = logging.getLogger("prefixtune.serve")
@@ -287,8 +287,15 @@ class Engine:
         target = (self.adapters_dir / path).resolve()
         if target != self.adapters_dir and self.adapters_dir not in target.parents:
             raise EngineError(f"adapter path {path!r} leaves the adapters directory; give a path inside it", 400)
+        try:
+            target, note = resolve_adapter_dir(target)  # a training run directory -> its final adapter/
+        except ConfigError:
+            note = None
         if not (target / CONFIG_NAME).is_file():
-            raise EngineError(f"no adapter at {path!r} (expected {CONFIG_NAME} in that directory)", 404)
+            raise EngineError(f"no adapter at {path!r} (expected {CONFIG_NAME} in that directory, or a training "
+                              "run's adapter/)", 404)
+        if note:
+            log.info("%s: %s", path, note)
         return target
 
     def load_adapter(self, name: str, path: str) -> None:
@@ -320,8 +327,8 @@ class Engine:
         if self.adapters_dir is None:
             return loaded
         for sub in sorted(p for p in self.adapters_dir.iterdir() if p.is_dir()):
-            if not (sub / CONFIG_NAME).is_file():
-                continue
+            if not (sub / CONFIG_NAME).is_file() and not (sub / RUN_MARKER).is_file():
+                continue  # neither an adapter nor a training run (resolve_adapter_path takes a run's adapter/)
             try:
                 self.load_adapter(sub.name, sub.name)
                 loaded.append(sub.name)

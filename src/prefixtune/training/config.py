@@ -2,6 +2,9 @@
 
     cfg = TrainConfig.from_sources("examples/financial_phrasebank_t5.yaml", {"max_steps": 10})
 
+The prefix itself is a nested PrefixConfig (`cfg.prefix`), declared once in prefixtune/config.py; recipes and
+flags name its fields flat (`num_virtual_tokens: 10`, `--num-virtual-tokens 10`) or, in recipes, under
+`prefix:`. Each field's metadata (group, help, choices) is what `prefixtune train --help` shows (cli/flags.py).
 Unknown YAML keys and bad values raise RecipeError naming the key and the fix.
 """
 
@@ -12,12 +15,13 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, PrefixConfig
 
 TASKS = ("classify", "instruct", "chat", "lm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
+ON_TRUNCATE = ("warn", "error", "drop")
 
 
 # Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).
@@ -33,59 +37,75 @@ class RecipeError(ConfigError):
     """A bad recipe key/value or flag combination."""
 
 
+def _f(default, group: str, help: str, **meta):
+    """A TrainConfig field: its flag's argparse group and help live here, next to the default (cli/flags.py)."""
+    kind = "default_factory" if callable(default) else "default"
+    return field(**{kind: default}, metadata={"group": group, "help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
+    """A training run. The `prefixtune train` flags are generated from these fields (cli/flags.py)."""
+
     # what to train on
-    model: str | None = None
-    train: str | None = None
-    eval: str | None = None
-    data_config: str | None = None  # Hub dataset config name, e.g. sentences_allagree
-    task: str | None = None
-    output: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    label_words: list[str] | None = None
-    prompt_template: str | None = None
-    max_length: int = 256
+    model: str | None = _f(None, "data", "base model: directory, Hub id or .gguf file", required=True)
+    train: str | None = _f(None, "data", "training data: CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset",
+                           required=True)
+    eval: str | None = _f(None, "data", "evaluation data (same formats as --train)", default_text="split "
+                          "--eval-fraction off --train")
+    data_config: str | None = _f(None, "data", "Hub dataset config name, e.g. sentences_allagree")
+    task: str | None = _f(None, "data", "what the prefix learns", choices=TASKS, required=True)
+    text_column: str | None = _f(None, "data", "input text column", default_text="guessed from the data")
+    label_column: str | None = _f(None, "data", "classify: label column", default_text="guessed from the data")
+    label_words: list[str] | None = _f(None, "data", "classify: comma-separated label set, e.g. "
+                                       "negative,neutral,positive", default_text="the labels found in the data")
+    prompt_template: str | None = _f(None, "data", "prompt with {text} (classify) or {instruction}/{input} (instruct)",
+                                     default_text="the task's built-in template")
+    max_length: int = _f(256, "data", "longest tokenized example (prompt + target)")
     # "warn": cut long prompts from the left (logged), but a target that does not fit is an error, never
     # silently cut; "error": any overflow is an error; "drop": skip examples that do not fit
-    on_truncate: str = "warn"
-    eval_fraction: float = 0.1
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    # the prefix
-    num_virtual_tokens: int = 20
-    projection: bool = False
-    projection_dim: int = 512
-    layer_scale: bool = True  # train the table in each layer's own key/value units (PrefixConfig.layer_scale)
-    init: str = "vocab"  # engine default, chosen by measurement (benchmarks/quality.py)
-    init_text: str | None = None
-    dropout: float = 0.0
+    on_truncate: str = _f("warn", "data", "an example longer than --max-length: warn = cut the prompt from the left "
+                          "(a target that does not fit is an error), error = stop, drop = skip it",
+                          choices=ON_TRUNCATE)
+    eval_fraction: float = _f(0.1, "data", "share of --train held out for evaluation when there is no --eval")
+    max_train_examples: int | None = _f(None, "data", "use at most this many training rows", default_text="all")
+    max_eval_examples: int | None = _f(None, "data", "use at most this many evaluation rows", default_text="all")
+    # the prefix: PrefixConfig's own fields (flags --num-virtual-tokens, --projection, ...; recipe keys flat or
+    # under `prefix:`)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig, metadata={"group": "prefix", "nested": True})
     # optimisation
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None  # None: the task's measured default (TASK_DEFAULTS)
-    projection_lr: float | None = None  # the projection MLP's rate (None: lr)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
+    max_steps: int | None = _f(None, "optimisation", "optimizer steps (instead of --epochs)")
+    epochs: float | None = _f(None, "optimisation", "passes over the training data", default_text="1 unless "
+                              "--max-steps is given")
+    batch_size: int = _f(8, "optimisation", "examples per forward pass (per device)")
+    grad_accum: int = _f(1, "optimisation", "forward passes per optimizer step")
+    lr: float | None = _f(None, "optimisation", "learning rate",
+                          default_text="per task: TASK_DEFAULTS, " + ", ".join(
+                              f"{t} {v['lr']:g}" for t, v in TASK_DEFAULTS.items()))
+    projection_lr: float | None = _f(None, "optimisation", "learning rate of the projection MLP", default_text="--lr")
+    weight_decay: float = _f(0.0, "optimisation", "AdamW weight decay")
+    warmup_ratio: float = _f(0.06, "optimisation", "share of the steps spent warming the learning rate up")
+    scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
+    max_grad_norm: float = _f(1.0, "optimisation", "clip the gradient norm to this")
+    seed: int = _f(0, "optimisation", "random seed (data order, split, prefix init)")
+    precision: str = _f("auto", "optimisation", "compute dtype (auto: bf16 where supported, else fp32)",
+                        choices=PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "optimisation", "recompute activations in backward to save memory")
     # evaluation / checkpoints / logging
-    eval_every: int | None = None  # steps; evals also run at the end of every epoch
-    eval_method: str = "rank"
-    eval_batch_size: int = 16
-    save_every: int | None = 50
-    patience: int | None = None  # evals without improvement before stopping early
-    log_every: int = 1
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    eval_every: int | None = _f(None, "evaluation", "evaluate every N steps (also at the end of every epoch)",
+                                default_text="end of every epoch")
+    eval_method: str = _f("rank", "evaluation", "classify: rank = label log-likelihood, generate = free generation",
+                          choices=EVAL_METHODS)
+    eval_batch_size: int = _f(16, "evaluation", "examples per evaluation batch")
+    patience: int | None = _f(None, "evaluation", "stop after this many evaluations without improvement",
+                              default_text="never stop early")
+    output: str | None = _f(None, "output", "run directory: adapter/, best/, checkpoints, metrics", required=True)
+    save_every: int | None = _f(50, "output", "checkpoint every N steps (for --resume)")
+    log_every: int = _f(1, "output", "write metrics every N steps")
+    resume: bool = _f(False, "output", "continue the run in --output from its latest checkpoint")
+    overwrite: bool = _f(False, "output", "replace the run in --output")
+    progress: bool = _f(True, "output", "show a progress bar")
+    extra: dict = field(default_factory=dict, metadata={"internal": True})
 
     def validate(self) -> "TrainConfig":
         for name in ("model", "train", "task", "output"):
@@ -103,7 +123,7 @@ class TrainConfig:
             raise RecipeError("give either max_steps or epochs, not both (a flag overrides the recipe's other one)")
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1
-        for name in ("batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise RecipeError(f"{name} must be a positive integer, got {v!r}")
@@ -124,36 +144,71 @@ class TrainConfig:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         return self
 
-    # fields that define a run: resuming with different values would not continue the same run
+    # Fields that define a run: resuming with different values would not continue the same run. Flat names (the
+    # prefix's ones read from self.prefix), so a run.json written before the prefix was nested compares equal.
     RUN_KEYS = ("model", "train", "eval", "task", "num_virtual_tokens", "projection", "projection_dim", "layer_scale", "init",
                 "batch_size", "grad_accum", "lr", "projection_lr", "seed", "max_steps", "epochs", "max_length", "scheduler")
 
     def run_identity(self) -> dict:
-        return {k: getattr(self, k) for k in self.RUN_KEYS}
+        ident = {k: getattr(self.prefix if k in PREFIX_KEYS else self, k) for k in self.RUN_KEYS}
+        # placement changes the adapter's shapes; older runs could only be "decoder", so it joins only when not
+        # the default and an old run.json still matches a default-placement resume
+        if self.prefix.placement != PrefixConfig.placement:
+            ident["placement"] = self.prefix.placement
+        return ident
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """Every key a recipe or flag may set: TrainConfig's own and the prefix's (flat)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "prefix"] + list(PREFIX_KEYS)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "key") -> "TrainConfig":
+        """Flat keys (`num_virtual_tokens: 10`) and/or a nested `prefix:` mapping -> TrainConfig (not validated)."""
+        values = dict(values)
+        nested = values.pop("prefix", None) or {}
+        if not isinstance(nested, (dict, PrefixConfig)):
+            raise RecipeError(f"{where} 'prefix' must be a mapping of PrefixConfig fields, got {type(nested).__name__}")
+        if isinstance(nested, PrefixConfig):
+            nested = {k: getattr(nested, k) for k in PREFIX_KEYS}
+        nested = {str(k).replace("-", "_"): v for k, v in nested.items()}
+        check_keys(values, where)
+        check_keys(nested, f"{where} under 'prefix:'", known=list(PREFIX_KEYS))
+        flat_prefix = {k: values.pop(k) for k in list(values) if k in PREFIX_KEYS}
+        both = sorted(k for k in flat_prefix if k in nested and flat_prefix[k] != nested[k])
+        if both:
+            raise RecipeError(f"{where} {both[0]!r} is given both flat and under 'prefix:' with different values; keep one")
+        return cls(**values, prefix=PrefixConfig(**{**nested, **flat_prefix}))
 
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, overrides: dict | None = None) -> "TrainConfig":
         """Recipe values, then every override that is not None (flags win)."""
         values = load_recipe(recipe) if recipe else {}
         over = {k: v for k, v in (overrides or {}).items() if v is not None}
+        check_keys(over, "flag")
         # --max-steps on top of a recipe's epochs (or the reverse) means "use this one instead"
         if "max_steps" in over:
             values.pop("epochs", None)
         if "epochs" in over:
             values.pop("max_steps", None)
-        check_keys(over, "flag")
-        return cls(**{**values, **over}).validate()
+        # a flag for a prefix field overrides the recipe's value, flat or nested
+        nested = dict(values.get("prefix") or {})
+        for k in over:
+            if k in PREFIX_KEYS:
+                nested.pop(k, None)
+        values["prefix"] = nested
+        return cls.from_dict({**values, **over}, "recipe").validate()
 
 
-def check_keys(d: dict, where: str) -> None:
-    known = TrainConfig.fields()
+# PrefixConfig fields a user sets; the rest are filled in by `attach` (base model, task type) or internal.
+PREFIX_KEYS = tuple(f.name for f in dataclasses.fields(PrefixConfig) if not f.metadata.get("internal"))
+
+
+def check_keys(d: dict, where: str, known: list[str] | None = None) -> None:
+    known = known or TrainConfig.fields()
     for k in d:
         if k not in known:
             close = difflib.get_close_matches(k, known, n=1)
@@ -174,12 +229,22 @@ def load_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise RecipeError(f"--config {p} must be a mapping of key: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    check_keys(data, f"recipe ({p.name})")
+    if "prefix" in data:
+        if not isinstance(data["prefix"], dict):
+            raise RecipeError(f"--config {p}: 'prefix' must be a mapping of PrefixConfig fields "
+                              f"({', '.join(PREFIX_KEYS)}), got {type(data['prefix']).__name__}")
+        data["prefix"] = {str(k).replace("-", "_"): v for k, v in data["prefix"].items()}
+        check_keys(data["prefix"], f"recipe ({p.name}) under 'prefix:'", known=list(PREFIX_KEYS))
+    check_keys({k: v for k, v in data.items() if k != "prefix"}, f"recipe ({p.name})")
     # YAML reads 1e-2 as a string; accept it as a number
-    for k in ("lr", "projection_lr", "weight_decay", "warmup_ratio", "dropout", "eval_fraction", "epochs"):
-        if isinstance(data.get(k), str):
-            try:
-                data[k] = float(data[k])
-            except ValueError:
-                raise RecipeError(f"recipe key {k!r} must be a number, got {data[k]!r}") from None
+    for where, d in (("", data), ("prefix.", data.get("prefix") or {})):
+        for k in NUMBER_KEYS:
+            if isinstance(d.get(k), str):
+                try:
+                    d[k] = float(d[k])
+                except ValueError:
+                    raise RecipeError(f"recipe key {where + k!r} must be a number, got {d[k]!r}") from None
     return data
+
+
+NUMBER_KEYS = ("lr", "projection_lr", "weight_decay", "warmup_ratio", "dropout", "init_scale", "eval_fraction", "epochs")

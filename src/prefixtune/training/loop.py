@@ -347,10 +347,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         say(f"encoder classifier: training the prefix and the {len(task_info['label_words'])}-way classification "
             "head (loss: the head's cross-entropy; evaluation: the head's argmax)")
 
-    pcfg = PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.projection,
-                        projection_dim=cfg.projection_dim, layer_scale=cfg.layer_scale, dropout=cfg.dropout, init=cfg.init, init_text=cfg.init_text)
-    if cfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
-        pcfg.extra["init_token_ids"] = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    pcfg = PrefixConfig.from_dict(cfg.prefix.to_dict())  # a copy: attach and init_token_ids fill it in
+    if pcfg.init == "text":  # the engine needs the description as token ids of this model's tokenizer
+        pcfg.extra["init_token_ids"] = tokenizer(pcfg.init_text, add_special_tokens=False)["input_ids"]
     pcfg.extra["task"] = cfg.task  # shown by `prefixtune info` and the model card
     if head:
         pcfg.extra["labels"] = list(task_info["label_words"])

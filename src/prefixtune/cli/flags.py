@@ -1,0 +1,91 @@
+"""`prefixtune train` flags generated from the config dataclasses: one source of truth for names, types, help, defaults.
+
+Each field of TrainConfig (and of its nested PrefixConfig) becomes `--field-name`, in the argparse group named by
+its metadata["group"], with metadata["help"] and the dataclass default in the help text. Fields marked
+metadata["internal"] get no flag. Every flag's argparse default is None, so only the flags actually given
+override a --config recipe (TrainConfig.from_sources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from ..config import PrefixConfig
+from ..training.config import TrainConfig
+
+GROUPS = {  # metadata["group"] -> argparse group title, in --help order
+    "data": "data",
+    "prefix": "prefix (PrefixConfig; recipe keys flat or under `prefix:`)",
+    "optimisation": "optimisation",
+    "evaluation": "evaluation",
+    "output": "output",
+}
+
+
+def comma_list(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("required"):  # validate() insists; a recipe may give it instead of the flag
+        return "required, here or in --config"
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(default, bool):
+        return f"--{_flag(f.name)}" if default else f"--no-{_flag(f.name)}"
+    return "not set" if default is None else str(default)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def flag_fields() -> list[tuple[dataclasses.Field, type, str]]:
+    """(field, resolved type, group) for every flag: TrainConfig's fields with PrefixConfig's in place of `prefix`.
+
+    A field declared without metadata still gets a flag (in "output"); tests/test_cli.py fails on its missing help.
+    """
+    out = []
+    for cls, group in ((TrainConfig, "output"), (PrefixConfig, "prefix")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal") or f.metadata.get("nested"):
+                continue
+            out.append((f, hints[f.name], f.metadata.get("group", group)))
+    return out
+
+
+def _scalar(tp) -> type:
+    """str | None -> str, list[str] | None -> list, int -> int."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    return typing.get_origin(tp) or tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for f, tp, group in flag_fields():
+        help = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".strip().replace("%", "%%")
+        kind = _scalar(tp)
+        kw: dict = dict(dest=f.name, default=None, help=help)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            kw.update(type=comma_list, metavar="A,B,...")
+        else:
+            kw["type"] = kind
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            else:
+                kw["metavar"] = {int: "N", float: "X"}.get(kind, f.name.upper())
+        groups[group].add_argument(f"--{_flag(f.name)}", **kw)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The flags' values by field name (None where a flag was not given)."""
+    return {f.name: getattr(args, f.name) for f, _, _ in flag_fields()}
