@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +38,10 @@ class PrefixModel(nn.Module):
             p.requires_grad_(False)
         inject.allow_checkpointing_with_prefix(base_model)
         self._fwd_params = set(inspect.signature(base_model.forward).parameters)
+        # transformers.Trainer keeps only the dataset columns that `inspect.signature(model.forward)` names, so the
+        # instance's forward advertises the base model's inputs (labels, decoder_attention_mask, token_type_ids...).
+        self.forward = functools.partial(type(self).forward, self)
+        self.forward.__signature__ = _advertised_signature(base_model.forward)
 
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None) -> None:
@@ -240,7 +246,9 @@ class PrefixModel(nn.Module):
         return any(n is not None and self.configs[n].placement == "full" for n in names)
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, labels=None, **kwargs):
+        if labels is not None:  # named here so transformers' find_labels(PrefixModel) sees it; the base computes the loss
+            kwargs["labels"] = labels
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         names = self._row_names(adapter_names, ref.shape[0])
         if self._needs_grouping(names):
@@ -455,6 +463,7 @@ class PrefixModel(nn.Module):
     @property
     def accepts_loss_kwargs(self) -> bool:
         """Trainer passes `num_items_in_batch` only if the model takes it; ours passes it on to the base model."""
+        _warn_if_stock_trainer(self)  # Trainer.__init__ reads this once
         if hasattr(self.base_model, "accepts_loss_kwargs"):
             return bool(self.base_model.accepts_loss_kwargs)
         return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.base_model.forward).parameters.values())
@@ -502,6 +511,47 @@ class PrefixModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._device
+
+
+def _warn_if_stock_trainer(model: PrefixModel) -> None:
+    """Say once that a stock transformers.Trainer is about to checkpoint the whole base model.
+
+    Trainer saves `model.state_dict()` whole for models that are not a PreTrainedModel, so each checkpoint holds the
+    frozen base too; PrefixTrainer writes adapter files only. The caller is found on the stack because the Trainer
+    never tells the model who is training it."""
+    if getattr(model, "_warned_stock_trainer", False):
+        return
+    try:
+        from transformers import Trainer
+    except ImportError:
+        return
+    frame = inspect.currentframe()
+    for _ in range(4):
+        frame = frame.f_back if frame is not None else None
+        owner = frame.f_locals.get("self") if frame is not None else None
+        if isinstance(owner, Trainer):
+            from .training.hf_trainer import PrefixTrainerMixin
+
+            if not isinstance(owner, PrefixTrainerMixin):
+                model._warned_stock_trainer = True
+                warnings.warn(
+                    f"{type(owner).__name__} is not a PrefixTrainer: its checkpoints will hold the whole frozen base model "
+                    "(model.safetensors), not the adapter; use prefixtune.hf_trainer.PrefixTrainer (or PrefixSFTTrainer) "
+                    "for adapter-only checkpoints and save_model() as an adapter directory",
+                    UserWarning, stacklevel=2,
+                )
+            return
+
+
+def _advertised_signature(base_forward) -> inspect.Signature:
+    """The base model's forward parameters (input_ids and attention_mask first, the rest keyword-only) plus
+    adapter_names and **kwargs: what `PrefixModel.forward` accepts, named the way the base model names it."""
+    P = inspect.Parameter
+    base = [p for p in inspect.signature(base_forward).parameters.values() if p.kind not in (P.VAR_KEYWORD, P.VAR_POSITIONAL)]
+    lead = [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in ("input_ids", "attention_mask")]
+    rest = [p.replace(kind=P.KEYWORD_ONLY) for p in base if p.name not in ("input_ids", "attention_mask")]
+    extra = [P("adapter_names", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD)]
+    return inspect.Signature(lead + rest + extra)
 
 
 def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default", tokenizer=None) -> PrefixModel:
