@@ -145,3 +145,17 @@ def test_task_defaults_fill_only_what_is_unset():
         cfg = TrainConfig(model="m", train="t", task=task, output="o").validate()
         assert cfg.lr == defaults["lr"]
     assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123
+
+
+def test_automatic_eval_split_is_capped_and_says_so(tmp_path, capsys):
+    """Without --eval the held-out rows come from --train; their evaluation is capped by default (and logged)."""
+    from helpers import classify_rows, model_dir, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", classify_rows(200))
+    base = dict(model=str(model_dir(tmp_path)), train=str(data), task="classify", max_steps=1, batch_size=4,
+                eval_fraction=0.5, progress=False, save_every=None)
+    capped = train(TrainConfig(**base, output=str(tmp_path / "a"), max_auto_eval_examples=20).validate())
+    assert "evaluating 20 of the 100 evaluation rows taken from --train" in capsys.readouterr().out
+    full = train(TrainConfig(**base, output=str(tmp_path / "b"), max_auto_eval_examples=0).validate())
+    n = lambda run: sum(1 for _ in open(tmp_path / run / "predictions.jsonl"))  # noqa: E731
+    assert (n("a"), n("b")) == (20, 100), (capped.get("report"), full.get("report"))

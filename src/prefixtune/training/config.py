@@ -70,6 +70,9 @@ class TrainConfig:
     eval_fraction: float = _f(0.1, "data", "share of --train held out for evaluation when there is no --eval")
     max_train_examples: int | None = _f(None, "data", "use at most this many training rows", default_text="all")
     max_eval_examples: int | None = _f(None, "data", "use at most this many evaluation rows", default_text="all")
+    # The split taken from --train can be thousands of rows; scoring them all can outlast the training itself.
+    max_auto_eval_examples: int = _f(500, "data", "without --eval (and --max-eval-examples), evaluate at most this "
+                                     "many of the rows split off --train; 0 = all")
     # the prefix: PrefixConfig's own fields (flags --num-virtual-tokens, --projection, ...; recipe keys flat or
     # under `prefix:`)
     prefix: PrefixConfig = field(default_factory=PrefixConfig, metadata={"group": "prefix", "nested": True})

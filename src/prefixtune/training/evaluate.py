@@ -91,7 +91,10 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 def _batches(features: list[dict], collate, batch_size: int, device):
-    for s in range(0, len(features), batch_size):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, silent in logs and CI
+    for s in tqdm(range(0, len(features), batch_size), desc="evaluating", unit="batch", leave=False, disable=None):
         yield {k: v.to(device) for k, v in collate(features[s : s + batch_size]).items()}
 
 

@@ -144,14 +144,19 @@ def load_source(source: str, config_name: str | None = None):
     return D.load_records(source)
 
 
-def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, head: bool = False):
+def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, head: bool = False, say=print):
     """-> (train tokenized, eval tokenized, eval records, task_info). head: encoder classifier (class-index labels)."""
     raw = load_source(cfg.train, cfg.data_config)
     train_raw, eval_raw = D.split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=cfg.eval)
     if cfg.max_train_examples and len(train_raw) > cfg.max_train_examples:
         train_raw = train_raw.shuffle(seed=cfg.seed).select(range(cfg.max_train_examples))
-    if cfg.max_eval_examples and len(eval_raw) > cfg.max_eval_examples:
-        eval_raw = eval_raw.select(range(cfg.max_eval_examples))
+    cap = cfg.max_eval_examples
+    if cap is None and cfg.eval is None and cfg.max_auto_eval_examples and len(eval_raw) > cfg.max_auto_eval_examples:
+        cap = cfg.max_auto_eval_examples
+        say(f"evaluating {cap} of the {len(eval_raw)} evaluation rows taken from --train (--max-auto-eval-examples 0 for all, "
+            "or --eval FILE / --max-eval-examples N)")
+    if cap and len(eval_raw) > cap:
+        eval_raw = eval_raw.select(range(cap))
     kw = dict(is_encoder_decoder=is_encoder_decoder, text_column=cfg.text_column, label_column=cfg.label_column,
               prompt_template=cfg.prompt_template, max_length=cfg.max_length, on_truncate=cfg.on_truncate, head=head)
     train_tok, info = D.tokenize_dataset(train_raw, tokenizer, cfg.task, label_words=cfg.label_words, **kw)
@@ -336,7 +341,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     kind = kind_of_config(model.config if model is not None else load_config(cfg.model), cfg.task)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     is_ed, head = kind == "seq2seq", kind == "encoder"
-    train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed, head=head)
+    train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed, head=head, say=say)
     if model is None:
         base, _ = load_model(cfg.model, dtype=dtype, device=str(acc.device), task=cfg.task,
                              label_names=task_info["label_words"] if head else None)
