@@ -8,6 +8,7 @@ models get the prompt as input_ids and the target as labels. Outputs are plain p
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -44,17 +45,13 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataError(f"{path} is a directory but not a dataset saved with save_to_disk ({e})") from e
+        except Exception as e:
+            raise DataError(f"{path} is a directory but not a dataset saved with save_to_disk ({type(e).__name__}: "
+                            f"{_first_line(e)}); pass the directory save_to_disk wrote, or a data file") from None
     elif suffix in (".csv", ".jsonl", ".json", ".parquet"):
         if not path.exists():
             raise DataError(f"data file {path} does not exist; check the path")
-        if suffix == ".csv":
-            ds = _read_csv(path)
-        elif suffix == ".parquet":
-            ds = Dataset.from_parquet(str(path))
-        else:
-            ds = Dataset.from_json(str(path))
+        ds = _read_file(path, suffix)
         ds.info.dataset_name = path.name  # so column errors can say which file
     else:
         try:
@@ -72,6 +69,70 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
     return ds
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _read_file(path: Path, suffix: str) -> Dataset:
+    """Read one data file; a broken file is a DataError naming the file (and the line, where one is to blame)."""
+    if suffix != ".parquet":
+        with open(path, "rb") as f:
+            if b"\0" in f.read(1 << 16):  # text in any encoding we read has no NUL bytes
+                raise DataError(f"{path} is not a text file (it holds NUL bytes): save it as UTF-8 or Latin-1 "
+                                f"{suffix[1:].upper()}")
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        try:
+            return Dataset.from_parquet(str(path))
+        except Exception as e:
+            raise DataError(f"{path} is not a readable Parquet file, perhaps truncated or corrupt "
+                            f"({type(e).__name__}: {_first_line(e)}); write it again") from None
+    _check_utf8(path)
+    try:
+        return Dataset.from_json(str(path))
+    except Exception as e:
+        raise DataError(_json_problem(path, suffix) or f"{path} could not be read as JSON Lines "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """JSON is UTF-8 by definition, and Arrow's reader would otherwise skip or mangle rows with a bad byte."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 (byte {offset + e.start}): JSON must be UTF-8; re-save it as "
+                                "UTF-8") from None
+            offset += len(chunk)
+
+
+def _json_problem(path: Path, suffix: str) -> str | None:
+    """The first broken line of a JSON Lines file (or the position in a .json document), said plainly."""
+    text = path.read_text(encoding="utf-8")  # _check_utf8 passed
+    if suffix == ".json" and text.lstrip().startswith(("[", "{")) and "\n{" not in text.strip():
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); fix that line"
+        return None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"{path} line {n}: each line must be a JSON object {{...}}, got {type(row).__name__}"
+    return None
+
+
 def _read_csv(path: Path) -> Dataset:
     import pandas as pd
 
@@ -82,6 +143,10 @@ def _read_csv(path: Path) -> Dataset:
             break
         except UnicodeDecodeError:
             log.info("%s is not utf-8, retrying as latin-1", path)
+        except pd.errors.ParserError as e:  # e.g. an unbalanced quote: "EOF inside string starting at row 7"
+            raise DataError(f"{path} is not a well-formed CSV ({_first_line(e)}); check the quotes on that row") from None
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path} is empty; it needs a header row and data rows") from None
     if len(df.columns) == 0:
         raise DataError(f"{path} has no columns; is it an empty CSV?")
     return Dataset.from_pandas(df, preserve_index=False)
