@@ -159,3 +159,40 @@ def test_automatic_eval_split_is_capped_and_says_so(tmp_path, capsys):
     full = train(TrainConfig(**base, output=str(tmp_path / "b"), max_auto_eval_examples=0).validate())
     n = lambda run: sum(1 for _ in open(tmp_path / run / "predictions.jsonl"))  # noqa: E731
     assert (n("a"), n("b")) == (20, 100), (capped.get("report"), full.get("report"))
+
+
+def test_report_to_tensorboard_logs_metrics_and_config(tmp_path):
+    """--report-to tensorboard: the event files hold the losses metrics.jsonl holds, and the run config."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import classify_rows, model_dir, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", classify_rows(24))
+    cfg = TrainConfig(model=str(model_dir(tmp_path)), train=str(data), task="classify", output=str(tmp_path / "run"),
+                      max_steps=3, batch_size=4, progress=False, save_every=None, report_to="tensorboard").validate()
+    train(cfg)
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    runs = [p.parent for p in (tmp_path / "run" / "prefixtune").rglob("events.out.tfevents.*")]
+    scalars = {}
+    for d in runs:
+        acc = EventAccumulator(str(d)).Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    want = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert [s for s, _ in scalars["loss"]] == [s for s, _ in want]
+    assert all(abs(v - w) < 1e-5 for (_, v), (_, w) in zip(scalars["loss"], want))
+    assert "eval_loss" in scalars  # the eval records too
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "run" / "prefixtune").rglob("events.out.tfevents.*"))
+    assert b"prefix.num_virtual_tokens" in raw and b"report_to" in raw  # the run config, as hparams
+
+
+def test_report_to_missing_package_is_one_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from prefixtune.training.loop import tracker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(Exception, match=r"--report-to wandb needs the wandb package: pip install wandb"):
+        tracker("wandb")

@@ -20,6 +20,7 @@ from ..config import ConfigError, PrefixConfig
 TASKS = ("classify", "instruct", "chat", "lm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
 ON_TRUNCATE = ("warn", "error", "drop")
 
@@ -108,6 +109,8 @@ class TrainConfig:
     resume: bool = _f(False, "output", "continue the run in --output from its latest checkpoint")
     overwrite: bool = _f(False, "output", "replace the run in --output")
     progress: bool = _f(True, "output", "show a progress bar")
+    report_to: str = _f("none", "output", "also log metrics and the run config to an experiment tracker, through "
+                        "accelerate (tensorboard writes under <output>/prefixtune)", choices=REPORT_TO)
     extra: dict = field(default_factory=dict, metadata={"internal": True})
 
     def validate(self) -> "TrainConfig":

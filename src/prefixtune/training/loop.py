@@ -227,9 +227,37 @@ def _dir_bytes(p: Path) -> int:
 
 # ----------------------------------------------------------------------------- metrics & curves
 
-def log_metrics(out: Path, record: dict) -> None:
+def log_metrics(out: Path, record: dict, acc=None) -> None:
+    """One line of metrics.jsonl; the same numbers go to the experiment tracker, if any (--report-to)."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    if acc is not None and acc.trackers:
+        acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"])
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's log_with for --report-to, after checking its package is installed (else one clear error)."""
+    if report_to in (None, "none"):
+        return None
+    import importlib.util
+
+    package = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--report-to {report_to} needs the {package} package: pip install {package}")
+    return report_to
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """The run config as flat scalars (trackers such as TensorBoard's hparams take nothing else)."""
+    flat = {}
+    for k, v in cfg.to_dict().items():
+        for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)]):
+            key = k if k2 is None else f"{k}.{k2}"
+            flat[key] = v2 if isinstance(v2, (int, float, str, bool)) else str(v2)
+    return flat
 
 
 def truncate_metrics(out: Path, step: int) -> None:
@@ -319,7 +347,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
 
     cfg.validate()
     dtype, mixed = precision_plan(cfg.precision)
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_multiprocess())
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_multiprocess(),
+                      log_with=tracker(cfg.report_to), project_dir=cfg.output)
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
     if acc.num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
@@ -334,6 +363,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
     acc.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
+    if acc.log_with:
+        acc.init_trackers("prefixtune", config=tracker_config(cfg), init_kwargs={"wandb": {"name": out.name}})
 
     from ..loading import check_classifier, load_config, load_model, load_tokenizer
 
@@ -443,7 +474,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if main and (step % cfg.log_every == 0 or step == total):
             log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_val, "lr": lr,
-                              "tokens_per_s": round(tok_s, 1)})
+                              "tokens_per_s": round(tok_s, 1)}, acc)
 
         if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
             ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
@@ -459,7 +490,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
             else:
                 state["bad_evals"] += 1
             if main:
-                log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec})
+                log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec}, acc)
                 plot_curves(out)
             write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
             if cfg.patience and state["bad_evals"] >= cfg.patience and step < total:
@@ -496,6 +527,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         say(pm.parameter_summary())
         say(f"adapter saved to {out / 'adapter'} ({_human(_dir_bytes(out / 'adapter'))} on disk); "
             f"best eval {'accuracy' if cfg.task == 'classify' else '-loss'} {state['best']:.4f} in {out / 'best'}")
+    acc.end_training()
     acc.wait_for_everyone()
     return {"steps": state["step"], "best": state["best"], "last_eval": {k: v for k, v in (last_eval or {}).items() if k != "report"},
             "stopped_early": stopped_early, "output": str(out), "report": (last_eval or {}).get("report"), "model": pm, "tokenizer": tokenizer}
