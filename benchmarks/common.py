@@ -9,7 +9,6 @@ import torch
 
 from prefixtune.training import data as D
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_device_args, check_device_args, rank_accuracy
 
 import prefixtune as pt
-from common import add_device_args, check_device_args, rank_accuracy
 from prefixtune.training import data
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
@@ -100,7 +100,8 @@ VARIANTS = {
 }
 
 
-INSTRUCT_VARIANTS = ["prefixtune default (vocab init, layer_scale)", "prefixtune vocab init, plain table", "peft prefix (random init)", "peft LoRA r=8 q,v"]
+INSTRUCT_VARIANTS = ["prefixtune default (vocab init, layer_scale)", "prefixtune vocab init, plain table",
+                     "peft prefix (random init)", "peft LoRA r=8 q,v"]
 
 
 def rank_acc(model, tok, eval_ds) -> float:
@@ -266,7 +267,8 @@ def main():
     print("| variant | trainable params | lr | step-0 loss | final train loss | held-out accuracy | s/step |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['trainable']:,} | {r['lr'] if isinstance(r['lr'], str) else format(r['lr'], 'g')} | {r['step0_loss']:.2f} | {r['final_loss']:.3f} | "
+        lr = r['lr'] if isinstance(r['lr'], str) else format(r['lr'], 'g')
+        print(f"| {name} | {r['trainable']:,} | {lr} | {r['step0_loss']:.2f} | {r['final_loss']:.3f} | "
               f"{r['accuracy']:.3f} | {r['s_per_step']:.2f} |")
     if instruct:
         print(f"\nInstruct ({args.instruct_steps} steps): held-out loss on the response tokens\n")

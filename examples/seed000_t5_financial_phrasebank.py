@@ -100,7 +100,8 @@ def split(rows, fraction, seed):
 def encode(rows, tokenizer, max_length):
     enc = tokenizer([PROMPT.format(sentence=r["sentence"]) for r in rows], truncation=True, max_length=max_length)
     tgt = tokenizer([LABEL_WORDS[r["label"]] for r in rows])
-    return [{"input_ids": i, "attention_mask": m, "labels": t} for i, m, t in zip(enc["input_ids"], enc["attention_mask"], tgt["input_ids"])]
+    return [{"input_ids": i, "attention_mask": m, "labels": t}
+            for i, m, t in zip(enc["input_ids"], enc["attention_mask"], tgt["input_ids"])]
 
 
 # %% [markdown]

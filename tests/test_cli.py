@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
 from prefixtune.cli.main import main
@@ -302,9 +301,9 @@ def test_hooked_subcommands_take_their_own_flags(command, capsys):
 def test_serve_adapters_dir_takes_a_run_dir(tmp_path):
     """`serve --adapters DIR`: an entry that is a training run serves its final adapter/ under the run's name."""
     import torch
+    from helpers import make
 
     import prefixtune as pt
-    from helpers import make
     from prefixtune.serving.engine import Engine
 
     src = pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2, init="random", layer_scale=False))

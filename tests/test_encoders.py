@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-
-import prefixtune as pt
 from conftest import WORDS
+from peft import PeftModel
 from trainkit import classify_rows, write_jsonl
 
+import prefixtune as pt
 from prefixtune.cli.main import main
 
 ENCODERS = ("bert", "roberta", "electra")
@@ -149,11 +148,11 @@ def test_padded_batch_matches_peft(kind, tmp_path):
 
 
 def test_hf_trainer_trains_prefix_and_head(tmp_path):
+    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from prefixtune.hf_trainer import PrefixTrainer
     from prefixtune.training import data as D
-    from datasets import Dataset
 
     mdir = encoder_dir(tmp_path, "bert")
     tok = encoder_tokenizer("bert")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune as pt
-import tiny
 
 
 def _randomise(model, seed=0):

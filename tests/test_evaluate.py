@@ -1,11 +1,10 @@
 """Scoring on label positions, rank/generate classification, reports."""
 
 import pytest
-import torch
-from datasets import Dataset
-
 import tiny
+import torch
 from conftest import make_tokenizer
+from datasets import Dataset
 
 import prefixtune as pt
 from prefixtune.training import evaluate as E

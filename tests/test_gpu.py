@@ -10,14 +10,14 @@ import importlib.util
 import time
 
 import pytest
-import torch
-
-import prefixtune as pt
 import tiny
-from prefixtune.serving.engine import Engine, Request, SamplingParams
-from prefixtune.training.loop import LossModule
+import torch
 from test_engine import PAD_SIDE, _pad, _randomise, _two_adapters
 from test_scheduler import Collector, random_workload, three_adapters
+
+import prefixtune as pt
+from prefixtune.serving.engine import Engine, Request, SamplingParams
+from prefixtune.training.loop import LossModule
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"

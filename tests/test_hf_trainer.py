@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import make
 from transformers import TrainingArguments
 
 import prefixtune as pt
 from prefixtune.training.hf_trainer import PrefixTrainer
-from tiny import make
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -9,10 +9,10 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import constants, errors
+from tiny import make
 
 import prefixtune as pt
 from prefixtune import hub
-from tiny import make
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens there: connection refused at once
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny import make
 
 import prefixtune as pt
 from prefixtune import cli
 from prefixtune.cli import info
-from tiny import make
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import inspect
 import datasets
 import pytest
 import torch
+from helpers import make
 from transformers import Trainer, TrainingArguments
 
 import prefixtune as pt
-from helpers import make
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

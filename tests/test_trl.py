@@ -7,9 +7,10 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from tiny import make  # noqa: E402
+
 import prefixtune as pt  # noqa: E402
 from prefixtune.training.hf_trainer import PrefixSFTTrainer  # noqa: E402
-from tiny import make  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 

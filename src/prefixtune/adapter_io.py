@@ -155,7 +155,8 @@ def read_adapter(directory, arch, head):
         )
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
-        extra_hint = " (found adapter_model.bin: re-save it as safetensors; pickles are not loaded)" if (d / "adapter_model.bin").exists() else ""
+        pickle = (d / "adapter_model.bin").exists()
+        extra_hint = " (found adapter_model.bin: re-save it as safetensors; pickles are not loaded)" if pickle else ""
         raise ConfigError(f"{d} has no {WEIGHTS_NAME}{extra_hint}")
     try:
         tensors = load_file(weights)
@@ -201,9 +202,11 @@ def read_adapter(directory, arch, head):
         if prefix is not None:
             head_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             mine = head.state_dict()
-            bad = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(mine[k].shape)}" for k, v in head_state.items() if k in mine and mine[k].shape != v.shape]
+            bad = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(mine[k].shape)}"
+                   for k, v in head_state.items() if k in mine and mine[k].shape != v.shape]
             if bad or set(head_state) != set(mine):
-                raise ConfigError(f"classifier head in {weights} does not fit the model ({'; '.join(bad) or sorted(head_state)}): different number of labels?")
+                raise ConfigError(f"classifier head in {weights} does not fit the model "
+                                  f"({'; '.join(bad) or sorted(head_state)}): different number of labels?")
     return cfg, state, head_state
 
 

@@ -95,7 +95,7 @@ class PrefixConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrefixConfig":
+    def from_dict(cls, d: dict) -> PrefixConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

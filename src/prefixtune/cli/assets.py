@@ -112,7 +112,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     except ImportError as e:
-        raise AssetError(f"loading {gguf_path} needs the `gguf` package: pip install 'prefixtune[gguf]' ({e})")
+        raise AssetError(f"loading {gguf_path} needs the `gguf` package: pip install 'prefixtune[gguf]' ({e})") from None
     model.eval()
     model.config.save_pretrained(out)
     if model.generation_config is not None:

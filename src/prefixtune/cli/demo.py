@@ -50,12 +50,12 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
 
 
 def run(args) -> int:
-    from . import assets
-    from ..training import evaluate as E
-    from ..loading import load_model
     from ..config import PrefixConfig
+    from ..loading import load_model
+    from ..training import evaluate as E
     from ..training.config import TrainConfig
-    from ..training.loop import train
+    from ..training.loop import fit
+    from . import assets
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -84,8 +84,7 @@ def run(args) -> int:
                                           layer_scale=False),  # as measured (README); not re-run with it
                       max_steps=steps, batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"],
                       warmup_ratio=0.05, eval_every=steps, save_every=50, overwrite=True)
-    summary = train(cfg, model=base, tokenizer=tok)
-    model = summary["model"]
+    summary, model = fit(cfg, model=base, tokenizer=tok)
     after = summary["report"]  # the final eval on the same held-out set, rank method
     print("\n" + E.format_report(after))
     print("\nsome held-out tweets (generated answers):")

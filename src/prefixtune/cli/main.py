@@ -16,8 +16,8 @@ EXIT_USAGE = 2
 
 
 def _known_errors() -> tuple[type, ...]:
-    from .assets import AssetError
     from ..config import ConfigError
+    from .assets import AssetError
 
     if _missing_train_extra():  # info/serve run without the [train] extra; DataError lives with it
         return ConfigError, AssetError
@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig.from_sources(args.config, overrides(args))
     summary = train(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "tokenizer")}, default=str))
+    print(json.dumps(summary))
     return 0
 
 
@@ -125,11 +125,11 @@ def _add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-    from ..training import data as D
-    from ..training import evaluate as E
     from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
+    from ..training import data as D
+    from ..training import evaluate as E
     from ..training.config import EVAL_METHODS, TASKS, RecipeError
 
     if args.task not in TASKS:
@@ -211,9 +211,9 @@ def cmd_generate(args) -> int:
     import torch
 
     from .. import inject
-    from ..training import data as D
     from ..loading import load_model
     from ..model import load_adapter
+    from ..training import data as D
 
     if args.prompts:
         path = Path(args.prompts)

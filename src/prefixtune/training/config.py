@@ -113,7 +113,7 @@ class TrainConfig:
                         "accelerate (tensorboard writes under <output>/prefixtune)", choices=REPORT_TO)
     extra: dict = field(default_factory=dict, metadata={"internal": True})
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for name in ("model", "train", "task", "output"):
             if not getattr(self, name):
                 raise RecipeError(f"missing {name}: pass --{name} or set `{name}:` in the recipe")
@@ -172,7 +172,7 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "prefix"] + list(PREFIX_KEYS)
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "key") -> "TrainConfig":
+    def from_dict(cls, values: dict, where: str = "key") -> TrainConfig:
         """Flat keys (`num_virtual_tokens: 10`) and/or a nested `prefix:` mapping -> TrainConfig (not validated)."""
         values = dict(values)
         nested = values.pop("prefix", None) or {}
@@ -190,7 +190,7 @@ class TrainConfig:
         return cls(**values, prefix=PrefixConfig(**{**nested, **flat_prefix}))
 
     @classmethod
-    def from_sources(cls, recipe: str | Path | None = None, overrides: dict | None = None) -> "TrainConfig":
+    def from_sources(cls, recipe: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
         """Recipe values, then every override that is not None (flags win)."""
         values = load_recipe(recipe) if recipe else {}
         over = {k: v for k, v in (overrides or {}).items() if v is not None}

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import datasets
 import torch
@@ -326,7 +327,7 @@ def _fmt(template: str, row: dict, **fields) -> str:
     try:
         return template.format(**{**row, **fields})
     except KeyError as e:
-        raise DataError(f"prompt_template {template!r} uses {e}, which is not a column; columns: {', '.join(row)}")
+        raise DataError(f"prompt_template {template!r} uses {e}, which is not a column; columns: {', '.join(row)}") from None
 
 
 def encode_for_head(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:

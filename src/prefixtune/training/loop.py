@@ -30,18 +30,17 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import data as D
-from . import evaluate as E
 from ..adapter_io import write_text_atomic as _write_text_atomic
 from ..config import ConfigError, PrefixConfig
 from ..inject import kind_of_config
+from . import data as D
+from . import evaluate as E
 from .config import TrainConfig
 
 CKPT_PREFIX = "checkpoint-"
@@ -337,8 +336,15 @@ def _cpu_multiprocess() -> bool:
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None = None) -> dict:
-    """Train a prefix as `cfg` says. `model`/`tokenizer` skip loading (tests, demo); `stop_after` returns after
-    that many optimizer steps (after any checkpoint at that step), as if the run had been killed there."""
+    """Train a prefix as `cfg` says; -> a plain, JSON-ready summary (steps, best, last_eval, report, output).
+
+    `model`/`tokenizer` skip loading (tests, demo); `stop_after` returns after that many optimizer steps (after any
+    checkpoint at that step), as if the run had been killed there. `fit` also hands back the trained PrefixModel."""
+    return fit(cfg, model, tokenizer, stop_after=stop_after)[0]
+
+
+def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None = None):
+    """`train`, returning (summary, the trained PrefixModel) for callers that go on using the model in-process."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -428,7 +434,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         f"{len(eval_raw)} eval examples | {total} steps of {per_step} examples ({steps_per_epoch} per epoch) | "
         f"{world} process(es) on {acc.device}")
 
-    crash_at = int(os.environ.get("PREFIXTUNE_CRASH_AFTER_STEP", "0"))  # for tests: SIGKILL ourselves there
     bar = tqdm(total=total, initial=state["step"], disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
     write = bar.write if main else say  # tqdm.write prints even on a disabled bar: once per process
     pm.train()
@@ -501,13 +506,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
                 save_checkpoint(out, pm, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                 scheduler, dict(state))
             acc.wait_for_everyone()
-            if crash_at and step == crash_at:
-                os.kill(os.getpid(), signal.SIGKILL)
         if stopped_early or (stop_after is not None and step >= stop_after):
             break
     bar.close()
     if stop_after is not None and state["step"] < total and not stopped_early:
-        return {"stopped_at": state["step"]}
+        return {"stopped_at": state["step"]}, pm
 
     # final artefacts
     if main:
@@ -527,7 +530,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | Non
         say(pm.parameter_summary())
         say(f"adapter saved to {out / 'adapter'} ({_human(_dir_bytes(out / 'adapter'))} on disk); "
             f"best eval {'accuracy' if cfg.task == 'classify' else '-loss'} {state['best']:.4f} in {out / 'best'}")
-    acc.end_training()
+    for t in acc.trackers:  # not acc.end_training(): it also tears down the process group a caller may still use
+        t.finish()
     acc.wait_for_everyone()
-    return {"steps": state["step"], "best": state["best"], "last_eval": {k: v for k, v in (last_eval or {}).items() if k != "report"},
-            "stopped_early": stopped_early, "output": str(out), "report": (last_eval or {}).get("report"), "model": pm, "tokenizer": tokenizer}
+    summary = {"steps": state["step"], "best": state["best"], "stopped_early": stopped_early, "output": str(out),
+               "last_eval": {k: v for k, v in (last_eval or {}).items() if k != "report"},
+               "report": (last_eval or {}).get("report")}
+    return summary, pm
