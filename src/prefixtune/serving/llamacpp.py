@@ -111,7 +111,7 @@ class LlamaCppModel:
             lib.llama_model_free(self.model)
             raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} cells for {self.path.name}; lower n_ctx")
         self.n_ctx = lib.llama_n_ctx(self.ctx)
-        self.n_batch = n_batch
+        self.n_batch = lib.llama_n_batch(self.ctx)  # llama.cpp clamps it to n_ctx; decode() chunks by it
         self.mem = lib.llama_get_memory(self.ctx)
         self.max_adapters = max_adapters
         self._batch = lib.llama_batch_init(n_batch, 0, 1)

@@ -1,0 +1,243 @@
+"""The llama.cpp backend: prefixes written into llama.cpp's KV cache give our PyTorch path's outputs.
+
+Tiny random models are written as F32 GGUF files (tests/gguf_models.py), so llama.cpp and transformers run the
+same weights; llama.cpp's cache is F32 where logits are compared at 1e-3 (its default f16 cache is checked
+separately with a looser bound). Needs the `[llamacpp]` extra (CI installs it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prefixtune as pt
+from gguf_models import make_model, write_gguf, write_tiny_gguf
+from prefixtune.serving import llamacpp_cache
+from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel
+
+ADAPTERS = {"short": 3, "mid": 7, "long": 12}  # name -> prefix length
+N_PROMPTS = 20
+
+
+def _randomise(model: pt.PrefixModel) -> pt.PrefixModel:
+    """Zero-init prefixes change nothing; random ones (at the model's key/value scale) change every logit."""
+    with torch.no_grad():
+        for enc in model.prefixes.values():
+            for p in enc.parameters():
+                p.copy_(torch.randn_like(p) * 2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny GQA Llama as GGUF, the same weights in transformers with three saved adapters of different lengths."""
+    root = tmp_path_factory.mktemp("llamacpp")
+    path, hf = write_tiny_gguf(root / "tiny-llama.gguf", "llama")
+    first, *rest = ADAPTERS
+    model = pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[first]), first)
+    for name in rest:
+        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[name]))
+    _randomise(model)
+    for name in ADAPTERS:
+        model.save_adapter(root / "adapters" / name, name)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, hf.config.vocab_size, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(N_PROMPTS)]
+    return {"root": root, "gguf": path, "model": model, "prompts": prompts}
+
+
+@pytest.fixture(scope="module")
+def lcpp(tiny):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=4096, max_sequences=3 * N_PROMPTS + 4, max_adapters=4, kv_type="f32", n_threads=1)
+    for name in ADAPTERS:
+        m.load_prefix(name, m.adapter_layers(tiny["root"] / "adapters" / name))
+    yield m
+    m.close()
+
+
+def greedy(m: LlamaCppModel, rows, new_tokens: int):
+    """Greedy decode of all rows at once (one llama_decode per step) -> (first-step logits, generated ids)."""
+    seqs = [m.open_sequence(name) for name, _ in rows]
+    try:
+        logits = m.decode([(s, ids, p) for (s, p), (_, ids) in zip(seqs, rows)])
+        first = logits.copy()
+        pos = [p + len(ids) for (_, p), (_, ids) in zip(seqs, rows)]
+        out = [[t] for t in logits.argmax(-1).tolist()]
+        for _ in range(new_tokens - 1):
+            logits = m.decode([(s, [o[-1]], q) for (s, _), o, q in zip(seqs, out, pos)])
+            pos = [q + 1 for q in pos]
+            for o, t in zip(out, logits.argmax(-1).tolist()):
+                o.append(t)
+    finally:
+        for s, _ in seqs:
+            m.close_sequence(s)
+    return first, out
+
+
+def reference(model: pt.PrefixModel, name, ids, new_tokens: int):
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x, adapter_names=[name]).logits[0, -1].numpy()
+    out = model.generate(input_ids=x, adapter_names=[name], max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return logits, out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_writer_gives_llama_cpp_the_transformers_logits(tmp_path, arch):
+    path, hf = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
+    m = LlamaCppModel(path, n_ctx=64, max_sequences=1, max_adapters=1, kv_type="f32", n_threads=1)
+    ids = [5, 17, 40, 99, 200, 300, 11, 7]
+    seq, pos = m.open_sequence(None)
+    got = m.decode([(seq, ids, pos)])[0]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert m.arch.kv_heads == 2 and m.arch.num_heads == 4 and m.arch.head_dim == (getattr(hf.config, "head_dim", None) or 16)
+    m.close()
+
+
+def test_transformers_loads_the_same_weights_from_the_gguf(tiny):
+    """The PyTorch engine loads GGUFs through loading.load_model: same weights, same tokenizer as llama.cpp."""
+    from prefixtune.loading import load_model
+
+    model, tok = load_model(str(tiny["gguf"]), dtype="fp32", device="cpu")
+    ids = torch.tensor([tiny["prompts"][0]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny["model"].base_model(ids).logits)
+    assert tok("the movie was great", add_special_tokens=False)["input_ids"]  # builds from the file's vocab
+
+
+def test_each_adapter_alone_matches_pytorch_greedy_and_logits(tiny, lcpp):
+    model = tiny["model"]
+    for name in ADAPTERS:
+        for ids in tiny["prompts"]:
+            first, out = greedy(lcpp, [(name, ids)], 8)
+            want_logits, want = reference(model, name, ids, 8)
+            assert np.abs(first[0] - want_logits).max() < 1e-3, name
+            assert out[0] == want, (name, ids)
+
+
+def test_all_adapters_and_the_bare_model_in_one_batch_match_pytorch(tiny, lcpp):
+    model = tiny["model"]
+    rows = [(name, ids) for ids in tiny["prompts"] for name in ADAPTERS] + [(None, ids) for ids in tiny["prompts"][:4]]
+    first, out = greedy(lcpp, rows, 8)
+    for i, (name, ids) in enumerate(rows):
+        want_logits, want = reference(model, name, ids, 8)
+        assert np.abs(first[i] - want_logits).max() < 1e-3, (name, ids)
+        assert out[i] == want, (name, ids)
+    # The check has teeth: prefixes change the continuations, and they are not one repeated token.
+    by_name = {name: [o for (n, _), o in zip(rows, out) if n == name] for name in ADAPTERS}
+    assert len({tuple(map(tuple, v)) for v in by_name.values()}) == len(ADAPTERS)
+    assert sum(len(set(o)) > 1 for o in out) > len(out) // 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_neox_rope_models_take_prefix_keys_unpermuted(tmp_path, arch):
+    path, hf = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
+    model = _randomise(pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=5)))
+    m = LlamaCppModel(path, n_ctx=128, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1)
+    assert not m.interleave_rope
+    m.load_prefix("default", model.prefix_layers("default"))
+    ids = [7, 30, 99, 5]
+    first, out = greedy(m, [("default", ids)], 6)
+    want_logits, want = reference(model, "default", ids, 6)
+    assert np.abs(first[0] - want_logits).max() < 1e-3 and out[0] == want
+    m.close()
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_f16_cache_and_both_v_layouts(tiny, flash_attn):
+    """llama.cpp's default f16 cache, with V transposed (flash attention off) or row-wise (on)."""
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f16", flash_attn=flash_attn, n_threads=1)
+    layers = tiny["model"].prefix_layers("mid")
+    m.load_prefix("mid", layers)
+    seq, _ = m.prefixes["mid"]
+    size = m.lib.llama_state_seq_get_size(m.ctx, seq)
+    buf = (__import__("ctypes").c_uint8 * size)()
+    m.lib.llama_state_seq_get_data(m.ctx, buf, size, seq)
+    blob = llamacpp_cache.parse(bytes(buf), m.arch.num_layers, m.arch.token_dim)
+    assert blob.v_trans is (not flash_attn) and blob.keys[0].dtype is np.float16
+    ids = tiny["prompts"][1]
+    first, _ = greedy(m, [("mid", ids)], 1)
+    want_logits, _ = reference(tiny["model"], "mid", ids, 1)
+    assert np.abs(first[0] - want_logits).max() < 2e-2  # f16 rounding of keys/values (and FA's f16 math)
+    m.close()
+
+
+def test_unload_keeps_running_sequences_and_frees_cells(tiny):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1)
+    layers = tiny["model"].prefix_layers("long")
+    m.load_prefix("long", layers)
+    assert m.used_cells == ADAPTERS["long"]
+    ids = tiny["prompts"][2]
+    seq, pos = m.open_sequence("long")
+    m.unload_prefix("long")
+    assert "long" not in m.prefixes and m.used_cells == ADAPTERS["long"]  # still shared by the running sequence
+    got = m.decode([(seq, ids, pos)])[0]
+    want, _ = reference(tiny["model"], "long", ids, 1)
+    assert np.abs(got - want).max() < 1e-3
+    m.close_sequence(seq)
+    assert m.used_cells == 0 and m.lib.llama_memory_seq_pos_max(m.mem, 0) == -1
+    m.load_prefix("long", layers)  # the freed slot is reusable
+    m.close()
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+def test_adapter_for_another_model_names_what_differs(tiny, tmp_path):
+    other = pt.attach(make_model("llama", layers=3), pt.PrefixConfig(num_virtual_tokens=4))
+    other.save_adapter(tmp_path / "other")
+    m = LlamaCppModel(tiny["gguf"], n_ctx=64, max_sequences=1, max_adapters=1, n_threads=1)
+    with pytest.raises(LlamaCppError, match=r"layers: adapter 3 vs model 2"):
+        m.adapter_layers(tmp_path / "other")
+    qwen3 = pt.attach(make_model("qwen3"), pt.PrefixConfig(num_virtual_tokens=4))  # head size 24 vs 16
+    qwen3.save_adapter(tmp_path / "qwen3")
+    with pytest.raises(LlamaCppError, match=r"head size: adapter 24 vs model 16"):
+        m.adapter_layers(tmp_path / "qwen3")
+    m.close()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    import gguf
+
+    from gguf_models import byte_bpe
+
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")  # metadata only: refused before any weights load
+    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 64), (w.add_block_count, 2),
+                   (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_layer_norm_eps, 1e-5)):
+        add(v)
+    tokens, merges, types = byte_bpe()
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LlamaCppError, match=r"architecture 'gpt2' is not supported.*llama, qwen2, qwen3"):
+        LlamaCppModel(tmp_path / "gpt2.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(LlamaCppError, match=r"cannot read this GGUF"):
+        LlamaCppModel(tmp_path / "junk.gguf")
+    with pytest.raises(LlamaCppError, match=r"GGUF file not found"):
+        LlamaCppModel(tmp_path / "missing.gguf")
+
+
+def test_prefix_longer_than_the_context_is_refused(tiny):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=1, max_adapters=1, n_threads=1)
+    a = m.arch
+    layers = [(torch.randn(a.kv_heads, 300, a.head_dim), torch.randn(a.kv_heads, 300, a.head_dim))] * a.num_layers
+    with pytest.raises(LlamaCppError, match=r"300 virtual tokens.*free cells of 256.*larger context"):
+        m.load_prefix("huge", layers)
+    assert m.used_cells == 0
+    m.close()
+
+
+def test_missing_llama_cpp_python_gives_the_install_command(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
+    with pytest.raises(LlamaCppError, match=r'pip install "prefixtune\[llamacpp\]"'):
+        LlamaCppModel(tiny["gguf"])
