@@ -241,3 +241,146 @@ def test_missing_llama_cpp_python_gives_the_install_command(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
     with pytest.raises(LlamaCppError, match=r'pip install "prefixtune\[llamacpp\]"'):
         LlamaCppModel(tiny["gguf"])
+
+
+# ---- the engine, the notebook entry and the HTTP layer ---------------------------------------------------
+WORDS = "the a movie film was is great good bad awful fine i it this that loved hated plot acting hello how are you".split()
+
+
+def text_prompts(n: int, seed: int = 0) -> list[str]:
+    rnd = np.random.default_rng(seed)
+    return [" ".join(rnd.choice(WORDS, size=int(rnd.integers(2, 8)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def backends(tiny):
+    """The same GGUF and adapters on both engines, each behind the notebook Generator."""
+    import prefixtune.llamacpp as ptl
+    from prefixtune.loading import load_model
+    from prefixtune.serving.engine import Engine
+    from prefixtune.serving.offline import Generator
+
+    lc = ptl.load(tiny["gguf"], tiny["root"] / "adapters", kv_type="f32", max_batch_size=64, n_threads=1)
+    base, tok = load_model(str(tiny["gguf"]), dtype="fp32", device="cpu")
+    torch_engine = Engine(pt.PrefixModel(base), tok, model_name="tiny-llama", adapters_dir=tiny["root"] / "adapters",
+                          max_batch_size=64)
+    assert torch_engine.load_dir() == sorted(ADAPTERS)
+    pyt = Generator(torch_engine)
+    yield lc, pyt
+    lc.close()
+    pyt.close()
+
+
+def test_backend_greedy_equals_the_pytorch_engine_per_adapter_and_mixed(backends):
+    lc, pyt = backends
+    prompts = text_prompts(N_PROMPTS)
+    for name in ADAPTERS:  # each adapter alone (its 20 prompts batched)
+        assert lc.generate(prompts, name, max_tokens=8, return_tokens=True) == \
+            pyt.generate(prompts, name, max_tokens=8, return_tokens=True), name
+    names = [n for n in ADAPTERS for _ in prompts] + [None] * 4
+    rows = prompts * len(ADAPTERS) + prompts[:4]
+    got = lc.generate(rows, names, max_tokens=8)
+    assert got == pyt.generate(rows, names, max_tokens=8)
+    assert max(lc.engine.batch_hist) > 2 * N_PROMPTS  # decode steps held rows of every adapter at once
+    assert len(set(got)) > len(rows) // 2
+
+
+def test_generate_takes_sampling_params_like_the_server(backends):
+    lc, pyt = backends
+    kw = dict(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)
+    a = lc.generate(["the movie was"] * 2, ["mid", None], **kw)
+    assert a == lc.generate(["the movie was"] * 2, ["mid", None], **kw)  # seeded: reproducible whatever the batch
+    assert lc.generate("the movie was", "mid", max_tokens=6, stop=" ") == \
+        pyt.generate("the movie was", "mid", max_tokens=6, stop=" ")
+    with pytest.raises(pt.ConfigError, match="unknown adapter"):
+        lc.generate("hi", "nope")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from prefixtune.serving.llamacpp_engine import build_llamacpp_engine
+
+    eng = build_llamacpp_engine(str(tiny["gguf"]), str(tiny["root"] / "adapters"), kv_type="f32", n_threads=1,
+                                max_batch_size=16, max_prompt_tokens=64, max_total_tokens=128)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def call(app, fn):
+    import asyncio
+
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as c:
+            return await fn(c)
+
+    return asyncio.run(go())
+
+
+def test_server_on_llama_cpp_serves_the_pytorch_engines_text(server, backends, tiny):
+    import asyncio
+    import json
+
+    from prefixtune.serving.api import create_app
+
+    _, pyt = backends
+    app = create_app(server)
+    prompts = text_prompts(6, seed=1)
+    cases = [(p, n) for p in prompts for n in ("tiny-llama", *ADAPTERS)]
+    want = [pyt.generate(p, None if n == "tiny-llama" else n, max_tokens=7) for p, n in cases]
+
+    async def one(c, p, n, stream):
+        r = await c.post("/v1/completions", json={"model": n, "prompt": p, "max_tokens": 7, "temperature": 0, "stream": stream})
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["text"]
+        events = [json.loads(b[6:]) for b in r.text.strip().split("\n\n")[:-1]]
+        return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+
+    async def run(c):
+        models = (await c.get("/v1/models")).json()
+        texts = await asyncio.gather(*(one(c, p, n, i % 2 == 1) for i, (p, n) in enumerate(cases)))
+        chat = await c.post("/v1/chat/completions", json={"model": "mid", "max_tokens": 5, "temperature": 0,
+                                                           "messages": [{"role": "user", "content": "hello how are you"}]})
+        return models, texts, chat
+
+    models, texts, chat = call(app, run)
+    assert [m["id"] for m in models["data"]] == ["tiny-llama", *sorted(ADAPTERS)]
+    assert texts == want
+    ids = pyt.engine.tokenizer.apply_chat_template([{"role": "user", "content": "hello how are you"}],
+                                                   add_generation_prompt=True, tokenize=False)
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == \
+        pyt.generate([pyt.engine.tokenizer(ids, add_special_tokens=False)["input_ids"]], "mid", max_tokens=5)[0]
+
+
+def test_server_hot_load_unload_and_bad_adapters(server, tiny, tmp_path):
+    from prefixtune.serving.api import create_app
+
+    pt.attach(make_model("llama", layers=3), pt.PrefixConfig(num_virtual_tokens=4)).save_adapter(
+        tiny["root"] / "adapters" / "wrong-model")
+    app = create_app(server)
+    req = {"model": "again", "prompt": "the movie was", "max_tokens": 5, "temperature": 0}
+
+    async def run(c):
+        out = {"before": await c.post("/v1/completions", json=req)}
+        out["load"] = await c.post("/v1/adapters", json={"name": "again", "path": "long"})
+        out["after"] = await c.post("/v1/completions", json=req)
+        out["long"] = await c.post("/v1/completions", json={**req, "model": "long"})
+        out["delete"] = await c.delete("/v1/adapters/again")
+        out["gone"] = await c.post("/v1/completions", json=req)
+        out["wrong"] = await c.post("/v1/adapters", json={"name": "w", "path": "wrong-model"})
+        out["too_long"] = await c.post("/v1/completions", json={**req, "model": "long", "max_tokens": 1000})
+        out["health"] = await c.get("/health")
+        out["metrics"] = await c.get("/metrics")
+        return out
+
+    out = call(app, run)
+    assert out["before"].status_code == 404 and out["load"].status_code == 201
+    assert out["after"].json()["choices"][0]["text"] == out["long"].json()["choices"][0]["text"]
+    assert out["delete"].status_code == 200 and out["gone"].status_code == 404
+    assert out["wrong"].status_code == 422 and "layers: adapter 3 vs model 2" in out["wrong"].json()["error"]["message"]
+    assert out["too_long"].status_code == 400 and "max_tokens" in out["too_long"].json()["error"]["message"]
+    assert out["health"].json()["status"] == "ok" and "prefixtune_adapters_loaded 3" in out["metrics"].text
+    assert server.model.used_cells == sum(ADAPTERS.values())  # the unloaded copy's cells were freed
