@@ -384,3 +384,21 @@ def test_server_hot_load_unload_and_bad_adapters(server, tiny, tmp_path):
     assert out["too_long"].status_code == 400 and "max_tokens" in out["too_long"].json()["error"]["message"]
     assert out["health"].json()["status"] == "ok" and "prefixtune_adapters_loaded 3" in out["metrics"].text
     assert server.model.used_cells == sum(ADAPTERS.values())  # the unloaded copy's cells were freed
+
+
+def test_cli_generate_backend_llamacpp_prints_what_the_torch_backend_prints(tiny, capsys, monkeypatch):
+    from prefixtune.cli.main import main
+
+    argv = ["generate", "--model", str(tiny["gguf"]), "--adapter", str(tiny["root"] / "adapters" / "mid"),
+            "--prompt", "the movie was great", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    torch_out = capsys.readouterr().out
+    assert main(argv + ["--backend", "llamacpp"]) == 0
+    assert capsys.readouterr().out == torch_out and torch_out.strip()
+    with pytest.raises(SystemExit, match="2"):
+        main(argv + ["--backend", "llamacpp", "--num-beams", "2"])
+    assert "--num-beams" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(SystemExit, match="2"):
+        main(argv + ["--backend", "llamacpp"])
+    assert 'pip install "prefixtune[llamacpp]"' in capsys.readouterr().err

@@ -264,3 +264,23 @@ def load(gguf_path, adapters=None, **engine_kw):
         engine.model.close()
         raise ConfigError(str(e)) from None
     return Generator(engine)
+
+
+def cli_generate(args, prompts: list[str]) -> int:
+    """`prefixtune generate --backend llamacpp`: the same prompts and printing as the torch path."""
+    from ..training.data import encode_pair
+
+    if args.num_beams != 1:
+        raise ConfigError("--num-beams: beam search is not available with --backend llamacpp; use --num-beams 1")
+    if args.temperature > 0 and args.top_k != 50:
+        raise ConfigError("--top-k is not applied by --backend llamacpp (it samples with temperature and --top-p); drop --top-k")
+    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8)
+    try:
+        ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
+        texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    finally:
+        gen.close()
+    for p, text in zip(prompts, texts):
+        print(f"### {p}\n{text.strip()}\n") if len(prompts) > 1 else print(text.strip())
+    return 0
