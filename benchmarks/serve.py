@@ -8,6 +8,12 @@ Same load three ways on one random-init Llama (CPU is fine), greedy, fixed lengt
                (measured with our scheduler, and with HF generate() per adapter group)
   single       the same number of requests, all on one adapter (the ceiling for mixing)
 Targets from the issue: mixed >= 4x per-adapter, mixed >= 0.8x single.
+
+    python benchmarks/serve.py --backends torch,llamacpp-q4_1,llamacpp-f16 [--gguf model.gguf] [--threads 2]
+
+The backend column: the same load on real GGUF weights (default: the demo's SmolLM2-135M-Instruct Q4_1; F16 is
+that file requantized), each backend in its own process: tokens/s and resident memory of the PyTorch engine
+(fp32, dequantized) vs the llama.cpp engine. Target from issue 11: llama.cpp >= 3x the tokens/s at <= half the memory.
 """
 
 from __future__ import annotations
@@ -74,7 +80,16 @@ def main():
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--backends", type=lambda s: s.split(","), default=None,
+                    help=f"compare serving backends on real GGUF weights instead: comma list of {','.join(BACKENDS)}")
+    ap.add_argument("--gguf", default=None, help="--backends: the model (default: the demo's SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--backend-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.backend_child:
+        return _backend_prep(args) if args.backend_child == "prep" else _backend_child(args)
+    if args.backends:
+        return backend_table(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +128,114 @@ def main():
         print(f"| {label} | {secs:.2f} | {tps:,.0f} | {mixed_tps / tps:.2f}x |")
     print(f"\nmixed / per-adapter = {mixed_tps / per_tps:.2f}x (target >= 4x): {'PASS' if mixed_tps >= 4 * per_tps else 'FAIL'}")
     print(f"mixed / single      = {mixed_tps / single_tps:.2f}x (target >= 0.8x): {'PASS' if mixed_tps >= 0.8 * single_tps else 'FAIL'}")
+
+
+# ---- backend column: the same load on real weights, PyTorch server vs llama.cpp (Q4_1, F16) ------------------
+BACKENDS = ("torch", "llamacpp-q4_1", "llamacpp-f16")
+
+
+def _backend_child(args) -> None:
+    """One backend in its own process (so its RSS is its own): load, warm up, time one wave, print a JSON line."""
+    import json
+    import resource
+    from pathlib import Path
+
+    import psutil
+
+    work = Path(args.workdir)
+    prompts = json.loads((work / "prompts.json").read_text())
+    names = [f"a{i % args.adapters}" for i in range(len(prompts))]
+    params = SamplingParams(max_tokens=args.output, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    if args.backend_child == "torch":
+        from prefixtune.loading import load_model
+
+        base, tok = load_model(args.gguf, dtype="fp32", device="cpu")
+        engine = Engine(pt.PrefixModel(base), tok, adapters_dir=work / "adapters", max_batch_size=len(prompts),
+                        max_queue=len(prompts), max_total_tokens=1024)
+    else:
+        from prefixtune.serving.llamacpp_engine import LlamaCppEngine
+
+        gguf = work / "model-f16.gguf" if args.backend_child == "llamacpp-f16" else args.gguf
+        cells = len(prompts) * (args.prompt + args.output) + args.adapters * args.prefix
+        engine = LlamaCppEngine(gguf, adapters_dir=work / "adapters", max_batch_size=len(prompts), max_queue=len(prompts),
+                                n_ctx=cells + 256, n_threads=args.threads or torch.get_num_threads())
+    assert len(engine.load_dir()) == args.adapters
+    engine.start()
+    load_s = time.perf_counter() - t0
+    run_engine(engine, [list(zip(names, prompts))[:4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    secs = min(run_engine(engine, [list(zip(names, prompts))], params) for _ in range(args.rounds))
+    engine.stop()
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps({"backend": args.backend_child, "secs": secs, "tps": len(prompts) * args.output / secs,
+                                  "rss": rss, "peak": peak, "load_s": load_s}))
+
+
+def _backend_prep(args) -> None:
+    """Random adapters of the model's shape, random prompts, and (if asked) the model requantized to F16."""
+    import json
+    from pathlib import Path
+
+    from prefixtune.loading import load_model
+
+    work = Path(args.workdir)
+    base, tok = load_model(args.gguf, dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=args.prefix, init="random"), "a0")
+    for i in range(args.adapters):
+        if i:
+            model.add_adapter(f"a{i}", pt.PrefixConfig(num_virtual_tokens=args.prefix, init="random"))
+        model.save_adapter(work / "adapters" / f"a{i}", f"a{i}")
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(100, base.config.vocab_size, (args.requests, args.prompt), generator=g)  # above the special-token ids
+    (work / "prompts.json").write_text(json.dumps(prompts.tolist()))
+    if args.backends and "llamacpp-f16" in args.backends:  # the same weights as F16 (dequantized Q4_1)
+        from prefixtune.serving.llamacpp import import_llama_cpp
+
+        lib = import_llama_cpp()
+        qp = lib.llama_model_quantize_default_params()
+        qp.ftype, qp.allow_requantize = lib.LLAMA_FTYPE_MOSTLY_F16, True
+        assert lib.llama_model_quantize(args.gguf.encode(), str(work / "model-f16.gguf").encode(), qp) == 0
+
+
+def backend_table(args) -> None:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if args.gguf is None:
+        from prefixtune.cli import assets
+
+        args.gguf = str(assets.smollm2_gguf())
+    work = Path(tempfile.mkdtemp(prefix="serve-backends-"))
+    # Children inherit their parent's peak RSS across exec (ru_maxrss), so this process stays small: the
+    # preparation (adapters, prompts, the F16 file) runs in a child of its own too.
+    common = ["--workdir", str(work), "--gguf", args.gguf, "--adapters", str(args.adapters), "--prompt", str(args.prompt),
+              "--output", str(args.output), "--prefix", str(args.prefix), "--rounds", str(args.rounds),
+              "--requests", str(args.requests)] + (["--threads", str(args.threads)] if args.threads else [])
+    need_f16 = ["--backends", "llamacpp-f16"] if "llamacpp-f16" in args.backends else []
+    prep = subprocess.run([sys.executable, __file__, "--backend-child", "prep"] + common + need_f16, capture_output=True, text=True)
+    if prep.returncode:
+        raise SystemExit(f"preparation failed:\n{prep.stderr[-3000:]}")
+    results = []
+    for b in args.backends:
+        cmd = [sys.executable, __file__, "--backend-child", b] + common
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{b} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(line[7:]))
+    ref = results[0]
+    print(f"\n{Path(args.gguf).name}: {args.adapters} adapters x P={args.prefix}, {args.requests} concurrent requests, "
+          f"prompt {args.prompt} / output {args.output} tokens (greedy, eos ignored), {args.threads or torch.get_num_threads()} threads\n")
+    print("| backend | wall s | tokens/s | vs torch | RSS after run MiB | peak RSS MiB | vs torch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['backend']} | {r['secs']:.1f} | {r['tps']:,.1f} | {r['tps'] / ref['tps']:.2f}x | {r['rss'] / 2**20:,.0f} | "
+              f"{r['peak'] / 2**20:,.0f} | {r['peak'] / ref['peak']:.2f}x |")
 
 
 if __name__ == "__main__":
