@@ -402,3 +402,28 @@ def test_cli_generate_backend_llamacpp_prints_what_the_torch_backend_prints(tiny
     with pytest.raises(SystemExit, match="2"):
         main(argv + ["--backend", "llamacpp"])
     assert 'pip install "prefixtune[llamacpp]"' in capsys.readouterr().err
+
+
+def test_requests_wait_for_kv_cells_and_a_failed_step_frees_its_sequences(tiny, backends, monkeypatch):
+    import prefixtune.llamacpp as ptl
+
+    _, pyt = backends
+    gen = ptl.load(tiny["gguf"], {"mid": tiny["root"] / "adapters" / "mid"}, kv_type="f32", n_ctx=256, max_batch_size=4,
+                   n_threads=1)
+    eng = gen.engine
+    prompts = text_prompts(4, seed=2)
+    # 4 x (prompt + 100) cells do not fit 256 - 7 at once: admission holds some back until cells free up.
+    got = gen.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
+    assert got == pyt.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
+    assert max(eng.batch_hist) < 4 and eng._reserved == 0
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(eng.model, "decode", boom)
+    with pytest.raises(RuntimeError, match="generation failed: RuntimeError: injected"):
+        gen.generate(prompts[:2], "mid", max_tokens=3)
+    monkeypatch.undo()
+    assert len(eng.model._free_req) == 4 and eng._reserved == 0 and eng.model.used_cells == 7
+    assert gen.generate(prompts[0], "mid", max_tokens=3) == pyt.generate(prompts[0], "mid", max_tokens=3)
+    gen.close()

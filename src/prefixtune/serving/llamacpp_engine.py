@@ -170,12 +170,18 @@ class LlamaCppEngine(Engine):
                     return
                 self._expire_pending()
                 new = []
-                free = self.model.n_ctx - self.model.used_cells - self._reserved
-                # FIFO: the head of the queue waits for cells rather than being overtaken forever
-                while self._pending and len(self._rows) + len(new) < self.max_batch_size and self._need(self._pending[0]) <= free:
-                    r = self._pending.popleft()
-                    free -= self._need(r)
-                    new.append(r)
+                with self.lock:  # adapter loads change the free cells; decide admissions against a settled count
+                    free = self.model.n_ctx - self.model.used_cells - self._reserved
+                    # FIFO: the head of the queue waits for cells rather than being overtaken forever
+                    while self._pending and len(self._rows) + len(new) < self.max_batch_size and self._need(self._pending[0]) <= free:
+                        r = self._pending.popleft()
+                        free -= self._need(r)
+                        new.append(r)
+                    if not new and not self._rows and self._pending:  # nothing runs, yet the head does not fit:
+                        r = self._pending.popleft()  # adapters loaded since it was accepted took its cells
+                        self._finish(r, "error", status=503, error=f"prompt + max_tokens ({self._need(r)}) no longer fits "
+                                     f"the llama.cpp context beside the loaded prefixes ({free} free cells); retry with fewer tokens")
+                        continue
             try:
                 with self.lock, torch.inference_mode():
                     self._step(new)
@@ -185,8 +191,6 @@ class LlamaCppEngine(Engine):
                     if not r.finished:
                         self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}", status=500)
             self._drop_finished()
-            if not self._rows and not new and self._pending:
-                time.sleep(0.001)  # waiting for cells held by nothing would be a bug; don't spin hot
 
     def _admit(self, new: list[Request]) -> list[Request]:
         ready = []
@@ -200,8 +204,8 @@ class LlamaCppEngine(Engine):
             else:
                 r.seq, r.pos = self.model.open_sequence(r.adapter)
                 self._reserved += self._need(r)
+                self._rows.append(r)  # at once: a failure later in the step still closes its sequence
                 ready.append(r)
-        self._rows += ready
         return ready
 
     def _step(self, new: list[Request]) -> None:
