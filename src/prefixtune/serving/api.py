@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server for one base model and many prefixes: `prefixtune serve`.
 
 The `model` field of a request picks the adapter (or the base model by its own name). All generation
-happens in scheduler.Engine's worker thread; this module only validates, queues and formats.
+happens in an engine's worker thread (base.EngineBase: torch_engine or llamacpp_engine); this module only validates, queues and formats.
 
     GET  /v1/models                 POST /v1/completions      POST /v1/chat/completions
     POST /v1/adapters {name, path}  DELETE /v1/adapters/{name}
@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, EngineError, Event, Request, SamplingParams, async_sink
+from .base import EngineBase, EngineError, Event, Request, SamplingParams, async_sink
 
 log = logging.getLogger("prefixtune.serve")
 MAX_BODY_BYTES = 4 << 20
@@ -57,7 +57,7 @@ class Metrics:
                 if seconds <= b:
                     self.latency[i] += 1
 
-    def render(self, engine: Engine) -> str:
+    def render(self, engine: EngineBase) -> str:
         out = ["# HELP prefixtune_requests_total Requests by endpoint and HTTP status.",
                "# TYPE prefixtune_requests_total counter"]
         for (ep, st), v in sorted(self.requests.items()):
@@ -69,7 +69,7 @@ class Metrics:
             ("decode_steps_total", "Batched decode forward passes.", s["steps"], "counter"),
             ("queue_depth", "Requests waiting for a batch slot.", engine.queue_depth, "gauge"),
             ("batch_size", "Rows in the running batch now.", engine.running, "gauge"),
-            ("adapters_loaded", "Adapters being served.", len(engine.model.prefixes), "gauge"),
+            ("adapters_loaded", "Adapters being served.", len(engine.adapter_names()), "gauge"),
         ):
             out += [f"# HELP prefixtune_{name} {help_}", f"# TYPE prefixtune_{name} {kind}", f"prefixtune_{name} {val}"]
         out += _histogram("prefixtune_request_latency_seconds", "Latency of successful generation requests.",
@@ -122,7 +122,7 @@ def _field(body: dict, key: str, kind, default=None, required: bool = False):
     return v
 
 
-def _sampling(body: dict, engine: Engine, default_max: int, chat: bool) -> tuple[SamplingParams, int, bool]:
+def _sampling(body: dict, engine: EngineBase, default_max: int, chat: bool) -> tuple[SamplingParams, int, bool]:
     max_tokens = _field(body, "max_tokens", "int")
     if max_tokens is None:
         max_tokens = _field(body, "max_completion_tokens", "int", default_max)
@@ -159,11 +159,11 @@ def _sampling(body: dict, engine: Engine, default_max: int, chat: bool) -> tuple
     return params, n, stream
 
 
-def _logit_bias(body: dict, engine: Engine) -> tuple[tuple[int, float], ...]:
+def _logit_bias(body: dict, engine: EngineBase) -> tuple[tuple[int, float], ...]:
     bias = body.get("logit_bias")
     if bias is None:
         return ()
-    vocab = engine.base.config.vocab_size
+    vocab = engine.vocab_size
     msg = f"'logit_bias' must map token ids (0 to {vocab - 1}, as strings) to numbers between -100 and 100"
     if not isinstance(bias, dict) or len(bias) > 300:
         raise ApiError(msg + " (at most 300 entries)", param="logit_bias")
@@ -213,6 +213,18 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
         raise ApiError("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
 
 
+def _check_capabilities(params: SamplingParams, echo: bool, engine: EngineBase) -> None:
+    """A feature the engine cannot honour is a 400 naming the field, never a silently different result."""
+    asked = {"logprobs": params.logprobs is not None, "logit_bias": bool(params.logit_bias),
+             "repetition_penalty": params.repetition_penalty != 1.0, "presence_penalty": bool(params.presence_penalty),
+             "frequency_penalty": bool(params.frequency_penalty), "seed": params.seed is not None, "echo": echo,
+             "top_p": params.top_p < 1.0, "stop": bool(params.stop)}
+    for feature, used in asked.items():
+        if used and feature not in engine.capabilities:
+            raise ApiError(f"'{feature}' is not supported by the {engine.backend} backend; drop it or serve with "
+                           "--backend torch", param=feature)
+
+
 def _prompt(body: dict):
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -220,7 +232,7 @@ def _prompt(body: dict):
     return prompt
 
 
-def _prompt_ids(body: dict, engine: Engine) -> list[int]:
+def _prompt_ids(body: dict, engine: EngineBase) -> list[int]:
     prompt = _prompt(body)
     if prompt is None:
         raise ApiError("missing required field 'prompt'", param="prompt")
@@ -228,7 +240,7 @@ def _prompt_ids(body: dict, engine: Engine) -> list[int]:
         if not prompt:
             raise ApiError("'prompt' is empty: send some text", param="prompt")
         return _tokenize(engine, prompt)
-    vocab = engine.base.config.vocab_size
+    vocab = engine.vocab_size
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < vocab for t in prompt):
             raise ApiError(f"'prompt' token ids must be in [0, {vocab})", param="prompt")
@@ -238,13 +250,13 @@ def _prompt_ids(body: dict, engine: Engine) -> list[int]:
     raise ApiError("'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
 
 
-def _tokenize(engine: Engine, text: str, special: bool = True) -> list[int]:
+def _tokenize(engine: EngineBase, text: str, special: bool = True) -> list[int]:
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer: send 'prompt' as a list of token ids")
     return list(engine.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_ids(body: dict, engine: Engine) -> list[int]:
+def _chat_ids(body: dict, engine: EngineBase) -> list[int]:
     msgs = body.get("messages")
     if msgs is None:
         raise ApiError("missing required field 'messages'", param="messages")
@@ -281,7 +293,7 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def _prompt_text(body: dict, ids: list[int], engine: Engine) -> str:
+def _prompt_text(body: dict, ids: list[int], engine: EngineBase) -> str:
     prompt = _prompt(body)
     if isinstance(prompt, str):
         return prompt
@@ -293,7 +305,7 @@ class _LogprobFormat:
     completions {tokens, token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes,
     top_logprobs}]}. Token strings are each id decoded alone."""
 
-    def __init__(self, engine: Engine, chat: bool, offset: int):
+    def __init__(self, engine: EngineBase, chat: bool, offset: int):
         self.engine, self.chat, self.start = engine, chat, offset
         self.pending: dict[int, list] = {}
         self.offset: dict[int, int] = {}
@@ -327,8 +339,8 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The web app around a (started or not) Engine; the app's lifespan starts it and drains it on shutdown."""
+def create_app(engine: EngineBase) -> FastAPI:
+    """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -351,9 +363,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = engine._thread is not None and engine._thread.is_alive() and not engine._stopping
+        alive = engine.is_alive()
         body = {"status": "ok" if alive else "unavailable", "model": engine.model_name,
-                "adapters": sorted(engine.model.prefixes), "queue_depth": engine.queue_depth, "running": engine.running}
+                "adapters": engine.adapter_names(), "queue_depth": engine.queue_depth, "running": engine.running}
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
@@ -365,7 +377,7 @@ def create_app(engine: Engine) -> FastAPI:
         created = int(time.time())
         data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
         data += [{"id": n, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name}
-                 for n in sorted(engine.model.prefixes)]
+                 for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters", status_code=201)
@@ -405,6 +417,7 @@ def create_app(engine: Engine) -> FastAPI:
         params, n, stream = _sampling(body, engine, default_max, chat)
         engine.check_limits(len(ids), params.max_tokens, adapter)
         echo = "" if chat or not _field(body, "echo", "bool", False) else _prompt_text(body, ids, engine)
+        _check_capabilities(params, bool(echo), engine)
         usage_chunk = (body.get("stream_options") or {}).get("include_usage", True)
 
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -489,10 +502,11 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 # ---- loading and CLI ---------------------------------------------------------------------------------------
-def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> Engine:
+def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> EngineBase:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..model import PrefixModel
+    from .torch_engine import TorchEngine
 
     config = AutoConfig.from_pretrained(model_path)
     if getattr(config, "is_encoder_decoder", False):
@@ -500,7 +514,7 @@ def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> 
     base = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     name = Path(str(model_path).rstrip("/")).name
-    engine = Engine(PrefixModel(base), tokenizer, model_name=name, adapters_dir=adapters_dir, **limits)
+    engine = TorchEngine(PrefixModel(base), tokenizer, model_name=name, adapters_dir=adapters_dir, **limits)
     loaded = engine.load_dir()
     log.info("serving %s with %d adapter(s): %s", name, len(loaded), ", ".join(loaded) or "-")
     return engine

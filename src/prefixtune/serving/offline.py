@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..adapter_io import CONFIG_NAME
 from ..config import ConfigError
-from .engine import EngineError, Event, Request, SamplingParams
+from .base import EngineError, Event, Request, SamplingParams
 
 
 class Generator:
@@ -25,7 +25,7 @@ class Generator:
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.engine.model.prefixes)
+        return self.engine.adapter_names()
 
     def load_adapter(self, directory, name: str | None = None) -> str:
         name = name or Path(directory).name
@@ -52,7 +52,7 @@ class Generator:
             adapter_names = [adapter_names] * len(prompts)
         if len(adapter_names) != len(prompts):
             raise ConfigError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts")
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.engine.model.prefixes})
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.engine.adapter_names()})
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {self.adapters}")
         if "stop" in sampling and isinstance(sampling["stop"], str):
