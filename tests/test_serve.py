@@ -532,3 +532,15 @@ def test_chat_top_logprobs_needs_logprobs(engine):
     body = {"model": "alpha", "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
     r = call(create_app(engine), lambda c: c.post("/v1/chat/completions", json=body))
     assert r.status_code == 400 and "'top_logprobs' needs 'logprobs': true" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"max_tokens": "9"}, "max_tokens"), ({"temperature": True}, "temperature"), ({"stop": 5}, "stop"),
+    ({"best_of": 3}, "best_of"), ({"echo": True, "logprobs": 2}, "echo"), ({"model": None}, "model"),
+    ({"prompt": None}, "prompt"), ({"logit_bias": {"5": 500}}, "logit_bias"),
+])
+def test_validation_errors_are_openai_400s_naming_the_param(engine, extra, param):
+    r = call(create_app(engine), lambda c: c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", **extra}))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error", r.text
+    assert f"'{param}'" in err["message"]
