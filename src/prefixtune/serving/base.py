@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..adapter_io import CONFIG_NAME
 from ..config import ConfigError, check_adapter_name
@@ -75,10 +83,6 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
 
-    @property
-    def shapes_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
-
 
 @dataclass
 class Event:
@@ -122,9 +126,57 @@ class Request:
             else:
                 self.gen.manual_seed(self.params.seed)
 
+        self.shaping, self.warping = logits_processors(self.params, len(self.prompt_ids))
+
     def cancel(self) -> None:
         """Client went away: the worker drops the row at its next step."""
         self.cancelled = True
+
+
+class OpenAIPenaltyLogitsProcessor(LogitsProcessor):
+    """OpenAI's presence/frequency penalties, counted over the generated tokens only (not the prompt):
+    logit -= frequency * count + presence * (count > 0). transformers has no processor for these."""
+
+    def __init__(self, presence: float, frequency: float, prompt_len: int):
+        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = input_ids[:, self.prompt_len:]
+        if out.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+def logits_processors(p: SamplingParams, prompt_len: int = 0) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+    """(shaping, warping) for one request, transformers' own processors in generate()'s order: penalties and
+    biases shape the scores (greedy takes their argmax), warpers apply only when sampling (temperature > 0)."""
+    shaping = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        shaping.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.presence_penalty or p.frequency_penalty:
+        shaping.append(OpenAIPenaltyLogitsProcessor(p.presence_penalty, p.frequency_penalty, prompt_len))
+    if p.logit_bias:
+        shaping.append(SequenceBiasLogitsProcessor([[[tok], bias] for tok, bias in p.logit_bias]))
+    warping = LogitsProcessorList()
+    if p.temperature > 0:
+        if p.temperature != 1.0:
+            warping.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_p < 1.0:
+            warping.append(TopPLogitsWarper(p.top_p))
+    return shaping, warping
+
+
+def next_token(r: Request, scores: torch.Tensor) -> int:
+    """One row's next token from its logits [1, vocab]: shaped, then argmax (greedy) or warped and sampled with
+    the request's own generator, as generate() does for one sequence."""
+    ids = torch.tensor([r.prompt_ids + r.generated], device=scores.device) if r.shaping else None
+    scores = r.shaping(ids, scores) if r.shaping else scores
+    if r.gen is None:
+        return int(scores.argmax(-1))
+    scores = r.warping(ids, scores)
+    probs = torch.softmax(scores.float(), -1)[0].cpu()
+    return int(torch.multinomial(probs, 1, generator=r.gen))
 
 
 def async_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[Event], None]:
@@ -420,22 +472,17 @@ class EngineBase(ABC):
     # ---- sampling and stopping -------------------------------------------------------------------------
     def _step_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample one token per row from its next-token logits [len(rows), vocab] and emit text/finish."""
-        raw = logits
-        if any(r.params.shapes_logits for r in rows):
-            logits = logits.clone()
-            for i, r in enumerate(rows):
-                if r.params.shapes_logits:
-                    self._shape_logits(logits[i], r)
-        greedy = logits.argmax(-1).tolist()
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         # Logprobs are the model's own distribution (before penalties and temperature), as vLLM reports them.
-        logp = dict(zip(want, torch.log_softmax(raw[want], -1))) if want else {}
+        logp = dict(zip(want, torch.log_softmax(logits[want], -1))) if want else {}
+        plain = [i for i, r in enumerate(rows) if r.gen is None and not r.shaping]
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
         now = time.monotonic()
         for i, r in enumerate(rows):
             if r.cancelled:
                 r.finished = True
                 continue
-            tok = greedy[i] if r.gen is None else self._sample(logits[i], r)
+            tok = greedy[i] if i in greedy else next_token(r, logits[i:i + 1])
             r.generated.append(tok)
             if i in logp:
                 k = r.params.logprobs
@@ -444,31 +491,6 @@ class EngineBase(ABC):
             r.last = tok
             self.stats["completion_tokens"] += 1
             self._emit(r, now)
-
-    def _shape_logits(self, row: torch.Tensor, r: Request) -> None:
-        """Penalties and logit_bias for one row, in place, in the order HF then OpenAI apply them."""
-        p = r.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.generated)), device=row.device)
-            vals = row[seen]
-            row[seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.generated:
-            ids = torch.tensor(r.generated, device=row.device)
-            counts = torch.bincount(ids, minlength=row.shape[0]).to(row.dtype)
-            row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
-        for tok, bias in p.logit_bias:
-            row[tok] += bias
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, r: Request) -> int:
-        logits = logits / r.params.temperature
-        probs = torch.softmax(logits, -1)
-        if r.params.top_p < 1.0:
-            p, order = probs.sort(descending=True)
-            drop = (p.cumsum(-1) - p) >= r.params.top_p  # keep the smallest set whose mass reaches top_p
-            p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, p)
-        return int(torch.multinomial(probs, 1, generator=r.gen))
 
     def _text(self, ids: list[int]) -> str:
         if self.tokenizer is None:
