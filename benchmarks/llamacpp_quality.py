@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def main():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prefixtune as pt
-from gguf_models import make_model, write_gguf, write_tiny_gguf
+from gguf_models import make_model, write_tiny_gguf
 from prefixtune.serving import llamacpp_cache
 from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel
 
