@@ -49,9 +49,15 @@ def tiny(tmp_path_factory):
     return {"root": root, "gguf": path, "model": model, "prompts": prompts}
 
 
-@pytest.fixture(scope="module")
-def lcpp(tiny):
-    m = LlamaCppModel(tiny["gguf"], n_ctx=4096, max_sequences=3 * N_PROMPTS + 4, max_adapters=4, kv_type="f32", n_threads=1)
+# The two cache modes: per-sequence streams with the prefix copied in (default), one unified stream with it shared.
+MODES = {"per-sequence": False, "unified": True}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def lcpp(tiny, request):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=4096, max_sequences=3 * N_PROMPTS + 4, max_adapters=4, kv_type="f32", n_threads=1,
+                      kv_unified=MODES[request.param])
+    assert m.unified is MODES[request.param]
     for name in ADAPTERS:
         m.load_prefix(name, m.adapter_layers(tiny["root"] / "adapters" / name))
     yield m
@@ -135,11 +141,11 @@ def test_all_adapters_and_the_bare_model_in_one_batch_match_pytorch(tiny, lcpp):
     assert sum(len(set(o)) > 1 for o in out) > len(out) // 2
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_neox_rope_models_take_prefix_keys_unpermuted(tmp_path, arch):
+@pytest.mark.parametrize("arch,mode", [("qwen2", "per-sequence"), ("qwen3", "unified")])
+def test_neox_rope_models_take_prefix_keys_unpermuted(tmp_path, arch, mode):
     path, hf = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)
     model = _randomise(pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=5)))
-    m = LlamaCppModel(path, n_ctx=128, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1)
+    m = LlamaCppModel(path, n_ctx=128, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1, kv_unified=MODES[mode])
     assert not m.interleave_rope
     m.load_prefix("default", model.prefix_layers("default"))
     ids = [7, 30, 99, 5]
@@ -149,16 +155,20 @@ def test_neox_rope_models_take_prefix_keys_unpermuted(tmp_path, arch):
     m.close()
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-def test_f16_cache_and_both_v_layouts(tiny, flash_attn):
+@pytest.mark.parametrize("flash_attn,mode", [(False, "unified"), (True, "unified"), (False, "per-sequence"), (True, "per-sequence")])
+def test_f16_cache_and_both_v_layouts(tiny, flash_attn, mode):
     """llama.cpp's default f16 cache, with V transposed (flash attention off) or row-wise (on)."""
-    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f16", flash_attn=flash_attn, n_threads=1)
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f16", flash_attn=flash_attn, n_threads=1,
+                      kv_unified=MODES[mode])
     layers = tiny["model"].prefix_layers("mid")
     m.load_prefix("mid", layers)
-    seq, _ = m.prefixes["mid"]
-    size = m.lib.llama_state_seq_get_size(m.ctx, seq)
-    buf = (__import__("ctypes").c_uint8 * size)()
-    m.lib.llama_state_seq_get_data(m.ctx, buf, size, seq)
+    if m.unified:
+        seq, _ = m.prefixes["mid"]
+        size = m.lib.llama_state_seq_get_size(m.ctx, seq)
+        buf = (__import__("ctypes").c_uint8 * size)()
+        m.lib.llama_state_seq_get_data(m.ctx, buf, size, seq)
+    else:
+        buf = m._blobs["mid"]  # the blob every request's sequence receives (one stream per sequence listed)
     blob = llamacpp_cache.parse(bytes(buf), m.arch.num_layers, m.arch.token_dim)
     assert blob.v_trans is (not flash_attn) and blob.keys[0].dtype is np.float16
     ids = tiny["prompts"][1]
@@ -168,20 +178,25 @@ def test_f16_cache_and_both_v_layouts(tiny, flash_attn):
     m.close()
 
 
-def test_unload_keeps_running_sequences_and_frees_cells(tiny):
-    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unload_keeps_running_sequences_and_frees_cells(tiny, mode):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=2, max_adapters=1, kv_type="f32", n_threads=1,
+                      kv_unified=MODES[mode])
+    shared = ADAPTERS["long"] if m.unified else 0  # per-sequence: the prefix lives in each request's stream
     layers = tiny["model"].prefix_layers("long")
     m.load_prefix("long", layers)
-    assert m.used_cells == ADAPTERS["long"]
+    assert m.used_cells == shared
     ids = tiny["prompts"][2]
     seq, pos = m.open_sequence("long")
+    assert pos == ADAPTERS["long"] and m.lib.llama_memory_seq_pos_max(m.mem, seq) == pos - 1
     m.unload_prefix("long")
-    assert "long" not in m.prefixes and m.used_cells == ADAPTERS["long"]  # still shared by the running sequence
+    assert "long" not in m.prefixes and m.used_cells == shared  # still shared by the running sequence
     got = m.decode([(seq, ids, pos)])[0]
     want, _ = reference(tiny["model"], "long", ids, 1)
     assert np.abs(got - want).max() < 1e-3
     m.close_sequence(seq)
     assert m.used_cells == 0 and m.lib.llama_memory_seq_pos_max(m.mem, 0) == -1
+    assert m.lib.llama_memory_seq_pos_max(m.mem, seq) == -1
     m.load_prefix("long", layers)  # the freed slot is reusable
     m.close()
 
@@ -227,13 +242,15 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         LlamaCppModel(tmp_path / "missing.gguf")
 
 
-def test_prefix_longer_than_the_context_is_refused(tiny):
-    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=1, max_adapters=1, n_threads=1)
+@pytest.mark.parametrize("mode,msg", [("unified", r"free cells of 256.*larger context"),
+                                      ("per-sequence", r"a llama.cpp sequence has 256 cells.*larger context")])
+def test_prefix_longer_than_the_context_is_refused(tiny, mode, msg):
+    m = LlamaCppModel(tiny["gguf"], n_ctx=256, max_sequences=1, max_adapters=1, n_threads=1, kv_unified=MODES[mode])
     a = m.arch
     layers = [(torch.randn(a.kv_heads, 300, a.head_dim), torch.randn(a.kv_heads, 300, a.head_dim))] * a.num_layers
-    with pytest.raises(LlamaCppError, match=r"300 virtual tokens.*free cells of 256.*larger context"):
+    with pytest.raises(LlamaCppError, match=r"300 virtual tokens.*" + msg):
         m.load_prefix("huge", layers)
-    assert m.used_cells == 0
+    assert m.used_cells == 0 and not m.prefixes
     m.close()
 
 
@@ -383,7 +400,8 @@ def test_server_hot_load_unload_and_bad_adapters(server, tiny, tmp_path):
     assert out["wrong"].status_code == 422 and "layers: adapter 3 vs model 2" in out["wrong"].json()["error"]["message"]
     assert out["too_long"].status_code == 400 and "max_tokens" in out["too_long"].json()["error"]["message"]
     assert out["health"].json()["status"] == "ok" and "prefixtune_adapters_loaded 3" in out["metrics"].text
-    assert server.model.used_cells == sum(ADAPTERS.values())  # the unloaded copy's cells were freed
+    assert server.model.used_cells == 0 and sorted(server.model._blobs) == sorted(ADAPTERS)  # per-sequence: no shared
+    # cells; the unloaded copy's blob is gone and the reloaded one is kept
 
 
 def test_cli_generate_backend_llamacpp_prints_what_the_torch_backend_prints(tiny, capsys, monkeypatch):
@@ -405,11 +423,12 @@ def test_cli_generate_backend_llamacpp_prints_what_the_torch_backend_prints(tiny
 
 
 def test_requests_wait_for_kv_cells_and_a_failed_step_frees_its_sequences(tiny, backends, monkeypatch):
+    """Unified cache: the engine shares n_ctx cells among requests (the per-sequence default gives each its own)."""
     import prefixtune.llamacpp as ptl
 
     _, pyt = backends
     gen = ptl.load(tiny["gguf"], {"mid": tiny["root"] / "adapters" / "mid"}, kv_type="f32", n_ctx=256, max_batch_size=4,
-                   n_threads=1)
+                   n_threads=1, kv_unified=True)
     eng = gen.engine
     prompts = text_prompts(4, seed=2)
     # 4 x (prompt + 100) cells do not fit 256 - 7 at once: admission holds some back until cells free up.
@@ -432,4 +451,24 @@ def test_requests_wait_for_kv_cells_and_a_failed_step_frees_its_sequences(tiny, 
         time.sleep(0.01)
     assert len(eng.model._free_req) == 4 and eng._reserved == 0 and eng.model.used_cells == 7
     assert gen.generate(prompts[0], "mid", max_tokens=3) == pyt.generate(prompts[0], "mid", max_tokens=3)
+    gen.close()
+
+
+def test_per_sequence_engine_checks_each_requests_cells(tiny, backends):
+    """Per-sequence cache: prompt + max_tokens must fit one sequence's stream beside the prefix (not the sum)."""
+    import prefixtune.llamacpp as ptl
+
+    _, pyt = backends
+    gen = ptl.load(tiny["gguf"], {"mid": tiny["root"] / "adapters" / "mid"}, kv_type="f32", n_ctx=256, max_batch_size=4,
+                   n_threads=1, seq_cells=256)
+    m = gen.engine.model
+    assert not m.unified and m.seq_cells == 256 and m.used_cells == 0
+    prompts = text_prompts(4, seed=2)
+    # 4 x (prompt + 100) cells: more than 256 in all, yet each request has its own 256 cells, so all run at once.
+    got = gen.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
+    assert got == pyt.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
+    assert max(gen.engine.batch_hist) == 4
+    n = len(gen.engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
+    with pytest.raises(pt.ConfigError, match=r"more KV cells than a llama.cpp sequence has beside the adapter's prefix \(249 of 256\)"):
+        gen.generate(prompts[0], "mid", max_tokens=250 - n)
     gen.close()

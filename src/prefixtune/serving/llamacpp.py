@@ -1,13 +1,18 @@
 """Prefix adapters on llama.cpp (through llama-cpp-python's C API): the model side of the llama.cpp backend.
 
-A prefix is P key/value cache entries per layer. `LlamaCppModel` writes each adapter's prefix once into
-llama.cpp's KV cache, as P cells of a sequence reserved for that adapter (see llamacpp_cache for the blob),
-and every request's sequence then shares those cells through `llama_memory_seq_cp` (a copy adds a sequence
-id to the cells, no data moves). Real tokens start at position P, as in our PyTorch engine and peft, so one
-`llama_decode` can step requests of different adapters together.
+A prefix is P key/value cache entries per layer, written into llama.cpp's KV cache as P cells at positions
+0..P-1 of a request's sequence (see llamacpp_cache for the state blob). Real tokens start at position P, as
+in our PyTorch engine and peft, so one `llama_decode` can step requests of different adapters together.
+Two cache modes (`kv_unified`):
 
-Requirements that follow: a unified KV cache (`kv_unified`: partial sequence copies abort otherwise), and a
-context (n_ctx cells, shared by every sequence) that holds all loaded prefixes plus every running request.
+- per-sequence (default, `kv_unified=False`): every sequence has its own KV stream of `seq_cells` cells, and
+  each request gets its adapter's P cells by `llama_state_seq_set_data` of a blob built once per adapter (a
+  copy of P cells per request). Each token attends only over its own sequence's cells.
+- unified (`kv_unified=True`): one stream of n_ctx cells shared by all sequences; each adapter's P cells are
+  written once into a sequence reserved for it and shared with requests through `llama_memory_seq_cp` (no
+  copy; partial copies need the unified cache). Less memory per prefix, but every token of a step attends,
+  masked, over the used cells of ALL sequences, which makes decoding many rows slower
+  (benchmarks/results/llamacpp.md).
 """
 
 from __future__ import annotations
@@ -72,11 +77,17 @@ def _check_file(path) -> Path:
 class LlamaCppModel:
     """One GGUF model in llama.cpp with named prefixes. Not thread-safe: one thread (the engine's) drives it.
 
-    Sequence ids: 0..max_adapters-1 hold prefixes, the rest are handed out to requests (`open_sequence`).
+    Sequence ids: unified, 0..max_adapters-1 hold prefixes; per-sequence, 0 is scratch space for building prefix
+    blobs. The rest are handed out to requests (`open_sequence`).
+    seq_cells (per-sequence mode): cells of each sequence's stream, prefix included (default n_ctx //
+    max_sequences; llama.cpp rounds it up to a multiple of 256). n_threads_batch: threads for prompt batches
+    (default n_threads).
     """
 
     def __init__(self, gguf_path, *, n_ctx: int = 4096, max_sequences: int = 32, max_adapters: int = 16,
-                 kv_type: str = "f16", flash_attn: bool = False, n_threads: int | None = None, n_batch: int = 512):
+                 kv_type: str = "f16", flash_attn: bool = False, n_threads: int | None = None, n_batch: int = 512,
+                 n_ubatch: int | None = None, n_threads_batch: int | None = None, kv_unified: bool = False,
+                 seq_cells: int | None = None):
         lib = self.lib = import_llama_cpp()
         self.path = _check_file(gguf_path)
         if kv_type not in KV_TYPES:
@@ -93,33 +104,37 @@ class LlamaCppModel:
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)
 
-        n_seq = max_adapters + max_sequences
+        self.unified = kv_unified
+        n_seq = (max_adapters if kv_unified else 1) + max_sequences
         if n_seq > lib.llama_max_parallel_sequences():
             raise LlamaCppError(f"max_adapters + max_sequences = {n_seq} exceeds llama.cpp's "
                                 f"{lib.llama_max_parallel_sequences()} sequences; lower one of them")
         cp = lib.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = n_batch
+        # per-sequence: llama.cpp gives each of the n_seq streams n_ctx / n_seq cells
+        cp.n_ctx = n_ctx if kv_unified else (seq_cells or max(1, n_ctx // max_sequences)) * n_seq
+        cp.n_batch, cp.n_ubatch = n_batch, min(n_ubatch or n_batch, n_batch)
         cp.n_seq_max = n_seq
-        cp.kv_unified = True  # prefix cells shared across sequences (seq_cp on a split cache aborts)
+        cp.kv_unified = kv_unified
         cp.type_k = cp.type_v = KV_TYPES[kv_type]
         cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads, cp.n_threads_batch = threads, n_threads_batch or threads
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
             lib.llama_model_free(self.model)
             raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} cells for {self.path.name}; lower n_ctx")
         self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self.seq_cells = lib.llama_n_ctx_seq(self.ctx)  # the cells one sequence can hold (n_ctx when unified)
         self.n_batch = lib.llama_n_batch(self.ctx)  # llama.cpp clamps it to n_ctx; decode() chunks by it
         self.mem = lib.llama_get_memory(self.ctx)
-        self.max_adapters = max_adapters
+        self.max_adapters = max_adapters if kv_unified else 0
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
 
-        self.prefixes: dict[str, tuple[int, int]] = {}  # name -> (sequence id, P)
+        self.prefixes: dict[str, tuple[int, int]] = {}  # name -> (sequence id, P); per-sequence: (-1, P)
+        self._blobs: dict[str, ctypes.Array] = {}  # per-sequence: name -> its filled state blob
         self._users: dict[int, int] = {}  # prefix sequence -> running sequences sharing its cells
         self._retired: set[int] = set()  # unloaded prefixes whose cells still serve running sequences
-        self._free_req = list(range(n_seq - 1, max_adapters - 1, -1))
+        self._free_req = list(range(n_seq - 1, self.max_adapters - 1 if kv_unified else 0, -1))
         self._seq_prefix: dict[int, int | None] = {}  # request sequence -> its prefix sequence
         self._plen: dict[int, int] = {}  # prefix sequence -> P, until its cells are freed
 
@@ -155,7 +170,8 @@ class LlamaCppModel:
 
     @property
     def used_cells(self) -> int:
-        """Cells that prefixes hold (requests' own cells are the engine's to count)."""
+        """Cells of the shared context that prefixes hold (requests' own cells are the engine's to count);
+        0 per-sequence, where each request's prefix lives in its own stream."""
         return sum(self._plen.values())
 
     # ---- prefixes -----------------------------------------------------------------------------------
@@ -192,7 +208,8 @@ class LlamaCppModel:
             return [(k.clone(), v.clone()) for k, v in inject.split_layers(enc.eval()(), self.arch)]
 
     def load_prefix(self, name: str, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write one adapter's key/values into the cache as P cells of a sequence reserved for it."""
+        """Prepare one adapter's key/values: unified, as P cells of a sequence reserved for it; per-sequence,
+        as a state blob that open_sequence writes into each request's sequence."""
         a = self.arch
         if len(layers) != a.num_layers or tuple(layers[0][0].shape[::2]) != (a.kv_heads, a.head_dim):
             got = (len(layers),) + tuple(layers[0][0].shape[::2])
@@ -201,6 +218,9 @@ class LlamaCppModel:
         if name in self.prefixes:
             raise LlamaCppError(f"adapter {name!r} is already loaded; unload it first")
         P = layers[0][0].shape[1]
+        if not self.unified:
+            self._load_blob(name, layers, P)
+            return
         if self.used_cells + P >= self.n_ctx:
             raise LlamaCppError(
                 f"prefix {name!r} has {P} virtual tokens, but the llama.cpp context has {self.n_ctx - self.used_cells} "
@@ -210,6 +230,17 @@ class LlamaCppModel:
         if not free:
             raise LlamaCppError(f"{self.max_adapters} adapters are loaded (the limit); unload one first")
         seq = free[0]
+        try:
+            self._write_prefix(seq, layers, P, name)
+        except Exception:
+            self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            raise
+        self.prefixes[name] = (seq, P)
+        self._users[seq] = 0
+        self._plen[seq] = P
+
+    def _write_prefix(self, seq: int, layers, P: int, name: str) -> ctypes.Array:
+        """Give `seq` the prefix as P cells at positions 0..P-1; returns the blob that did it."""
         lib = self.lib
         lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
         # P dummy tokens give a blob with llama.cpp's own headers for P cells at positions 0..P-1.
@@ -218,24 +249,37 @@ class LlamaCppModel:
         buf = (ctypes.c_uint8 * size)()
         if lib.llama_state_seq_get_data(self.ctx, buf, size, seq) != size:
             raise RuntimeError("llama_state_seq_get_data returned a short blob")
-        try:
-            blob = llamacpp_cache.parse(bytes(buf), a.num_layers, a.token_dim)
-            if blob.positions != list(range(P)):
-                raise llamacpp_cache.BlobLayoutError(f"dummy prefix positions {blob.positions[:4]}..., expected 0..{P - 1}")
-            data = llamacpp_cache.fill(blob, layers, self.interleave_rope)
-        except llamacpp_cache.BlobLayoutError:
-            lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            raise
+        blob = llamacpp_cache.parse(bytes(buf), self.arch.num_layers, self.arch.token_dim)
+        if blob.positions != list(range(P)):
+            raise llamacpp_cache.BlobLayoutError(f"dummy prefix positions {blob.positions[:4]}..., expected 0..{P - 1}")
+        data = llamacpp_cache.fill(blob, layers, self.interleave_rope)
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if lib.llama_state_seq_set_data(self.ctx, src, len(data), seq) != len(data):
-            lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self._set_state(seq, src, name)
+        return src
+
+    def _set_state(self, seq: int, blob: ctypes.Array, name: str) -> None:
+        if self.lib.llama_state_seq_set_data(self.ctx, blob, len(blob), seq) != len(blob):
+            self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
             raise RuntimeError(f"llama.cpp refused the prefix state of {name!r}")
-        self.prefixes[name] = (seq, P)
-        self._users[seq] = 0
-        self._plen[seq] = P
+
+    def _load_blob(self, name: str, layers, P: int) -> None:
+        """Per-sequence mode: build the adapter's blob once in the scratch sequence (0) and keep it."""
+        if P >= self.seq_cells:
+            raise LlamaCppError(
+                f"prefix {name!r} has {P} virtual tokens, but a llama.cpp sequence has {self.seq_cells} cells; "
+                "start with a larger context (n_ctx / seq_cells) or use a shorter prefix")
+        try:
+            self._blobs[name] = self._write_prefix(0, layers, P, name)  # set_data once: llama.cpp accepts it
+        finally:
+            self.lib.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        self.prefixes[name] = (-1, P)
 
     def unload_prefix(self, name: str) -> None:
-        """Forget `name`; its cells are freed once no running sequence shares them."""
+        """Forget `name`; its cells are freed once no running sequence shares them (per-sequence: each
+        running request keeps its own copy)."""
+        if not self.unified:
+            del self.prefixes[name], self._blobs[name]
+            return
         seq, P = self.prefixes.pop(name)
         if self._users.get(seq):
             self._retired.add(seq)
@@ -259,6 +303,14 @@ class LlamaCppModel:
             self._seq_prefix[seq] = None
             return seq, 0
         pseq, P = self.prefixes[adapter]
+        if not self.unified:
+            self._seq_prefix[seq] = None
+            try:
+                self._set_state(seq, self._blobs[adapter], adapter)
+            except RuntimeError:
+                self._free_req.append(seq)
+                raise
+            return seq, P
         self.lib.llama_memory_seq_cp(self.mem, pseq, seq, -1, -1)
         self._users[pseq] += 1
         self._seq_prefix[seq] = pseq

@@ -4,9 +4,9 @@
 (llama.cpp `src/llama-context.cpp` state_seq_get_data and `src/llama-kv-cache.cpp` state_write /
 state_write_meta / state_write_data, as vendored in llama-cpp-python 0.3.36), all little-endian:
 
-    u32 magic 0xaf143cd8, i32 seq_id                      (context)
-    u32 n_stream                                          (1 with kv_unified)
-    per stream: u32 cell_count, then if cell_count > 0:
+    u32 magic 0xaf143cd8, i32 seq_id                      (context; both ignored by set_data on the host)
+    u32 n_stream                                          (1 with kv_unified, else one stream per sequence)
+    per stream: u32 cell_count, then if cell_count > 0:   (one sequence's blob: only its own stream has cells)
       cell_count x (i32 pos, u32 n_seq_id, n_seq_id x i32 seq_id)   (no per-cell ext for llama/qwen2/qwen3)
       u32 v_trans, u32 n_layer
       n_layer x K block: i32 ggml type, u64 row bytes, cell_count rows (row = kv_heads x head_dim, head-major)
@@ -18,6 +18,10 @@ We never invent this layout: the caller decodes P dummy tokens into a sequence, 
 is exactly what the layout above predicts (sizes add up to the last byte), and `fill` overwrites only the
 K/V payloads, keeping every header as llama.cpp wrote it. A llama.cpp version that changes the layout then
 fails loudly here instead of computing with misplaced numbers.
+
+`llama_state_seq_set_data(ctx, blob, size, dest)` reads the cells into `dest`'s stream, discarding the seq ids
+the blob names (llama-kv-cache.cpp state_read_meta: "we will use dest_seq_id instead"), so one filled blob can
+be written into any sequence of the same context unchanged.
 """
 
 from __future__ import annotations
@@ -79,16 +83,8 @@ def _dtype(type_id: int, what: str):
     return GGML_TYPES[type_id]
 
 
-def parse(raw: bytes, n_layer: int, row_elems: int) -> SeqBlob:
-    """Check and index a one-sequence blob whose layers hold rows of `row_elems` (= kv_heads * head_dim)."""
-    r = _Reader(bytes(raw))
-    magic, _seq = r.take("<Ii")
-    if magic != MAGIC:
-        raise BlobLayoutError(f"state magic {magic:#x}, expected {MAGIC:#x}")
-    n_stream = r.take("<I")
-    if n_stream != 1:
-        raise BlobLayoutError(f"{n_stream} KV streams; the prefix cache needs a unified cache (kv_unified=True)")
-    cells = r.take("<I")
+def _parse_stream(r: _Reader, raw: bytes, cells: int, n_layer: int, row_elems: int) -> SeqBlob:
+    """One stream's cells (after its cell_count): cell headers, then the K and V blocks of every layer."""
     positions = []
     for _ in range(cells):
         pos, n_seq = r.take("<iI")
@@ -118,6 +114,26 @@ def parse(raw: bytes, n_layer: int, row_elems: int) -> SeqBlob:
             if el != np.dtype(dtype).itemsize or n_embd != row_elems:
                 raise BlobLayoutError(f"transposed V: {n_embd} channels of {el} bytes, expected {row_elems} of {np.dtype(dtype).itemsize}")
             blob.values.append(Block(r.skip(cells * n_embd * el), dtype, (row_elems, cells)))
+    return blob
+
+
+def parse(raw: bytes, n_layer: int, row_elems: int) -> SeqBlob:
+    """Check and index a one-sequence blob whose layers hold rows of `row_elems` (= kv_heads * head_dim)."""
+    r = _Reader(bytes(raw))
+    magic, _seq = r.take("<Ii")
+    if magic != MAGIC:
+        raise BlobLayoutError(f"state magic {magic:#x}, expected {MAGIC:#x}")
+    n_stream = r.take("<I")
+    blob = None
+    for _ in range(n_stream):
+        cells = r.take("<I")
+        if cells == 0:
+            continue  # a non-unified cache lists every stream; only the sequence's own holds cells
+        if blob is not None:
+            raise BlobLayoutError("two KV streams hold cells; a one-sequence state has one")
+        blob = _parse_stream(r, raw, cells, n_layer, row_elems)
+    if blob is None:
+        raise BlobLayoutError("the state holds no cells")
     if r.pos != len(raw):
         raise BlobLayoutError(f"{len(raw) - r.pos} bytes left over after the last layer")
     return blob

@@ -2,12 +2,13 @@
 
 Queueing, sampling (per-request temperature/top_p/seed, penalties, logit_bias, logprobs), stop strings, text
 streaming and timeouts are serving.base.EngineBase's, shared with the PyTorch engine; only the model side differs:
-- each admitted request gets a llama.cpp sequence that already shares its adapter's prefix cells
-  (LlamaCppModel.open_sequence), its prompt starting at position P;
+- each admitted request gets a llama.cpp sequence that already holds its adapter's prefix cells
+  (LlamaCppModel.open_sequence; copied in per-sequence mode, shared in unified mode), its prompt at position P;
 - every step is ONE `llama_decode` over all rows, whatever their adapter: new prompts and one token for each
   running row (more calls only when the step has more tokens than n_batch);
-- admission also counts KV cells: a request reserves prompt + max_tokens cells of the shared context and
-  waits in the queue until they are free.
+- unified cache: admission also counts KV cells: a request reserves prompt + max_tokens cells of the shared
+  context and waits in the queue until they are free. Per-sequence cache (default): each request has its own
+  stream of seq_cells cells, checked when it is submitted.
 """
 
 from __future__ import annotations
@@ -42,10 +43,19 @@ class LlamaCppEngine(EngineBase):
         kv_type: str = "f16",
         flash_attn: bool = False,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        kv_unified: bool = False,
+        seq_cells: int | None = None,
         **limits,
     ):
+        """kv_unified / seq_cells / n_*: see LlamaCppModel (per-sequence cache by default; n_ctx is then split
+        into max_batch_size sequences of seq_cells cells unless seq_cells is given)."""
         self.model = LlamaCppModel(gguf_path, n_ctx=n_ctx, max_sequences=max_batch_size, max_adapters=max_adapters,
-                                   kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads)
+                                   kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
+                                   n_threads_batch=n_threads_batch, n_batch=n_batch, n_ubatch=n_ubatch,
+                                   kv_unified=kv_unified, seq_cells=seq_cells)
         if tokenizer is None:
             from ..loading import load_tokenizer  # the same tokenizer (and chat template) the PyTorch path uses
 
@@ -53,7 +63,7 @@ class LlamaCppEngine(EngineBase):
         m = self.model
         super().__init__(tokenizer, model_name=model_name or Path(gguf_path).stem, vocab_size=m.n_vocab,
                          eos_ids={m.lib.llama_vocab_eos(m.vocab)}, max_positions=m.n_ctx_train,
-                         max_batch_size=max_batch_size, max_total_tokens=max_total_tokens or min(m.n_ctx_train, m.n_ctx),
+                         max_batch_size=max_batch_size, max_total_tokens=max_total_tokens or min(m.n_ctx_train, m.seq_cells),
                          **limits)
         self._reserved = 0  # KV cells promised to running rows (prompt + max_tokens each)
 
@@ -67,7 +77,7 @@ class LlamaCppEngine(EngineBase):
     def _load_adapter(self, name: str, directory: Path) -> None:
         layers = self.model.adapter_layers(directory)  # ConfigError naming what differs from this GGUF
         P = layers[0][0].shape[1]
-        if self.model.used_cells + self._reserved + P > self.model.n_ctx > self.model.used_cells + P:
+        if self.model.unified and self.model.used_cells + self._reserved + P > self.model.n_ctx > self.model.used_cells + P:
             raise EngineError(f"cannot load adapter {name!r} now: {P} of the context's cells are promised to "
                               "running requests; retry when they finish", 503)
         self.model.load_prefix(name, layers)
@@ -78,6 +88,14 @@ class LlamaCppEngine(EngineBase):
     # ---- limits and admission -----------------------------------------------------------------------
     def check_limits(self, prompt_len: int, max_tokens: int, adapter: str | None = None) -> None:
         super().check_limits(prompt_len, max_tokens, adapter)
+        if not self.model.unified:
+            cells = self.model.seq_cells - self.prefix_length(adapter)
+            if prompt_len + max_tokens > cells:
+                raise EngineError(
+                    f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than a llama.cpp sequence "
+                    f"has beside the adapter's prefix ({cells} of {self.model.seq_cells}); lower max_tokens or start "
+                    "the server with more cells per sequence (seq_cells, or a larger n_ctx)")
+            return
         cells = self.model.n_ctx - self.model.used_cells
         if prompt_len + max_tokens > cells:
             raise EngineError(
@@ -86,9 +104,9 @@ class LlamaCppEngine(EngineBase):
                 "with a larger context (n_ctx)"
             )
 
-    @staticmethod
-    def _need(r: Request) -> int:
-        return len(r.prompt_ids) + r.params.max_tokens
+    def _need(self, r: Request) -> int:
+        """Cells of the shared context a request reserves (unified cache); 0 with per-sequence streams."""
+        return len(r.prompt_ids) + r.params.max_tokens if self.model.unified else 0
 
     def _take_admissions(self) -> list[Request]:
         """FIFO up to max_batch_size, and only while the requests' cells are free: the head waits for cells
