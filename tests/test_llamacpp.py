@@ -141,6 +141,20 @@ def test_all_adapters_and_the_bare_model_in_one_batch_match_pytorch(tiny, lcpp):
     assert sum(len(set(o)) > 1 for o in out) > len(out) // 2
 
 
+def test_decode_order_does_not_matter(tiny, lcpp):
+    """decode() feeds llama.cpp in sequence-id order (dense ubatches) and hands logits back in the caller's order."""
+    rows = [(name, ids) for ids in tiny["prompts"][:3] for name in ADAPTERS]
+    seqs = [lcpp.open_sequence(name) for name, _ in rows]
+    try:
+        items = [(s, ids, p) for (s, p), (_, ids) in zip(seqs, rows)]
+        got = lcpp.decode(items[::-1])[::-1]
+        for i, (name, ids) in enumerate(rows):
+            assert np.abs(got[i] - reference(tiny["model"], name, ids, 1)[0]).max() < 1e-3, (name, ids)
+    finally:
+        for s, _ in seqs:
+            lcpp.close_sequence(s)
+
+
 @pytest.mark.parametrize("arch,mode", [("qwen2", "per-sequence"), ("qwen3", "unified")])
 def test_neox_rope_models_take_prefix_keys_unpermuted(tmp_path, arch, mode):
     path, hf = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch)

@@ -18,6 +18,7 @@ Two cache modes (`kv_unified`):
 from __future__ import annotations
 
 import ctypes
+import heapq
 import json
 import logging
 import os
@@ -134,7 +135,8 @@ class LlamaCppModel:
         self._blobs: dict[str, ctypes.Array] = {}  # per-sequence: name -> its filled state blob
         self._users: dict[int, int] = {}  # prefix sequence -> running sequences sharing its cells
         self._retired: set[int] = set()  # unloaded prefixes whose cells still serve running sequences
-        self._free_req = list(range(n_seq - 1, self.max_adapters - 1 if kv_unified else 0, -1))
+        # a min-heap: the lowest free ids first, so running sequences stay a dense run of ids (see decode)
+        self._free_req = list(range(self.max_adapters if kv_unified else 1, n_seq))
         self._seq_prefix: dict[int, int | None] = {}  # request sequence -> its prefix sequence
         self._plen: dict[int, int] = {}  # prefix sequence -> P, until its cells are freed
 
@@ -297,7 +299,7 @@ class LlamaCppModel:
         """-> (sequence id, first position): the sequence already holds the adapter's prefix cells."""
         if not self._free_req:
             raise RuntimeError("no free llama.cpp sequence (the engine admits at most max_sequences requests)")
-        seq = self._free_req.pop()
+        seq = heapq.heappop(self._free_req)
         self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
         if adapter is None:
             self._seq_prefix[seq] = None
@@ -308,7 +310,7 @@ class LlamaCppModel:
             try:
                 self._set_state(seq, self._blobs[adapter], adapter)
             except RuntimeError:
-                self._free_req.append(seq)
+                heapq.heappush(self._free_req, seq)
                 raise
             return seq, P
         self.lib.llama_memory_seq_cp(self.mem, pseq, seq, -1, -1)
@@ -323,7 +325,7 @@ class LlamaCppModel:
             self._users[pseq] -= 1
             if pseq in self._retired and self._users[pseq] == 0:
                 self._free_prefix(pseq)
-        self._free_req.append(seq)
+        heapq.heappush(self._free_req, seq)
 
     # ---- compute ------------------------------------------------------------------------------------
     def decode(self, items: list[tuple[int, list[int], int]], logits: bool = True) -> np.ndarray | None:
@@ -331,9 +333,13 @@ class LlamaCppModel:
 
         Returns the next-token logits after each item's last token, [len(items), vocab] float32. The tokens
         go to llama.cpp in as few `llama_decode` calls as n_batch allows (one, in a decode step).
+        Items go in order of sequence id: with per-sequence streams llama.cpp splits a batch into ubatches of
+        consecutive sequence ids only (llama_batch_allocr::split_equal, sequential), one weight pass each.
         """
         lib, b = self.lib, self._batch
-        flat = [(seq, tok, pos + j, j == len(toks) - 1) for seq, toks, pos in items for j, tok in enumerate(toks)]
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        flat = [(seq, tok, pos + j, j == len(toks) - 1) for seq, toks, pos in (items[i] for i in order)
+                for j, tok in enumerate(toks)]
         out = np.empty((len(items), self.n_vocab), dtype=np.float32) if logits else None
         row = 0
         for start in range(0, len(flat), self.n_batch):
@@ -352,7 +358,7 @@ class LlamaCppModel:
                                    + ("no free KV cells (context full)" if rc == 1 else "see llama.cpp's log"))
             for i in outputs:
                 ptr = lib.llama_get_logits_ith(self.ctx, i)
-                out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                out[order[row]] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
                 row += 1
         return out
 
