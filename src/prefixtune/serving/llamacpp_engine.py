@@ -174,7 +174,8 @@ def load(gguf_path, adapters=None, **engine_kw):
     """A GGUF model on llama.cpp with prefix adapters, ready for `generate` (see serving.offline.Generator).
 
     adapters: {name: directory}, one adapter directory (named "default"), or a directory of adapter directories.
-    engine_kw: LlamaCppEngine options (max_batch_size, n_ctx, kv_type "f16"/"f32", flash_attn, n_threads, ...).
+    engine_kw: LlamaCppEngine options (max_batch_size, n_ctx, kv_type "f16"/"f32", flash_attn, n_threads,
+    kv_unified (False: per-sequence cache, the faster default), seq_cells, ...).
     """
     from .offline import Generator, adapter_dirs
 
