@@ -484,16 +484,32 @@ def test_repetition_penalty_matches_generate_and_logit_bias_forces_a_token(engin
     assert r["choices"][0]["text"].split() == ["w77"] * 8
 
 
-def test_presence_and_frequency_penalties_follow_openai_formula(engine):
-    from prefixtune.serving.engine import Request, SamplingParams
+def test_presence_and_frequency_penalties_follow_openai_formula():
+    from prefixtune.serving.base import Request, SamplingParams
 
     r = Request(None, [1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, -3.0),)), lambda ev: None)
     r.generated = [4, 4, 4, 7]
-    row = torch.zeros(16)
-    engine._shape_logits(row, r)
+    row = r.shaping(torch.tensor([r.prompt_ids + r.generated]), torch.zeros(1, 16))[0]
     want = torch.zeros(16)
     want[4], want[7], want[9] = -(0.5 + 3 * 0.25), -(0.5 + 0.25), -3.0
     assert torch.equal(row, want)  # prompt tokens 1, 2 are not penalised by OpenAI's penalties
+
+
+def test_seeded_sampling_equals_generate_with_the_same_seed(engine):
+    """Sampling goes through transformers' own processors, so one seeded request draws what generate() draws."""
+    prompt, k = "w5 w9 w10", 10
+    ids = engine.tokenizer(prompt)["input_ids"]
+    kw = dict(temperature=0.7, top_p=0.8, repetition_penalty=1.3)
+    with engine.lock:
+        torch.manual_seed(11)
+        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    adapter_names=["beta"], do_sample=True, top_k=0, max_new_tokens=k, min_new_tokens=k, **kw)
+    ref = engine.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    body = {"model": "beta", "prompt": prompt, "max_tokens": k, "seed": 11, "ignore_eos": True, **kw}
+    r = call(create_app(engine), lambda c: c.post("/v1/completions", json=body)).json()
+    assert r["choices"][0]["text"] == ref
+    greedy = call(create_app(engine), lambda c: c.post("/v1/completions", json={**body, "temperature": 0})).json()
+    assert greedy["choices"][0]["text"] != ref  # the draw is a real sample, not the argmax path
 
 
 def test_echo_prepends_the_prompt(engine):
@@ -532,3 +548,15 @@ def test_chat_top_logprobs_needs_logprobs(engine):
     body = {"model": "alpha", "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
     r = call(create_app(engine), lambda c: c.post("/v1/chat/completions", json=body))
     assert r.status_code == 400 and "'top_logprobs' needs 'logprobs': true" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"max_tokens": "9"}, "max_tokens"), ({"temperature": True}, "temperature"), ({"stop": 5}, "stop"),
+    ({"best_of": 3}, "best_of"), ({"echo": True, "logprobs": 2}, "echo"), ({"model": None}, "model"),
+    ({"prompt": None}, "prompt"), ({"logit_bias": {"5": 500}}, "logit_bias"),
+])
+def test_validation_errors_are_openai_400s_naming_the_param(engine, extra, param):
+    r = call(create_app(engine), lambda c: c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", **extra}))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error", r.text
+    assert f"'{param}'" in err["message"]

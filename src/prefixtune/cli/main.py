@@ -204,6 +204,8 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling, with --temperature > 0 (default: 50)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
+                   help="llamacpp: run a .gguf --model on llama.cpp (pip install \"prefixtune[llamacpp]\")")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -233,6 +235,10 @@ def cmd_generate(args) -> int:
     if template and info.get("task") in ("classify", "instruct"):
         field = "text" if info["task"] == "classify" else "instruction"
         prompts = [template.replace("{" + field + "}", p).replace("{input}", "") for p in prompts]
+    if args.backend == "llamacpp":
+        from ..serving.llamacpp_engine import cli_generate
+
+        return cli_generate(args, prompts)
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base

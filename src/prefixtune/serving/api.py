@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server for one base model and many prefixes: `prefixtune serve`.
 
 The `model` field of a request picks the adapter (or the base model by its own name). All generation
-happens in scheduler.Engine's worker thread; this module only validates, queues and formats.
+happens in an engine's worker thread (base.EngineBase: torch_engine or llamacpp_engine); this module only validates, queues and formats.
 
     GET  /v1/models                 POST /v1/completions      POST /v1/chat/completions
     POST /v1/adapters {name, path}  DELETE /v1/adapters/{name}
@@ -22,13 +22,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, EngineError, Event, Request, SamplingParams, async_sink
+from pydantic import ValidationError
+
+from .base import EngineBase, EngineError, Event, Request, SamplingParams, async_sink
+from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
 
 log = logging.getLogger("prefixtune.serve")
 MAX_BODY_BYTES = 4 << 20
-MAX_STOP = 4
-MAX_LOGPROBS = 20
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ApiError(EngineError):
@@ -57,7 +57,7 @@ class Metrics:
                 if seconds <= b:
                     self.latency[i] += 1
 
-    def render(self, engine: Engine) -> str:
+    def render(self, engine: EngineBase) -> str:
         out = ["# HELP prefixtune_requests_total Requests by endpoint and HTTP status.",
                "# TYPE prefixtune_requests_total counter"]
         for (ep, st), v in sorted(self.requests.items()):
@@ -69,7 +69,7 @@ class Metrics:
             ("decode_steps_total", "Batched decode forward passes.", s["steps"], "counter"),
             ("queue_depth", "Requests waiting for a batch slot.", engine.queue_depth, "gauge"),
             ("batch_size", "Rows in the running batch now.", engine.running, "gauge"),
-            ("adapters_loaded", "Adapters being served.", len(engine.model.prefixes), "gauge"),
+            ("adapters_loaded", "Adapters being served.", len(engine.adapter_names()), "gauge"),
         ):
             out += [f"# HELP prefixtune_{name} {help_}", f"# TYPE prefixtune_{name} {kind}", f"prefixtune_{name} {val}"]
         out += _histogram("prefixtune_request_latency_seconds", "Latency of successful generation requests.",
@@ -104,166 +104,39 @@ async def _json_body(request: HttpRequest) -> dict:
     return body
 
 
-def _field(body: dict, key: str, kind, default=None, required: bool = False):
-    """body[key] checked against `kind` ("int", "number", "bool", "str"), with a message naming the field."""
-    if key not in body or body[key] is None:
-        if required:
-            raise ApiError(f"missing required field '{key}'", param=key)
-        return default
-    v = body[key]
-    ok = {
-        "int": isinstance(v, int) and not isinstance(v, bool),
-        "number": isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": isinstance(v, bool),
-        "str": isinstance(v, str),
-    }[kind]
-    if not ok:
-        raise ApiError(f"'{key}' must be {'an' if kind == 'int' else 'a'} {kind}, got {type(v).__name__} {json.dumps(v)[:40]}", param=key)
-    return v
+def _parse(model, body: dict, engine: EngineBase):
+    """body -> a protocol model; a validation error becomes a 400 naming the field."""
+    try:
+        return model.model_validate(body, context={"vocab_size": engine.vocab_size, "max_n": engine.max_n})
+    except ValidationError as e:
+        message, param = error_message(e)
+        raise ApiError(message, param=param) from None
 
 
-def _sampling(body: dict, engine: Engine, default_max: int, chat: bool) -> tuple[SamplingParams, int, bool]:
-    max_tokens = _field(body, "max_tokens", "int")
-    if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", "int", default_max)
-    if max_tokens < 1:
-        raise ApiError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    temperature = float(_field(body, "temperature", "number", 1.0))
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(f"'temperature' must be between 0 and 2, got {temperature}", param="temperature")
-    top_p = float(_field(body, "top_p", "number", 1.0))
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    n = _field(body, "n", "int", 1)
-    if not 1 <= n <= engine.max_n:
-        raise ApiError(f"'n' must be between 1 and {engine.max_n}, got {n}", param="n")
-    seed = _field(body, "seed", "int")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty strings", param="stop")
-    stream = _field(body, "stream", "bool", False)
-    penalties = {}
-    for key in ("presence_penalty", "frequency_penalty"):
-        penalties[key] = float(_field(body, key, "number", 0.0))
-        if not -2.0 <= penalties[key] <= 2.0:
-            raise ApiError(f"'{key}' must be between -2 and 2, got {penalties[key]}", param=key)
-    rep = float(_field(body, "repetition_penalty", "number", 1.0))
-    if not 0.0 < rep <= 10.0:
-        raise ApiError(f"'repetition_penalty' must be in (0, 10] (1 = off), got {rep}", param="repetition_penalty")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            stop=tuple(stop or ()), seed=seed, ignore_eos=bool(body.get("ignore_eos", False)),
-                            repetition_penalty=rep, logit_bias=_logit_bias(body, engine), logprobs=_logprobs(body, chat),
-                            **penalties)
-    return params, n, stream
+def _check_capabilities(params: SamplingParams, echo: bool, engine: EngineBase) -> None:
+    """A feature the engine cannot honour is a 400 naming the field, never a silently different result."""
+    asked = {"logprobs": params.logprobs is not None, "logit_bias": bool(params.logit_bias),
+             "repetition_penalty": params.repetition_penalty != 1.0, "presence_penalty": bool(params.presence_penalty),
+             "frequency_penalty": bool(params.frequency_penalty), "seed": params.seed is not None, "echo": echo,
+             "top_p": params.top_p < 1.0, "stop": bool(params.stop)}
+    for feature, used in asked.items():
+        if used and feature not in engine.capabilities:
+            raise ApiError(f"'{feature}' is not supported by the {engine.backend} backend; drop it or serve with "
+                           "--backend torch", param=feature)
 
 
-def _logit_bias(body: dict, engine: Engine) -> tuple[tuple[int, float], ...]:
-    bias = body.get("logit_bias")
-    if bias is None:
-        return ()
-    vocab = engine.base.config.vocab_size
-    msg = f"'logit_bias' must map token ids (0 to {vocab - 1}, as strings) to numbers between -100 and 100"
-    if not isinstance(bias, dict) or len(bias) > 300:
-        raise ApiError(msg + " (at most 300 entries)", param="logit_bias")
-    out = []
-    for k, v in bias.items():
-        if not (str(k).isdigit() and int(k) < vocab) or isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > 100:
-            raise ApiError(f"{msg}; got {json.dumps({k: v})[:60]}", param="logit_bias")
-        out.append((int(k), float(v)))
-    return tuple(out)
+def _prompt_ids(req: CompletionRequest, engine: EngineBase) -> list[int]:
+    return _tokenize(engine, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
 
 
-def _logprobs(body: dict, chat: bool) -> int | None:
-    """Completions: `logprobs` = k (0..MAX_LOGPROBS). Chat: `logprobs` true, `top_logprobs` = k."""
-    if chat:
-        top = _field(body, "top_logprobs", "int")
-        if not _field(body, "logprobs", "bool", False):
-            if top is not None:
-                raise ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-            return None
-        k, key = (0 if top is None else top), "top_logprobs"
-    else:
-        k, key = _field(body, "logprobs", "int"), "logprobs"
-        if k is None:
-            return None
-    if not 0 <= k <= MAX_LOGPROBS:
-        raise ApiError(f"'{key}' must be between 0 and {MAX_LOGPROBS}, got {k}", param=key)
-    return k
-
-
-def _reject_unsupported(body: dict, chat: bool) -> None:
-    """Fields we do not implement fail loudly instead of being silently ignored."""
-    n = body.get("n", 1) or 1
-    if body.get("best_of") not in (None, n):
-        raise ApiError(f"'best_of' is not supported (only best_of == n = {n}); ask for n choices and rank them yourself", param="best_of")
-    if body.get("suffix"):
-        raise ApiError("'suffix' (insertion) is not supported", param="suffix")
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise ApiError(f"'{key}' (function calling) is not supported by this server", param=key)
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError("'response_format' other than {\"type\": \"text\"} (JSON mode, schemas) is not supported", param="response_format")
-    if not chat and body.get("echo") and body.get("logprobs") is not None:
-        raise ApiError("'echo' together with 'logprobs' (prompt logprobs) is not supported; use one of them", param="echo")
-    opts = body.get("stream_options")
-    if opts is not None and not (isinstance(opts, dict) and isinstance(opts.get("include_usage", False), bool)):
-        raise ApiError("'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
-
-
-def _prompt(body: dict):
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a batch of one; larger batches: send one request each (or use n)
-    return prompt
-
-
-def _prompt_ids(body: dict, engine: Engine) -> list[int]:
-    prompt = _prompt(body)
-    if prompt is None:
-        raise ApiError("missing required field 'prompt'", param="prompt")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError("'prompt' is empty: send some text", param="prompt")
-        return _tokenize(engine, prompt)
-    vocab = engine.base.config.vocab_size
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not all(0 <= t < vocab for t in prompt):
-            raise ApiError(f"'prompt' token ids must be in [0, {vocab})", param="prompt")
-        return prompt
-    if isinstance(prompt, list) and not prompt:
-        raise ApiError("'prompt' is empty: send some text", param="prompt")
-    raise ApiError("'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
-
-
-def _tokenize(engine: Engine, text: str, special: bool = True) -> list[int]:
+def _tokenize(engine: EngineBase, text: str, special: bool = True) -> list[int]:
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer: send 'prompt' as a list of token ids")
     return list(engine.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_ids(body: dict, engine: Engine) -> list[int]:
-    msgs = body.get("messages")
-    if msgs is None:
-        raise ApiError("missing required field 'messages'", param="messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError("'messages' must be a non-empty list of {role, content} objects", param="messages")
-    clean = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise ApiError(f"messages[{i}] needs a 'role' in {list(CHAT_ROLES)}", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(f"messages[{i}].content parts must be text parts", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(f"messages[{i}].content must be a string", param="messages")
-        clean.append({"role": m["role"], "content": content})
-    if not any(m["content"] for m in clean):
-        raise ApiError("'messages' are all empty: send some text", param="messages")
+def _chat_ids(req: ChatCompletionRequest, engine: EngineBase) -> list[int]:
+    clean = req.messages
     tok = engine.tokenizer
     if tok is None:
         raise ApiError("this server has no tokenizer, so chat is unavailable; use /v1/completions with token ids")
@@ -281,8 +154,8 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def _prompt_text(body: dict, ids: list[int], engine: Engine) -> str:
-    prompt = _prompt(body)
+def _prompt_text(req: CompletionRequest, ids: list[int], engine: EngineBase) -> str:
+    prompt = req.prompt
     if isinstance(prompt, str):
         return prompt
     return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
@@ -293,7 +166,7 @@ class _LogprobFormat:
     completions {tokens, token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes,
     top_logprobs}]}. Token strings are each id decoded alone."""
 
-    def __init__(self, engine: Engine, chat: bool, offset: int):
+    def __init__(self, engine: EngineBase, chat: bool, offset: int):
         self.engine, self.chat, self.start = engine, chat, offset
         self.pending: dict[int, list] = {}
         self.offset: dict[int, int] = {}
@@ -327,8 +200,8 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The web app around a (started or not) Engine; the app's lifespan starts it and drains it on shutdown."""
+def create_app(engine: EngineBase) -> FastAPI:
+    """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -351,9 +224,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = engine._thread is not None and engine._thread.is_alive() and not engine._stopping
+        alive = engine.is_alive()
         body = {"status": "ok" if alive else "unavailable", "model": engine.model_name,
-                "adapters": sorted(engine.model.prefixes), "queue_depth": engine.queue_depth, "running": engine.running}
+                "adapters": engine.adapter_names(), "queue_depth": engine.queue_depth, "running": engine.running}
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
@@ -365,15 +238,14 @@ def create_app(engine: Engine) -> FastAPI:
         created = int(time.time())
         data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
         data += [{"id": n, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name}
-                 for n in sorted(engine.model.prefixes)]
+                 for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(request: HttpRequest):
-        body = await _json_body(request)
-        name = _field(body, "name", "str", required=True)
-        path = _field(body, "path", "str", required=True)
-        await asyncio.to_thread(engine.load_adapter, name, path)  # waits for the current step, not the batch
+        req = _parse(LoadAdapterRequest, await _json_body(request), engine)
+        name = req.name
+        await asyncio.to_thread(engine.load_adapter, name, req.path)  # waits for the current step, not the batch
         metrics.record("/v1/adapters", 201)
         return {"id": name, "object": "model", "parent": engine.model_name}
 
@@ -396,16 +268,16 @@ def create_app(engine: Engine) -> FastAPI:
     async def _generate(request: HttpRequest, chat: bool):
         t0 = time.monotonic()
         endpoint = request.url.path
-        body = await _json_body(request)
-        model_name = _field(body, "model", "str", required=True)
+        req = _parse(ChatCompletionRequest if chat else CompletionRequest, await _json_body(request), engine)
+        model_name = req.model
         adapter = engine.adapter_for(model_name)
-        _reject_unsupported(body, chat)
-        ids = _chat_ids(body, engine) if chat else _prompt_ids(body, engine)
+        ids = _chat_ids(req, engine) if chat else _prompt_ids(req, engine)
         default_max = max(1, min(256, engine.max_total_tokens - len(ids))) if chat else 16
-        params, n, stream = _sampling(body, engine, default_max, chat)
+        params, n, stream = req.sampling(default_max), req.n or 1, bool(req.stream)
         engine.check_limits(len(ids), params.max_tokens, adapter)
-        echo = "" if chat or not _field(body, "echo", "bool", False) else _prompt_text(body, ids, engine)
-        usage_chunk = (body.get("stream_options") or {}).get("include_usage", True)
+        echo = "" if chat or not req.echo else _prompt_text(req, ids, engine)
+        _check_capabilities(params, bool(echo), engine)
+        usage_chunk = req.include_usage
 
         queue: asyncio.Queue[Event] = asyncio.Queue()
         sink = async_sink(asyncio.get_running_loop(), queue)
@@ -489,10 +361,11 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 # ---- loading and CLI ---------------------------------------------------------------------------------------
-def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> Engine:
+def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> EngineBase:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..model import PrefixModel
+    from .torch_engine import TorchEngine
 
     config = AutoConfig.from_pretrained(model_path)
     if getattr(config, "is_encoder_decoder", False):
@@ -500,7 +373,7 @@ def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> 
     base = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     name = Path(str(model_path).rstrip("/")).name
-    engine = Engine(PrefixModel(base), tokenizer, model_name=name, adapters_dir=adapters_dir, **limits)
+    engine = TorchEngine(PrefixModel(base), tokenizer, model_name=name, adapters_dir=adapters_dir, **limits)
     loaded = engine.load_dir()
     log.info("serving %s with %d adapter(s): %s", name, len(loaded), ", ".join(loaded) or "-")
     return engine

@@ -1,0 +1,210 @@
+"""LlamaCppEngine: continuous batching on llama.cpp, behind the same engine surface as the PyTorch engine.
+
+Queueing, sampling (per-request temperature/top_p/seed, penalties, logit_bias, logprobs), stop strings, text
+streaming and timeouts are serving.base.EngineBase's, shared with the PyTorch engine; only the model side differs:
+- each admitted request gets a llama.cpp sequence that already holds its adapter's prefix cells
+  (LlamaCppModel.open_sequence; copied in per-sequence mode, shared in unified mode), its prompt at position P;
+- every step is ONE `llama_decode` over all rows, whatever their adapter: new prompts and one token for each
+  running row (more calls only when the step has more tokens than n_batch);
+- unified cache: admission also counts KV cells: a request reserves prompt + max_tokens cells of the shared
+  context and waits in the queue until they are free. Per-sequence cache (default): each request has its own
+  stream of seq_cells cells, checked when it is submitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from .base import FEATURES, EngineBase, EngineError, Request
+from .llamacpp import LlamaCppModel
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class LlamaCppEngine(EngineBase):
+    backend = "llamacpp"
+    # Every optional feature is honoured: sampling runs on llama.cpp's logits through the shared code in base.py.
+    capabilities = FEATURES
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        tokenizer=None,
+        *,
+        model_name: str | None = None,
+        max_batch_size: int = 32,
+        max_total_tokens: int | None = None,
+        n_ctx: int = 8192,
+        max_adapters: int = 16,
+        kv_type: str = "f16",
+        flash_attn: bool = False,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        kv_unified: bool = False,
+        seq_cells: int | None = None,
+        **limits,
+    ):
+        """kv_unified / seq_cells / n_*: see LlamaCppModel (per-sequence cache by default; n_ctx is then split
+        into max_batch_size sequences of seq_cells cells unless seq_cells is given)."""
+        self.model = LlamaCppModel(gguf_path, n_ctx=n_ctx, max_sequences=max_batch_size, max_adapters=max_adapters,
+                                   kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
+                                   n_threads_batch=n_threads_batch, n_batch=n_batch, n_ubatch=n_ubatch,
+                                   kv_unified=kv_unified, seq_cells=seq_cells)
+        if tokenizer is None:
+            from ..loading import load_tokenizer  # the same tokenizer (and chat template) the PyTorch path uses
+
+            tokenizer = load_tokenizer(str(gguf_path))
+        m = self.model
+        super().__init__(tokenizer, model_name=model_name or Path(gguf_path).stem, vocab_size=m.n_vocab,
+                         eos_ids={m.lib.llama_vocab_eos(m.vocab)}, max_positions=m.n_ctx_train,
+                         max_batch_size=max_batch_size, max_total_tokens=max_total_tokens or min(m.n_ctx_train, m.seq_cells),
+                         **limits)
+        self._reserved = 0  # KV cells promised to running rows (prompt + max_tokens each)
+
+    # ---- adapters -----------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return sorted(self.model.prefixes)
+
+    def prefix_length(self, adapter: str | None) -> int:
+        return self.model.prefixes[adapter][1] if adapter in self.model.prefixes else 0
+
+    def _load_adapter(self, name: str, directory: Path) -> None:
+        layers = self.model.adapter_layers(directory)  # ConfigError naming what differs from this GGUF
+        P = layers[0][0].shape[1]
+        if self.model.unified and self.model.used_cells + self._reserved + P > self.model.n_ctx > self.model.used_cells + P:
+            raise EngineError(f"cannot load adapter {name!r} now: {P} of the context's cells are promised to "
+                              "running requests; retry when they finish", 503)
+        self.model.load_prefix(name, layers)
+
+    def _unload_adapter(self, name: str) -> None:
+        self.model.unload_prefix(name)  # running rows keep the cells until they finish
+
+    # ---- limits and admission -----------------------------------------------------------------------
+    def check_limits(self, prompt_len: int, max_tokens: int, adapter: str | None = None) -> None:
+        super().check_limits(prompt_len, max_tokens, adapter)
+        if not self.model.unified:
+            cells = self.model.seq_cells - self.prefix_length(adapter)
+            if prompt_len + max_tokens > cells:
+                raise EngineError(
+                    f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than a llama.cpp sequence "
+                    f"has beside the adapter's prefix ({cells} of {self.model.seq_cells}); lower max_tokens or start "
+                    "the server with more cells per sequence (seq_cells, or a larger n_ctx)")
+            return
+        cells = self.model.n_ctx - self.model.used_cells
+        if prompt_len + max_tokens > cells:
+            raise EngineError(
+                f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than the llama.cpp context has "
+                f"beside the loaded prefixes ({cells} of {self.model.n_ctx}); lower max_tokens or start the server "
+                "with a larger context (n_ctx)"
+            )
+
+    def _need(self, r: Request) -> int:
+        """Cells of the shared context a request reserves (unified cache); 0 with per-sequence streams."""
+        return len(r.prompt_ids) + r.params.max_tokens if self.model.unified else 0
+
+    def _take_admissions(self) -> list[Request]:
+        """FIFO up to max_batch_size, and only while the requests' cells are free: the head waits for cells
+        rather than being overtaken forever."""
+        new = []
+        with self.lock:  # adapter loads change the free cells; decide against a settled count
+            free = self.model.n_ctx - self.model.used_cells - self._reserved
+            while self._pending and len(self._rows) + len(new) < self.max_batch_size and self._need(self._pending[0]) <= free:
+                free -= self._need(self._pending[0])
+                new.append(self._pending.popleft())
+            if not new and not self._rows and self._pending:  # nothing runs, yet the head does not fit: adapters
+                r = self._pending.popleft()  # loaded since it was accepted took its cells
+                self._finish(r, "error", status=503, error=f"prompt + max_tokens ({self._need(r)}) no longer fits the "
+                             f"llama.cpp context beside the loaded prefixes ({free} free cells); retry with fewer tokens")
+        return new
+
+    # ---- worker -------------------------------------------------------------------------------------
+    def _step(self, new: list[Request]) -> None:
+        running = [r for r in self._rows if not r.finished]
+        fresh = []
+        for r in self._ready(new):
+            r.seq, r.pos = self.model.open_sequence(r.adapter)
+            self._reserved += self._need(r)
+            self._rows.append(r)  # at once: a failure later in the step still closes its sequence
+            fresh.append(r)
+        rows = fresh + running
+        if not rows:
+            return
+        items = [(r.seq, list(r.prompt_ids), r.pos) for r in fresh] + [(r.seq, [r.last], r.pos) for r in running]
+        logits = torch.from_numpy(self.model.decode(items))
+        for r, (_, toks, _) in zip(rows, items):
+            r.pos += len(toks)
+        self.stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in fresh)
+        if running:
+            self._count_step(len(rows))
+        self._step_rows(rows, logits)
+
+    def _drop_finished(self) -> None:
+        for r in self._rows:
+            if r.cancelled:
+                r.finished = True
+        done = [r for r in self._rows if r.finished]
+        if not done:
+            return
+        with self.lock:
+            for r in done:
+                self.model.close_sequence(r.seq)
+                self._reserved -= self._need(r)
+            self._rows = [r for r in self._rows if not r.finished]
+
+    def close(self) -> None:
+        self.stop()
+        self.model.close()
+
+
+def build_llamacpp_engine(model_path: str, adapters_dir: str | None = None, **kw) -> LlamaCppEngine:
+    """The llama.cpp twin of api.build_engine: load the GGUF, then every adapter under adapters_dir."""
+    engine = LlamaCppEngine(model_path, adapters_dir=adapters_dir, **kw)
+    loaded = engine.load_dir()
+    log.info("llama.cpp: serving %s with adapters %s", engine.model_name, loaded)
+    return engine
+
+
+def load(gguf_path, adapters=None, **engine_kw):
+    """A GGUF model on llama.cpp with prefix adapters, ready for `generate` (see serving.offline.Generator).
+
+    adapters: {name: directory}, one adapter directory (named "default"), or a directory of adapter directories.
+    engine_kw: LlamaCppEngine options (max_batch_size, n_ctx, kv_type "f16"/"f32", flash_attn, n_threads,
+    kv_unified (False: per-sequence cache, the faster default), seq_cells, ...).
+    """
+    from .offline import Generator, adapter_dirs
+
+    dirs = adapter_dirs(adapters)
+    engine = LlamaCppEngine(gguf_path, **engine_kw)
+    try:
+        for name, d in dirs.items():
+            engine.add_adapter(name, d)
+    except EngineError as e:
+        engine.model.close()
+        raise ConfigError(str(e)) from None
+    return Generator(engine)
+
+
+def cli_generate(args, prompts: list[str]) -> int:
+    """`prefixtune generate --backend llamacpp`: the same prompts and printing as the torch path."""
+    from ..training.data import encode_pair
+
+    if args.num_beams != 1:
+        raise ConfigError("--num-beams: beam search is not available with --backend llamacpp; use --num-beams 1")
+    if args.temperature > 0 and args.top_k != 50:
+        raise ConfigError("--top-k is not applied by --backend llamacpp (it samples with temperature and --top-p); drop --top-k")
+    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8)
+    try:
+        ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
+        texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    finally:
+        gen.close()
+    for p, text in zip(prompts, texts):
+        print(f"### {p}\n{text.strip()}\n") if len(prompts) > 1 else print(text.strip())
+    return 0

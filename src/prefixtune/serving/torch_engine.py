@@ -1,0 +1,169 @@
+"""TorchEngine: continuous batching for many prefixes on one PyTorch base model (no HTTP here; api.py is the web side).
+
+One worker thread owns the model. It keeps a single running batch: a DynamicCache whose rows are
+left-padded to a common length, plus a 2D mask [B, S] over every cached slot (prefix slots included).
+Each iteration it
+  1. admits queued requests (up to max_batch_size rows) and prefills them, grouped by prompt length so no
+     padding enters a prefill (a row computes exactly what it would alone), then merges their caches into
+     the running batch by left-padding keys/values and masks;
+  2. runs ONE decode forward for all rows, whatever their adapter: prefixes already sit in the cache, so
+     mixing adapters costs nothing per step;
+  3. samples per row (base.EngineBase._step_rows), emits text, and drops finished rows with index_select,
+     trimming columns that no remaining row uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from .. import inject
+from ..config import ConfigError
+from .base import EngineBase, Request
+
+
+def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad the sequence dim (-2 for key/values, -1 for masks) with zeros up to `length`."""
+    dim = -1 if x.dim() == 2 else -2
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    pad = [0, 0] * (-dim - 1) + [missing, 0]
+    return torch.nn.functional.pad(x, pad)
+
+
+def eos_ids(base, tokenizer) -> set[int]:
+    """The ids generate() stops on: the generation config's first, as offline generation does."""
+    gen_cfg = getattr(base, "generation_config", None)
+    for v in (getattr(gen_cfg, "eos_token_id", None), getattr(base.config, "eos_token_id", None),
+              getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            return {v}
+        if isinstance(v, (list, tuple)) and v:
+            return {int(x) for x in v}
+    return set()
+
+
+class TorchEngine(EngineBase):
+    backend = "torch"
+
+    def __init__(self, model, tokenizer=None, *, model_name: str = "base", **limits):
+        if model.arch.kind != "causal":
+            raise ConfigError(
+                f"serving supports decoder-only models; {model.arch.model_type} is {model.arch.kind} "
+                "(encoder-decoder / encoder models are not served)"
+            )
+        base = model.base_model
+        cfg = base.config
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
+                         max_positions=max_pos, **limits)
+        self.model = model.eval()
+        self.base = base
+        fwd = set(inspect.signature(base.forward).parameters)
+        self._pass_positions = model.arch.takes_position_ids and "position_ids" in fwd
+        self._logits_to_keep = "logits_to_keep" in fwd
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, S], prefix slots included
+
+    # ---- adapters --------------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return sorted(self.model.prefixes)
+
+    def prefix_length(self, adapter: str | None) -> int:
+        return self.model.configs[adapter].num_virtual_tokens if adapter in self.model.configs else 0
+
+    def _load_adapter(self, name: str, directory: Path) -> None:
+        self.model.load_adapter(directory, name=name)
+
+    def _unload_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    # ---- worker ----------------------------------------------------------------------------------------
+    def _step(self, new: list[Request]) -> None:
+        if new:
+            self._prefill(self._ready(new))
+        if self._rows:
+            self._decode()
+
+    def _after_failure(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+    def _prefix_cache(self, names: list[str | None]):
+        if all(n is None for n in names):
+            return DynamicCache(), torch.zeros(len(names), 0, dtype=torch.long)
+        layers, pmask = self.model.prefix_batch(names)
+        return inject.build_cache(self.model.arch, layers, "dynamic"), pmask
+
+    def _forward(self, ids, mask, cache):
+        kw = {"use_cache": True}
+        if self._pass_positions:
+            kw["position_ids"] = inject.positions_from_mask(mask, ids.shape[1])
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1  # as generate() does: same logits, no [T, vocab] waste
+        out = self.base(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, ready: list[Request]) -> None:
+        by_len: dict[int, list[Request]] = {}
+        for r in ready:
+            by_len.setdefault(len(r.prompt_ids), []).append(r)
+        for group in by_len.values():
+            ids = torch.tensor([r.prompt_ids for r in group], device=self.model.device)
+            cache, pmask = self._prefix_cache([r.adapter for r in group])
+            mask = torch.cat([pmask.to(ids.device), torch.ones_like(ids)], dim=1)
+            logits = self._forward(ids, mask, cache)
+            self.stats["prompt_tokens"] += ids.numel()
+            self._step_rows(group, logits)
+            keep = [i for i, r in enumerate(group) if not r.finished]
+            if keep:
+                self._merge([group[i] for i in keep], cache, mask, keep)
+
+    def _merge(self, rows, cache, mask, keep) -> None:
+        if len(keep) != mask.shape[0]:
+            idx = torch.tensor(keep, device=mask.device)
+            cache, mask = self._select(cache, mask, idx)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, list(rows)
+            return
+        length = max(self._mask.shape[1], mask.shape[1])
+        for old, add in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(add.keys, length)])
+            old.values = torch.cat([_pad_left(old.values, length), _pad_left(add.values, length)])
+        self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)])
+        self._rows += rows
+
+    @staticmethod
+    def _select(cache, mask, idx):
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        return cache, mask.index_select(0, idx)
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[r.last] for r in self._rows], device=self._mask.device)
+        self._mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        logits = self._forward(ids, self._mask, self._cache)
+        self._count_step(len(self._rows))
+        self._step_rows(self._rows, logits)
+
+    def _drop_finished(self) -> None:
+        """Remove finished/cancelled rows and the leading columns nobody attends to any more."""
+        for r in self._rows:
+            if r.cancelled:
+                r.finished = True
+        keep = [i for i, r in enumerate(self._rows) if not r.finished]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        self._cache, self._mask = self._select(self._cache, self._mask, torch.tensor(keep, device=self._mask.device))
+        self._rows = [self._rows[i] for i in keep]
+        first = int(self._mask.any(0).nonzero()[0])
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
