@@ -205,7 +205,8 @@ def _add_generate(sub):
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
-                   help="llamacpp: run a .gguf --model on llama.cpp (pip install \"prefixtune[llamacpp]\")")
+                   help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp (pip install "
+                   "\"prefixtune[llamacpp]\") (default: torch)")
     p.set_defaults(fn=cmd_generate)
 
 
