@@ -233,9 +233,73 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
     assert Engine(three_adapters(), adapters_dir=tmp_path / "adapters").load_dir() == ["good"]
 
 
-def test_encoder_decoder_models_are_refused():
-    model = pt.attach(make("t5"), pt.PrefixConfig(num_virtual_tokens=2))
-    with pytest.raises(ConfigError, match="decoder-only"):
+def lively(model, seed=0):
+    """Tiny random BART repeats one token whatever the input; noise on the weights and N(0,1) prefixes make
+    outputs depend on prompt and adapter, so equality below means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.base_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for p in model.prefixes.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def offline_seq2seq(model, prompt, name, max_new):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         adapter_names=[name], do_sample=False, num_beams=1, max_new_tokens=max_new)
+    toks = out[0, 1:].tolist()  # after the decoder start token
+    eos = model.base_model.generation_config.eos_token_id
+    return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_greedy_matches_prefix_model_generate_alone_and_mixed(kind):
+    model = lively(three_adapters(kind))
+    prompts, names, max_new = random_workload(12, seed=1)
+    # One prompt for rows 0 (adapter a), 1, 5, 9 (b): T5 decodes them as one mixed group; BART groups rows by
+    # prefix length and max_tokens (see TorchEngine._generate_seq2seq), so 1, 5, 9 share max_tokens too.
+    prompts[1] = prompts[5] = prompts[9] = prompts[0]
+    max_new[5] = max_new[9] = max_new[1]
+    ref = [offline_seq2seq(model, p, n, m) for p, n, m in zip(prompts, names, max_new)]
+    assert len({tuple(r) for r in ref}) > 6  # adapters and prompts really change the outputs
+    eng = Engine(model, max_batch_size=16).start()
+    try:
+        alone = Collector(3)
+        for i in range(3):
+            eng.submit([Request(names[i], prompts[i], SamplingParams(max_tokens=max_new[i], temperature=0), alone(i))])
+            alone.done.wait(0.5) if i == 2 else time.sleep(0.3)
+        alone.wait()
+        mixed = Collector(len(prompts))
+        eng.submit([Request(n, p, SamplingParams(max_tokens=m, temperature=0), mixed(i))
+                    for i, (p, n, m) in enumerate(zip(prompts, names, max_new))])
+        mixed.wait()
+    finally:
+        eng.stop()
+    assert [alone.tokens[i] for i in range(3)] == ref[:3]
+    assert [mixed.tokens[i] for i in range(len(prompts))] == ref
+    assert max(eng.batch_hist) >= 3  # the mixed group of one prompt length decoded together
+    assert eng.running == 0 and eng.stats["completion_tokens"] == sum(len(t) for t in ref[:3] + ref)
+
+
+def test_encoder_decoder_sampling_and_stops_follow_the_request():
+    model = three_adapters("t5")
+    eng = Engine(model).start()
+    try:
+        got = Collector(3)
+        seeded = SamplingParams(max_tokens=9, temperature=1.3, seed=5, ignore_eos=True)
+        eng.submit([Request("a", [5, 6, 7], seeded, got(0)), Request("a", [5, 6, 7], seeded, got(1)),
+                    Request("b", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), got(2))])
+        got.wait()
+    finally:
+        eng.stop()
+    assert got.tokens[0] == got.tokens[1] and len(got.tokens[0]) == 9  # seeded, ignore_eos: full length
+    assert len(got.tokens[2]) == 4 and got.final[2].finish_reason == "length"
+
+
+def test_encoder_models_are_refused():
+    model = pt.attach(make("bert"), pt.PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match="encoder .*cannot be served"):
         Engine(model)
 
 

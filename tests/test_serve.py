@@ -560,3 +560,59 @@ def test_validation_errors_are_openai_400s_naming_the_param(engine, extra, param
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error", r.text
     assert f"'{param}'" in err["message"]
+
+
+# ---- how the PyTorch engine loads its model: GGUF, dtype, encoder-decoder, encoders refused -----------------
+def test_serve_loads_a_gguf_like_train_does_and_serves_it(tmp_path):
+    pytest.importorskip("gguf")
+    from gguf_models import write_tiny_gguf
+
+    from prefixtune.loading import load_model
+
+    path, _ = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    base, tok = load_model(str(path), "fp32", "cpu")
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5), "sent")
+    model.save_adapter(tmp_path / "adapters" / "sent", "sent")
+    eng = build_engine(str(path), str(tmp_path / "adapters"))
+    assert eng.model_name == "tiny" and eng.adapter_names() == ["sent"] and eng.base.dtype == torch.float32
+    ids = tok("the movie was great")["input_ids"]
+    ref = tok.decode(offline(model, ids, "sent", 8), skip_special_tokens=True)
+    r = call(create_app(eng), lambda c: c.post("/v1/completions", json={"model": "sent", "prompt": "the movie was great",
+                                                                         "max_tokens": 8, "temperature": 0}))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref
+    assert build_engine(str(path), dtype="bf16").base.dtype == torch.bfloat16  # what --dtype bf16 (or auto on a GPU) gives
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_adapters_are_served_equal_to_generate(tmp_path, kind):
+    from test_scheduler import lively, offline_seq2seq
+
+    model = lively(pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=4), "alpha"))
+    model.add_adapter("beta", pt.PrefixConfig(num_virtual_tokens=6))
+    lively(model, seed=1)
+    model.base_model.save_pretrained(tmp_path / kind)
+    word_tokenizer().save_pretrained(tmp_path / kind)
+    for name in ("alpha", "beta"):
+        model.save_adapter(tmp_path / "adapters" / name, name)
+    eng = build_engine(str(tmp_path / kind), str(tmp_path / "adapters"))
+    tok = eng.tokenizer
+    cases = [(p, m) for p in ("w5 w9 w10", "w40 w41 w7") for m in ("alpha", "beta", kind)]
+    with eng.lock:
+        refs = [tok.decode(offline_seq2seq(eng.model, tok(p)["input_ids"], None if m == kind else m, 6), skip_special_tokens=True)
+                for p, m in cases]
+
+    async def run(c):
+        rs = await asyncio.gather(*(c.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": 6, "temperature": 0,
+                                                                     "stream": i % 2 == 1}) for i, (p, m) in enumerate(cases)))
+        return [r.json()["choices"][0]["text"] if i % 2 == 0 else
+                "".join(e["choices"][0]["text"] for e in sse_events(r.text) if e["choices"]) for i, r in enumerate(rs)]
+
+    assert call(create_app(eng), run) == refs
+    assert len(set(refs)) > 3
+
+
+def test_encoder_classifiers_are_refused_at_build_time(tmp_path):
+    make("bert").save_pretrained(tmp_path / "bert")
+    word_tokenizer().save_pretrained(tmp_path / "bert")
+    with pytest.raises(pt.ConfigError, match="encoder .*cannot be served"):
+        build_engine(str(tmp_path / "bert"))

@@ -361,22 +361,26 @@ def create_app(engine: EngineBase) -> FastAPI:
 
 
 # ---- loading and CLI ---------------------------------------------------------------------------------------
-def build_engine(model_path: str, adapters_dir: str | None = None, **limits) -> EngineBase:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def build_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto", device: str | None = None,
+                 **limits) -> EngineBase:
+    """The PyTorch engine on a model loaded the way `train` loads it (a directory, a Hub id or a .gguf; dtype
+    'auto' = bf16/fp16 on a GPU, fp32 on CPU), with every adapter under adapters_dir."""
+    from ..loading import load_model
     from ..model import PrefixModel
     from .torch_engine import TorchEngine
 
-    config = AutoConfig.from_pretrained(model_path)
-    if getattr(config, "is_encoder_decoder", False):
-        raise SystemExit(f"{model_path} is an encoder-decoder model ({config.model_type}); serving supports decoder-only models")
-    base = AutoModelForCausalLM.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    name = Path(str(model_path).rstrip("/")).name
-    engine = TorchEngine(PrefixModel(base), tokenizer, model_name=name, adapters_dir=adapters_dir, **limits)
+    base, tokenizer = load_model(model_path, dtype, device)
+    engine = TorchEngine(PrefixModel(base), tokenizer, model_name=model_id(model_path), adapters_dir=adapters_dir, **limits)
     loaded = engine.load_dir()
-    log.info("serving %s with %d adapter(s): %s", name, len(loaded), ", ".join(loaded) or "-")
+    log.info("serving %s (%s, %s) with %d adapter(s): %s", engine.model_name, base.device, base.dtype, len(loaded),
+             ", ".join(loaded) or "-")
     return engine
+
+
+def model_id(model_path: str) -> str:
+    """The base model's name in the API: the directory's name, or a GGUF file's name without .gguf."""
+    p = Path(str(model_path).rstrip("/"))
+    return p.stem if p.suffix == ".gguf" else p.name
 
 
 def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
@@ -390,7 +394,9 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
 
 
 def add_serve_args(p) -> None:
-    p.add_argument("--model", required=True, help="base model directory (or hub id already in the local cache)")
+    p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
+    p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
+    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000)
@@ -412,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_main(args) -> int:
-    run_server(args.model, args.adapters, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+    run_server(args.model, args.adapters, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+               max_batch_size=args.max_batch_size,
                max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
                graceful_timeout=args.graceful_timeout)

@@ -1,5 +1,8 @@
 """TorchEngine: continuous batching for many prefixes on one PyTorch base model (no HTTP here; api.py is the web side).
 
+Decoder-only models (below) batch continuously; encoder-decoder models (T5, BART) run each admitted group
+through PrefixModel.generate (see _generate_seq2seq). Encoder classifiers are refused.
+
 One worker thread owns the model. It keeps a single running batch: a DynamicCache whose rows are
 left-padded to a common length, plus a 2D mask [B, S] over every cached slot (prefix slots included).
 Each iteration it
@@ -14,11 +17,12 @@ Each iteration it
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .. import inject
 from ..config import ConfigError
@@ -51,14 +55,16 @@ class TorchEngine(EngineBase):
     backend = "torch"
 
     def __init__(self, model, tokenizer=None, *, model_name: str = "base", **limits):
-        if model.arch.kind != "causal":
+        if model.arch.kind == "encoder":
             raise ConfigError(
-                f"serving supports decoder-only models; {model.arch.model_type} is {model.arch.kind} "
-                "(encoder-decoder / encoder models are not served)"
+                f"{model.arch.model_type} is an encoder (classifier) model: it does not generate text, so it cannot be "
+                "served; serve a decoder-only or encoder-decoder model (load encoder adapters with prefixtune.load_adapter)"
             )
         base = model.base_model
         cfg = base.config
-        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        # T5 numbers positions relatively (n_positions is no limit); BART and decoders have a position table.
+        max_pos = getattr(cfg, "max_position_embeddings", None) or (
+            getattr(cfg, "n_positions", None) if model.arch.kind == "causal" else None)
         super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
                          max_positions=max_pos, **limits)
         self.model = model.eval()
@@ -84,10 +90,62 @@ class TorchEngine(EngineBase):
 
     # ---- worker ----------------------------------------------------------------------------------------
     def _step(self, new: list[Request]) -> None:
+        if self.model.arch.kind == "seq2seq":
+            self._generate_seq2seq(self._ready(new))
+            return
         if new:
             self._prefill(self._ready(new))
         if self._rows:
             self._decode()
+
+    # ---- encoder-decoder: admitted requests run through PrefixModel.generate, one group at a time -----------
+    def _generate_seq2seq(self, ready: list[Request]) -> None:
+        """Greedy output equals PrefixModel.generate by construction: generate() runs the model (with the model's
+        generation config, as offline), and a logits processor samples each row by its own request
+        (base._step_rows) and forces generate() to take that token. Groups share a prompt length (no padding
+        enters the encoder) and, for BART, a prefix length (its decoder numbers positions from the cache
+        length). A group runs to its end; requests that arrive meanwhile wait."""
+        bart_like = self.model.arch.model_type in inject.POSITIONS_FROM_CACHE_LENGTH
+        # A generation config with forced_eos_token_id (BART's) forces that token at the last allowed step, so
+        # rows that share a generate() call must share max_tokens too.
+        forced_eos = getattr(self.base.generation_config, "forced_eos_token_id", None) is not None
+        groups: dict[tuple[int, int, int], list[Request]] = {}
+        for r in ready:
+            key = (len(r.prompt_ids), self.prefix_length(r.adapter) if bart_like else 0, r.params.max_tokens if forced_eos else 0)
+            groups.setdefault(key, []).append(r)
+        for rows in groups.values():
+            self._generate_group(rows)
+
+    def _generate_group(self, rows: list[Request]) -> None:
+        engine = self
+
+        class Drive(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                active = [i for i, r in enumerate(rows) if not r.finished]
+                if active:
+                    engine._count_step(len(active))
+                    engine._step_rows([rows[i] for i in active], scores[active])
+                forced = torch.full_like(scores, float("-inf"))
+                for i, r in enumerate(rows):
+                    forced[i, r.last if r.last is not None else 0] = 0.0  # finished rows: any token, never read
+                return forced
+
+        class Done(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.tensor([r.finished or r.cancelled for r in rows], device=input_ids.device)
+
+        ids = torch.tensor([r.prompt_ids for r in rows], device=self.model.device)
+        cfg = copy.deepcopy(self.base.generation_config)
+        # Our requests decide when a row ends (EOS unless ignore_eos, stop strings, max_tokens): generate() must
+        # not end a row on its own, so it runs without an EOS of its own and stops on `Done`.
+        # eos_token_id None would fall back to the model config's EOS inside generate(); vocab_size is an id that
+        # no row can be forced to (the scores have vocab_size columns)
+        cfg.eos_token_id, cfg.do_sample, cfg.num_beams, cfg.num_return_sequences = scores_width(self.base), False, 1, 1
+        cfg.max_new_tokens, cfg.max_length, cfg.min_length, cfg.min_new_tokens = max(r.params.max_tokens for r in rows), None, 0, None
+        self.stats["prompt_tokens"] += ids.numel()
+        self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[r.adapter for r in rows],
+                            generation_config=cfg, logits_processor=LogitsProcessorList([Drive()]),
+                            stopping_criteria=StoppingCriteriaList([Done()]))
 
     def _after_failure(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
@@ -167,3 +225,8 @@ class TorchEngine(EngineBase):
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def scores_width(base) -> int:
+    """The number of logits per step (an id past the last one is no token)."""
+    return base.get_output_embeddings().weight.shape[0]
