@@ -197,6 +197,23 @@ def test_truncate_warn_cuts_prompt_from_left_keeps_target(tiny_tokenizer, caplog
     assert ex["labels"] == [-100] * 6 + target
 
 
+def test_evaluation_cuts_prompts_as_training_does(tiny_tokenizer):
+    """One left cut (data.left_cut) for both: the scored prompt is the prompt the model was trained on."""
+    from prefixtune.training import data as D
+    from prefixtune.training.evaluate import _fit, classify_prompts
+
+    tok = tiny_tokenizer(bos=True)
+    ds = Dataset.from_list(LONG)
+    out, info = tokenize_dataset(ds, tok, "classify", is_encoder_decoder=False, max_length=8)
+    prompts, gold = classify_prompts(ds, info)
+    assert gold == ["positive", "negative"]
+    p_ids, t_ids = D.encode_pair(tok, prompts, gold, False)
+    for ex, p, t in zip(out, p_ids, t_ids):
+        assert _fit(p, len(t), 8, tok.bos_token_id) == ex["input_ids"][: len(ex["input_ids"]) - len(t)]
+    assert D.left_cut([3, 5, 6, 7], 2, bos=3) == [0, 3] and D.left_cut([5, 6, 7], 2, bos=3) == [1, 2]
+    assert D.left_cut([3, 5, 6], 1, bos=3) == [0] and D.left_cut([5, 6], 5, bos=None) == [0, 1]
+
+
 def test_truncate_drop_and_error(tiny_tokenizer):
     tok = tiny_tokenizer()
     out, info = tokenize_dataset(Dataset.from_list(LONG), tok, "classify", is_encoder_decoder=False,

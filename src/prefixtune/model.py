@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,11 +17,14 @@ from torch import nn
 from . import inject
 from .config import ConfigError, PrefixConfig, check_adapter_name
 from .encoder import PrefixEncoder
+from .hf_integration import HFIntegrationMixin
 
 CLASSIFIER_HEADS = inject.CLASSIFIER_HEADS  # old name, kept importable
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(HFIntegrationMixin, nn.Module):
+    """The prefix engine; what transformers.Trainer, TRL and the Hub expect of a model comes from the mixin."""
+
     def __init__(self, base_model: nn.Module):
         super().__init__()
         self.base_model = base_model
@@ -38,10 +39,7 @@ class PrefixModel(nn.Module):
             p.requires_grad_(False)
         inject.allow_checkpointing_with_prefix(base_model)
         self._fwd_params = set(inspect.signature(base_model.forward).parameters)
-        # transformers.Trainer keeps only the dataset columns that `inspect.signature(model.forward)` names, so the
-        # instance's forward advertises the base model's inputs (labels, decoder_attention_mask, token_type_ids...).
-        self.forward = functools.partial(type(self).forward, self)
-        self.forward.__signature__ = _advertised_signature(base_model.forward)
+        self._advertise_forward()
 
     # ---- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None) -> None:
@@ -422,9 +420,6 @@ class PrefixModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(self.parameter_summary())
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
-
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
         """Checkpoint the base model's layers (transformers >= 5 name; what Trainer calls).
@@ -444,114 +439,9 @@ class PrefixModel(nn.Module):
     def config(self):
         return self.base_model.config
 
-    # ---- transformers.Trainer / TRL / Hub integration (see prefixtune.hf_trainer, prefixtune.hub) ---------------
-    _keys_to_ignore_on_save = None  # Trainer reads it after loading a checkpoint
-
-    @property
-    def main_input_name(self) -> str:
-        return getattr(self.base_model, "main_input_name", "input_ids")
-
-    @property
-    def generation_config(self):
-        return getattr(self.base_model, "generation_config", None)
-
-    @property
-    def loss_type(self):
-        """Trainer reads it to count label tokens the way the base model's loss does (shifted for causal LMs)."""
-        return getattr(self.base_model, "loss_type", None)
-
-    @property
-    def accepts_loss_kwargs(self) -> bool:
-        """Trainer passes `num_items_in_batch` only if the model takes it; ours passes it on to the base model."""
-        _warn_if_stock_trainer(self)  # Trainer.__init__ reads this once
-        if hasattr(self.base_model, "accepts_loss_kwargs"):
-            return bool(self.base_model.accepts_loss_kwargs)
-        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.base_model.forward).parameters.values())
-
-    def get_input_embeddings(self):
-        return self.base_model.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.base_model.get_output_embeddings()
-
-    def add_model_tags(self, tags) -> None:
-        """TRL tags the model it trains; the tags go on the base model (we write our own model card)."""
-        if hasattr(self.base_model, "add_model_tags"):
-            self.base_model.add_model_tags(tags)
-
-    def save_pretrained(self, save_directory: str | Path, keep_projection: bool = True, is_main_process: bool = True,
-                        **kwargs) -> Path | None:
-        """What `transformers.Trainer` calls: write the active adapter's files into `save_directory`.
-
-        Unlike `save_adapter` (which replaces the whole directory atomically), this adds/replaces the adapter files
-        inside a directory that may hold other things (a Trainer checkpoint: optimizer, trainer state, tokenizer).
-        Each file is replaced atomically and stale adapter files are removed. The frozen base model is never written;
-        `state_dict`/`safe_serialization` and other PreTrainedModel arguments are accepted and ignored.
-        keep_projection (default True here) keeps the unfolded MLP so training can resume exactly.
-        """
-        from .adapter_io import CONFIG_NAME, EXTRA_NAME, PROJECTION_NAME, WEIGHTS_NAME, atomic_files
-
-        if not is_main_process:
-            return None
-
-        def fill(tmp: Path) -> list[Path]:
-            built = self.save_adapter(tmp / "adapter", keep_projection=keep_projection)
-            # weights last: a directory with new weights has the matching config beside them
-            order = (PROJECTION_NAME, "README.md", EXTRA_NAME, CONFIG_NAME, WEIGHTS_NAME)
-            return [built / n for n in order if (built / n).is_file()]
-
-        return atomic_files(Path(save_directory), fill, stale=[PROJECTION_NAME])
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload the active adapter to the Hugging Face Hub (see `prefixtune.hub.push_to_hub`)."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     @property
     def device(self) -> torch.device:
         return self._device
-
-
-def _warn_if_stock_trainer(model: PrefixModel) -> None:
-    """Say once that a stock transformers.Trainer is about to checkpoint the whole base model.
-
-    Trainer saves `model.state_dict()` whole for models that are not a PreTrainedModel, so each checkpoint holds the
-    frozen base too; PrefixTrainer writes adapter files only. The caller is found on the stack because the Trainer
-    never tells the model who is training it."""
-    if getattr(model, "_warned_stock_trainer", False):
-        return
-    try:
-        from transformers import Trainer
-    except ImportError:
-        return
-    frame = inspect.currentframe()
-    for _ in range(4):
-        frame = frame.f_back if frame is not None else None
-        owner = frame.f_locals.get("self") if frame is not None else None
-        if isinstance(owner, Trainer):
-            from .training.hf_trainer import PrefixTrainerMixin
-
-            if not isinstance(owner, PrefixTrainerMixin):
-                model._warned_stock_trainer = True
-                warnings.warn(
-                    f"{type(owner).__name__} is not a PrefixTrainer: its checkpoints will hold the whole frozen base model "
-                    "(model.safetensors), not the adapter; use prefixtune.hf_trainer.PrefixTrainer (or PrefixSFTTrainer) "
-                    "for adapter-only checkpoints and save_model() as an adapter directory",
-                    UserWarning, stacklevel=2,
-                )
-            return
-
-
-def _advertised_signature(base_forward) -> inspect.Signature:
-    """The base model's forward parameters (input_ids and attention_mask first, the rest keyword-only) plus
-    adapter_names and **kwargs: what `PrefixModel.forward` accepts, named the way the base model names it."""
-    P = inspect.Parameter
-    base = [p for p in inspect.signature(base_forward).parameters.values() if p.kind not in (P.VAR_KEYWORD, P.VAR_POSITIONAL)]
-    lead = [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in ("input_ids", "attention_mask")]
-    rest = [p.replace(kind=P.KEYWORD_ONLY) for p in base if p.name not in ("input_ids", "attention_mask")]
-    extra = [P("adapter_names", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD)]
-    return inspect.Signature(lead + rest + extra)
 
 
 def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default", tokenizer=None) -> PrefixModel:

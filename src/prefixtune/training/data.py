@@ -19,9 +19,10 @@ import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from .config import ON_TRUNCATE, TASKS  # declared once, beside the flags that take them
+
 log = logging.getLogger(__name__)
 
-TASKS = ("classify", "instruct", "chat", "lm")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
 EVAL_SPLITS = ("validation", "test", "eval")
@@ -30,7 +31,6 @@ CLASSIFY_TEMPLATE_SEQ2SEQ = "{text}"
 CLASSIFY_TEMPLATE_HEAD = "{text}"  # encoder classifiers: the text alone, [CLS] ... [SEP] added by the tokenizer
 INSTRUCT_TEMPLATE = "Human: {instruction}\n{input}\n\nAssistant: "
 INSTRUCT_TEMPLATE_NO_INPUT = "Human: {instruction}\n\nAssistant: "
-ON_TRUNCATE = ("error", "warn", "drop")
 
 
 class DataError(ValueError):
@@ -251,6 +251,24 @@ def encode_pair(tokenizer, prompts: list[str], targets: list[str], is_encoder_de
     return p_ids, t_ids
 
 
+def left_cut(prompt: list[int], budget: int, bos: int | None) -> list[int]:
+    """Positions of `prompt` to keep so it fits `budget` tokens: cut from the left, because the end of a prompt
+    (e.g. "Label:") matters most, keeping a leading BOS. Training (under the on_truncate policy) and evaluation
+    (which never drops an example) both cut prompts this way."""
+    if len(prompt) <= budget:
+        return list(range(len(prompt)))
+    head = [0] if bos is not None and prompt and prompt[0] == bos and budget > 0 else []
+    n = budget - len(head)
+    return head + (list(range(len(prompt) - n, len(prompt))) if n > 0 else [])
+
+
+def label_strings(ds: Dataset, column: str) -> list[str]:
+    """The label column as strings: ClassLabel names, or the values stripped (training and evaluation agree)."""
+    feat = ds.features[column]
+    raw = ds[column]
+    return [feat.int2str(v) for v in raw] if isinstance(feat, ClassLabel) else [str(v).strip() for v in raw]
+
+
 class _Fitter:
     """Applies max_length and the on_truncate policy; counts what happened."""
 
@@ -264,8 +282,7 @@ class _Fitter:
     def keep(self, idx: int, prompt: list[int], n_target: int, why: str = "target") -> list[int] | None:
         """Positions of the prompt to keep so prompt + n_target fits max_length; None = drop the example.
 
-        The prompt is cut from the left (the end of a prompt, e.g. "Label:", matters most), keeping
-        a leading BOS.
+        The prompt is cut from the left (see left_cut).
         """
         budget = self.max_length - n_target
         if budget < 0:
@@ -286,9 +303,7 @@ class _Fitter:
             self.n_dropped += 1
             return None
         self.n_truncated += 1
-        head = [0] if self.bos is not None and prompt[0] == self.bos and budget > 0 else []
-        n = budget - len(head)
-        return head + list(range(len(prompt) - n, len(prompt)))[: max(n, 0)]
+        return left_cut(prompt, budget, self.bos)
 
     def prompt(self, idx: int, prompt: list[int], n_target: int, why: str = "target") -> list[int] | None:
         keep = self.keep(idx, prompt, n_target, why)
@@ -366,8 +381,7 @@ def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_colu
     text_col = _column(ds, text_column, TEXT_COLUMNS, "text", "--text-column")
     label_col = _column(ds, label_column, LABEL_COLUMNS, "label", "--label-column")
     feat = ds.features[label_col]
-    raw = ds[label_col]
-    values = [feat.int2str(v) for v in raw] if isinstance(feat, ClassLabel) else [str(v).strip() for v in raw]
+    values = label_strings(ds, label_col)
     if label_words is None:  # fixed from the training set; pass info["label_words"] when tokenizing eval
         label_words = list(feat.names) if isinstance(feat, ClassLabel) else sorted(set(values))
     label_words = list(label_words)

@@ -104,19 +104,9 @@ def _device(model):
 
 # ----------------------------------------------------------------------------- classification
 
-def label_strings(ds, column: str) -> list[str]:
-    feat = ds.features[column]
-    raw = ds[column]
-    return [feat.int2str(v) for v in raw] if hasattr(feat, "int2str") else [str(v).strip() for v in raw]
-
-
 def _fit(prompt: list[int], n_target: int, max_length: int, bos) -> list[int]:
-    """Cut a prompt from the left so prompt + target fits (eval never drops an example)."""
-    budget = max(max_length - n_target, 1)
-    if len(prompt) <= budget:
-        return prompt
-    head = prompt[:1] if bos is not None and prompt[0] == bos else []
-    return head + prompt[len(prompt) - (budget - len(head)):]
+    """Cut a prompt from the left so prompt + target fits (eval never drops an example; at least one prompt token)."""
+    return [prompt[k] for k in D.left_cut(prompt, max(max_length - n_target, 1), bos)]
 
 
 def classify_prompts(ds, task_info: dict) -> tuple[list[str], list[str]]:
@@ -125,7 +115,7 @@ def classify_prompts(ds, task_info: dict) -> tuple[list[str], list[str]]:
     label_col = D._column(ds, task_info.get("label_column"), D.LABEL_COLUMNS, "label", "--label-column")
     template = task_info["prompt_template"]
     prompts = [D._fmt(template, row, text=row[text_col]) for row in ds]
-    return prompts, label_strings(ds, label_col)
+    return prompts, D.label_strings(ds, label_col)
 
 
 @torch.no_grad()
