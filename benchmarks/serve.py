@@ -16,7 +16,8 @@ The backend column: the same load on real GGUF weights (default: the demo's Smol
 that file requantized), each backend in its own process: tokens/s and resident memory of the PyTorch engine
 (fp32, dequantized) vs the llama.cpp engine. Target from issue 11: llama.cpp >= 3x the tokens/s at <= half the memory.
 llamacpp-<type> for another weight type (f16, q8_0, q4_0) requantizes the Q4_1 file to it (throughput only: a
-requantized file is not a better model than its source). A `-unified` suffix (llamacpp-q4_1-unified) runs llama.cpp with its unified KV cache instead of the per-sequence
+requantized file is not a better model than its source). A `-unified` suffix (llamacpp-q4_1-unified) runs llama.cpp
+with its unified KV cache instead of the per-sequence
 default; --lcpp-threads / --lcpp-threads-batch / --n-batch / --n-ubatch set llama.cpp's own knobs. --repeat N runs
 the whole backend list N times in turn (interleaved, so machine load hits them alike) and keeps each one's best.
 """

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gguf_models import make_model, write_tiny_gguf
 
 import prefixtune as pt
-from gguf_models import make_model, write_tiny_gguf
 from prefixtune.serving import llamacpp_cache
 from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel
 
@@ -231,7 +231,6 @@ def test_adapter_for_another_model_names_what_differs(tiny, tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     import gguf
-
     from gguf_models import byte_bpe
 
     w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")  # metadata only: refused before any weights load
@@ -288,8 +287,8 @@ def backends(tiny):
     """The same GGUF and adapters on both engines, each behind the notebook Generator."""
     import prefixtune.llamacpp as ptl
     from prefixtune.loading import load_model
-    from prefixtune.serving.torch_engine import TorchEngine as Engine
     from prefixtune.serving.offline import Generator
+    from prefixtune.serving.torch_engine import TorchEngine as Engine
 
     lc = ptl.load(tiny["gguf"], tiny["root"] / "adapters", kv_type="f32", max_batch_size=64, n_threads=1)
     base, tok = load_model(str(tiny["gguf"]), dtype="fp32", device="cpu")
@@ -486,3 +485,29 @@ def test_per_sequence_engine_checks_each_requests_cells(tiny, backends):
     with pytest.raises(pt.ConfigError, match=r"more KV cells than a llama.cpp sequence has beside the adapter's prefix \(249 of 256\)"):
         gen.generate(prompts[0], "mid", max_tokens=250 - n)
     gen.close()
+
+
+def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch):
+    """`prefixtune serve --backend llamacpp --model X.gguf --adapters DIR` serves every adapter on llama.cpp."""
+    import prefixtune.serving.api as api
+    from prefixtune.config import ConfigError
+    from prefixtune.serving.llamacpp_engine import LlamaCppEngine
+
+    built = {}
+
+    def fake_uvicorn_run(app, **kw):
+        built["app"] = app
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    real = api.build_backend
+    monkeypatch.setattr(api, "build_backend", lambda *a, **k: built.setdefault("engine", real(*a, **k, n_threads=1)))
+    assert api.main(["--backend", "llamacpp", "--model", str(tiny["gguf"]), "--adapters", str(tiny["root"] / "adapters")]) == 0
+    eng = built["engine"]
+    try:
+        assert isinstance(eng, LlamaCppEngine) and eng.adapter_names() == sorted(ADAPTERS)
+    finally:
+        eng.close()
+    with pytest.raises(ConfigError, match="serves a .gguf file"):
+        api.build_backend("llamacpp", str(tiny["root"]))

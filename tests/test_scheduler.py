@@ -5,12 +5,12 @@ import time
 
 import pytest
 import torch
+from helpers import id_tokenizer as word_tokenizer  # old name, kept for test_serve
+from helpers import make
 
 import prefixtune as pt
 from prefixtune.config import ConfigError
 from prefixtune.serving.engine import Engine, EngineError, QueueFull, Request, SamplingParams
-from helpers import id_tokenizer as word_tokenizer  # old name, kept for test_serve
-from helpers import make
 
 
 def three_adapters(kind="llama"):

@@ -15,12 +15,13 @@ pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import prefixtune as pt  # noqa: E402
-from prefixtune.serving.api import build_engine, create_app  # noqa: E402
-from prefixtune.model import PrefixModel  # noqa: E402
-from prefixtune.serving.engine import Engine  # noqa: E402
 from test_scheduler import offline, word_tokenizer  # noqa: E402
 from tiny import make  # noqa: E402
+
+import prefixtune as pt  # noqa: E402
+from prefixtune.model import PrefixModel  # noqa: E402
+from prefixtune.serving.api import build_engine, create_app  # noqa: E402
+from prefixtune.serving.engine import Engine  # noqa: E402
 
 BASE = "tiny-llama"
 ADAPTERS = ("alpha", "beta", "gamma")
@@ -331,7 +332,7 @@ async def complete_request(c, model, prompt, max_tokens, stream, n=1):
     if r.status_code != 200:
         return r.status_code, 0, []
     ev = sse_events(raw)
-    return 200, ev[-1]["usage"]["completion_tokens"], [e["choices"][0]["finish_reason"] for e in ev if e["choices"] and e["choices"][0]["finish_reason"]]
+    return 200, ev[-1]["usage"]["completion_tokens"], [e["choices"][0]["finish_reason"] for e in ev if e["choices"] and e["choices"][0]["finish_reason"]]  # noqa: E501
 
 
 def rss_mb():
@@ -577,8 +578,12 @@ def test_serve_loads_a_gguf_like_train_does_and_serves_it(tmp_path):
     assert eng.model_name == "tiny" and eng.adapter_names() == ["sent"] and eng.base.dtype == torch.float32
     ids = tok("the movie was great")["input_ids"]
     ref = tok.decode(offline(model, ids, "sent", 8), skip_special_tokens=True)
-    r = call(create_app(eng), lambda c: c.post("/v1/completions", json={"model": "sent", "prompt": "the movie was great",
-                                                                         "max_tokens": 8, "temperature": 0}))
+    eng.start()  # the test client does not run the app's lifespan
+    try:
+        r = call(create_app(eng), lambda c: c.post("/v1/completions", json={"model": "sent", "prompt": "the movie was great",
+                                                                             "max_tokens": 8, "temperature": 0}))
+    finally:
+        eng.stop()
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref
     assert build_engine(str(path), dtype="bf16").base.dtype == torch.bfloat16  # what --dtype bf16 (or auto on a GPU) gives
 
@@ -607,7 +612,11 @@ def test_encoder_decoder_adapters_are_served_equal_to_generate(tmp_path, kind):
         return [r.json()["choices"][0]["text"] if i % 2 == 0 else
                 "".join(e["choices"][0]["text"] for e in sse_events(r.text) if e["choices"]) for i, r in enumerate(rs)]
 
-    assert call(create_app(eng), run) == refs
+    eng.start()  # the test client does not run the app's lifespan
+    try:
+        assert call(create_app(eng), run) == refs
+    finally:
+        eng.stop()
     assert len(set(refs)) > 3
 
 

@@ -19,11 +19,12 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
 from pydantic import ValidationError
 
+from ..config import ConfigError
 from .base import EngineBase, EngineError, Event, Request, SamplingParams, async_sink
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
 
@@ -325,13 +326,13 @@ def create_app(engine: EngineBase) -> FastAPI:
         def chunk(i, text, finish):
             logprobs = lp.take(i) if lp else None
             if chat:
-                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}
+                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}  # noqa: E501
             return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
         try:
             for i in range(n):
                 if chat:
-                    yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})
+                    yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})  # noqa: E501
                 elif echo:
                     yield _sse({**meta, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
             while done < n:
@@ -383,18 +384,36 @@ def model_id(model_path: str) -> str:
     return p.stem if p.suffix == ".gguf" else p.name
 
 
-def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+def build_backend(backend: str, model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto",
+                  device: str | None = None, **limits) -> EngineBase:
+    """The engine for `--backend`: "torch" (ours, any supported model) or "llamacpp" (a .gguf on llama.cpp)."""
+    if backend == "torch":
+        return build_engine(model_path, adapters_dir, dtype=dtype, device=device, **limits)
+    if backend == "llamacpp":
+        if not str(model_path).lower().endswith(".gguf"):
+            raise ConfigError(f"--backend llamacpp serves a .gguf file; --model {model_path} is not one")
+        from .llamacpp_engine import build_llamacpp_engine  # raises with the pip command if llama-cpp-python is missing
+
+        return build_llamacpp_engine(model_path, adapters_dir, **limits)
+    raise ConfigError(f"unknown --backend {backend!r}: use torch or llamacpp")
+
+
+def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+               backend: str = "torch", **limits) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO)
     graceful = limits.pop("graceful_timeout", None)
-    engine = build_engine(model_path, adapters_dir, **limits)
+    engine = build_backend(backend, model_path, adapters_dir, **limits)
     # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
     uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
 
 
 def add_serve_args(p) -> None:
     p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
+    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
+                   help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp, quantized, fast on CPUs "
+                   "(pip install \"prefixtune[llamacpp]\") (default: torch)")
     p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name")
@@ -418,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_main(args) -> int:
-    run_server(args.model, args.adapters, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+    kw = dict(dtype=args.dtype, device=args.device) if args.backend == "torch" else {}
+    run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size,
                max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
