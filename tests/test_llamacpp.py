@@ -7,6 +7,8 @@ separately with a looser bound). Needs the `[llamacpp]` extra (CI installs it).
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +18,7 @@ from gguf_models import make_model, write_tiny_gguf
 
 import prefixtune as pt
 from prefixtune.serving import llamacpp_cache
-from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel
+from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel, import_llama_cpp
 
 ADAPTERS = {"short": 3, "mid": 7, "long": 12}  # name -> prefix length
 N_PROMPTS = 20
@@ -511,3 +513,34 @@ def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch)
         eng.close()
     with pytest.raises(ConfigError, match="serves a .gguf file"):
         api.build_backend("llamacpp", str(tiny["root"]))
+
+
+QUANTIZED_CHILD = """
+import json, sys
+from prefixtune.serving.llamacpp import LlamaCppModel
+m = LlamaCppModel(sys.argv[1], n_ctx=2048, max_sequences=8, n_threads=1)
+m.load_prefix("mid", m.adapter_layers(sys.argv[2]))
+rows = json.loads(sys.argv[3])
+seqs = [m.open_sequence("mid") for _ in rows]
+print("LOGITS " + json.dumps(m.decode([(s, ids, p) for (s, p), ids in zip(seqs, rows)]).tolist()))
+"""
+
+
+@pytest.mark.parametrize("wtype,min_corr", [("Q8_0", 0.999), ("Q4_0", 0.9)])
+def test_quantized_gguf_decodes_with_prefixes(tiny, tmp_path, wtype, min_corr):
+    """Quantized weights (the demo's GGUF is Q4_1): llama.cpp built with AMX segfaults in its AMX matmul on
+    some machines (ggml-org/llama.cpp#20824; this test reproduced it before extra buffers were turned off
+    there), so the decode runs in a child process where a crash fails the test instead of killing pytest."""
+    lib = import_llama_cpp()
+    qp = lib.llama_model_quantize_default_params()
+    qp.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{wtype}")
+    quantized = tmp_path / f"tiny-{wtype}.gguf"
+    assert lib.llama_model_quantize(str(tiny["gguf"]).encode(), str(quantized).encode(), qp) == 0
+    rows = tiny["prompts"][:8]
+    out = subprocess.run([sys.executable, "-c", QUANTIZED_CHILD, str(quantized), str(tiny["root"] / "adapters" / "mid"),
+                          json.dumps(rows)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"llama.cpp child exited {out.returncode}: {out.stderr[-2000:]}"
+    got = np.array(json.loads(next(line for line in out.stdout.splitlines() if line.startswith("LOGITS "))[7:]))
+    want = np.stack([reference(tiny["model"], "mid", ids, 1)[0] for ids in rows])
+    assert got.shape == want.shape
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > min_corr  # quantization moves logits, the prefix still counts

@@ -60,6 +60,16 @@ def import_llama_cpp():
     return llama_cpp
 
 
+def extra_bufts_default(lib) -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types (AMX, CPU_REPACK).
+
+    Off where llama.cpp was built with AMX: its AMX matmul segfaults on the first quantized decode on some
+    Sapphire Rapids machines, this one among them (ggml-org/llama.cpp#20824, still open; any Q4_0/Q4_1/Q8_0
+    GGUF, with or without prefixes). Without extra buffers the same weights run on the plain CPU kernels.
+    """
+    return "AMX_INT8 = 1" not in lib.llama_print_system_info().decode(errors="replace")
+
+
 def _meta(lib, model, key: str) -> str | None:
     buf = ctypes.create_string_buffer(512)
     n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
@@ -82,13 +92,14 @@ class LlamaCppModel:
     blobs. The rest are handed out to requests (`open_sequence`).
     seq_cells (per-sequence mode): cells of each sequence's stream, prefix included (default n_ctx //
     max_sequences; llama.cpp rounds it up to a multiple of 256). n_threads_batch: threads for prompt batches
-    (default n_threads).
+    (default n_threads). extra_bufts: let llama.cpp repack weights into its extra CPU buffers (None: on unless
+    this llama.cpp has AMX, see extra_bufts_default).
     """
 
     def __init__(self, gguf_path, *, n_ctx: int = 4096, max_sequences: int = 32, max_adapters: int = 16,
                  kv_type: str = "f16", flash_attn: bool = False, n_threads: int | None = None, n_batch: int = 512,
                  n_ubatch: int | None = None, n_threads_batch: int | None = None, kv_unified: bool = False,
-                 seq_cells: int | None = None):
+                 seq_cells: int | None = None, extra_bufts: bool | None = None):
         lib = self.lib = import_llama_cpp()
         self.path = _check_file(gguf_path)
         if kv_type not in KV_TYPES:
@@ -97,6 +108,7 @@ class LlamaCppModel:
         self.arch = self._read_arch()  # before the weights: an unsupported file is refused cheaply
 
         mp = lib.llama_model_default_params()
+        mp.use_extra_bufts = extra_bufts_default(lib) if extra_bufts is None else extra_bufts
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise LlamaCppError(f"--model {self.path}: llama.cpp could not load this GGUF (corrupt or unsupported tensors)")

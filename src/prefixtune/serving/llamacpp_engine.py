@@ -48,6 +48,7 @@ class LlamaCppEngine(EngineBase):
         n_ubatch: int | None = None,
         kv_unified: bool = False,
         seq_cells: int | None = None,
+        extra_bufts: bool | None = None,
         **limits,
     ):
         """kv_unified / seq_cells / n_*: see LlamaCppModel (per-sequence cache by default; n_ctx is then split
@@ -55,7 +56,8 @@ class LlamaCppEngine(EngineBase):
         self.model = LlamaCppModel(gguf_path, n_ctx=n_ctx, max_sequences=max_batch_size, max_adapters=max_adapters,
                                    kv_type=kv_type, flash_attn=flash_attn, n_threads=n_threads,
                                    n_threads_batch=n_threads_batch, n_batch=n_batch, n_ubatch=n_ubatch,
-                                   kv_unified=kv_unified, seq_cells=seq_cells)
+                                   kv_unified=kv_unified, seq_cells=seq_cells,
+                                   extra_bufts=extra_bufts)
         if tokenizer is None:
             from ..loading import load_tokenizer  # the same tokenizer (and chat template) the PyTorch path uses
 
