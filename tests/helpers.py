@@ -167,3 +167,55 @@ def instruct_rows(n: int = 24, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ---- peft as a reference on transformers >= 5.24 ------------------------------------------------------------
+# peft 0.21.2, the newest, predates transformers 5.24's rename of `past_key_values` to `cache`: its generate()
+# no longer follows its own forward for prefix tuning (checked against the stepwise greedy below), and it refuses
+# encoder classifiers because it looks for `past_key_values` in the backbone's signature. The two references
+# below stay peft's computation: its forward stepped greedily, and its prefix forward for encoders restated.
+
+
+@torch.no_grad()
+def greedy_by_forward(model, input_ids, attention_mask, new_tokens: int, eos: int = EOS, pad: int = PAD,
+                      seq2seq: bool = False) -> torch.Tensor:
+    """Greedy decoding by calling `model` on the whole sequence each step (no cache): what generate(do_sample=
+    False) must return, rows that hit eos padded; shaped like generate's output."""
+    start = model.config.decoder_start_token_id if seq2seq else None
+    out = torch.full((input_ids.shape[0], 1), start) if seq2seq else input_ids
+    mask, done = attention_mask, torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for _ in range(new_tokens):
+        if seq2seq:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=out).logits
+        else:
+            logits = model(input_ids=out, attention_mask=mask).logits
+        nxt = torch.where(done, pad, logits[:, -1].argmax(-1))
+        done |= nxt == eos
+        out = torch.cat([out, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if done.all():  # generate() stops here too
+            break
+    return out
+
+
+@torch.no_grad()
+def peft_logits(ref, **batch) -> torch.Tensor:
+    """A peft model's logits. Where peft refuses an encoder classifier ('does not support past key values', see
+    above), its _prefix_tuning_forward for them, restated: peft's own prompt cache (get_prompt), P ones before the
+    mask, the backbone, dropout, its classifier."""
+    try:
+        return ref(**batch).logits
+    except ValueError as e:
+        if "does not support past key values" not in str(e):
+            raise
+    from prefixtune.inject import cache_arg
+
+    base, ids, mask = ref.base_model, batch.pop("input_ids"), batch.pop("attention_mask")
+    P = ref.active_peft_config.num_virtual_tokens
+    backbone = base.get_submodule(ref.transformer_backbone_name)
+    mask = torch.cat([torch.ones(ids.shape[0], P, dtype=mask.dtype), mask], 1)
+    out = backbone(input_ids=ids, attention_mask=mask, **{cache_arg(backbone): ref.get_prompt(ids.shape[0])}, **batch)
+    pooled = out[1] if len(out) > 1 else out[0]
+    if "dropout" in dict(base.named_children()):
+        pooled = base.dropout(pooled)
+    return base.get_submodule(ref.cls_layer_name)(pooled)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import helpers
 from conftest import WORDS
 from peft import PeftModel
 from trainkit import classify_rows, write_jsonl
@@ -122,7 +123,7 @@ def test_encoder_classifier_end_to_end(kind, tmp_path, capsys):
         return AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=2).eval()
 
     ours = pt.load_adapter(base(), adapter).eval()(**batch).logits
-    theirs = PeftModel.from_pretrained(base(), adapter).eval()(**batch).logits
+    theirs = helpers.peft_logits(PeftModel.from_pretrained(base(), adapter).eval(), **batch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert (base()(**batch).logits - ours).abs().max() > 1e-2  # the trained head/prefix are really in there
 
@@ -144,7 +145,7 @@ def test_padded_batch_matches_peft(kind, tmp_path):
     ours = model(**batch).logits
     model.save_adapter(tmp_path / "a")
     ref = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=3), tmp_path / "a")
-    torch.testing.assert_close(ours, ref.eval()(**batch).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, helpers.peft_logits(ref.eval(), **batch), atol=1e-5, rtol=0)
 
 
 def test_hf_trainer_trains_prefix_and_head(tmp_path):
@@ -170,7 +171,7 @@ def test_hf_trainer_trains_prefix_and_head(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     batch = {k: v for k, v in D.PadCollator(tok)(tokd.to_list()[:4]).items() if k != "labels"}
     ref = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=2), tmp_path / "saved")
-    torch.testing.assert_close(model.eval()(**batch).logits, ref.eval()(**batch).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.eval()(**batch).logits, helpers.peft_logits(ref.eval(), **batch), atol=1e-5, rtol=0)
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ so attention, masking, RoPE/ALiBi and `generate()` stay the model's own code. Th
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -365,6 +366,20 @@ class _OneLayerCache(DynamicCache):
         return self.layers[0].get_seq_length()
 
 
+def cache_arg(module) -> str:
+    """The keyword a transformers forward (model, layer or attention module) takes its KV cache by.
+
+    transformers 5.24 renamed `past_key_values` to `cache` in every forward and in `generate`; the old name still
+    reaches top-level forwards with a FutureWarning until 5.40, but an attention module given the old name
+    silently ignores it (its **kwargs swallow it). So the name is read from the signature, never assumed.
+    """
+    params = inspect.signature(module.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    inner = getattr(module, "base_model", None)  # heads that pass **kwargs on (BertForSequenceClassification): the body's
+    return cache_arg(inner) if isinstance(inner, torch.nn.Module) and inner is not module else "past_key_values"
+
+
 def encoder_self_attentions(model) -> list:
     """The encoder's self-attention modules of a seq2seq model, in layer order."""
     if model.config.model_type in ("t5", "mt5"):
@@ -385,14 +400,14 @@ class EncoderPrefixHooks:
     def __init__(self, model):
         self.layers = None
         self.handles = [
-            m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            m.register_forward_pre_hook(self._hook(i, cache_arg(m)), with_kwargs=True)
             for i, m in enumerate(encoder_self_attentions(model))
         ]
 
-    def _hook(self, i):
+    def _hook(self, i, key: str):
         def inject(module, args, kwargs):
             if self.layers is not None:
-                kwargs["past_key_values"] = _OneLayerCache(*self.layers[i])
+                kwargs[key] = _OneLayerCache(*self.layers[i])
             return args, kwargs
 
         return inject

@@ -39,6 +39,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
             p.requires_grad_(False)
         inject.allow_checkpointing_with_prefix(base_model)
         self._fwd_params = set(inspect.signature(base_model.forward).parameters)
+        self.cache_kw = inject.cache_arg(base_model)  # "cache" from transformers 5.24, "past_key_values" before
         self._advertise_forward()
 
     # ---- adapters -------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, labels=None, **kwargs):
+        past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.24 callers name it `cache`
         if labels is not None:  # named here so transformers' find_labels(PrefixModel) sees it; the base computes the loss
             kwargs["labels"] = labels
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -261,10 +263,13 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         `forward` is `base_model(**prefixed_inputs(...))`; code that needs the base model's body rather than
         its head (e.g. label-only logits in training) calls this and hands the result to the body.
         """
+        past_key_values = kwargs.pop("cache", past_key_values)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch, q_len = ref.shape[0], ref.shape[1]
         names = self._row_names(adapter_names, batch)
-        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+        if past_key_values is not None:
+            kwargs[self.cache_kw] = past_key_values
         if all(n is None for n in names):
             self._clear_encoder_prefix()
             # Bare rows are numbered from the mask too, as in a mixed batch and as `generate()` numbers a
@@ -277,7 +282,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         layers, prefix_mask = self.prefix_batch(names)
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             mode = "frozen" if self.training or kwargs.get("use_cache") is False else "dynamic"
-            kwargs["past_key_values"] = past_key_values = inject.build_cache(self.arch, layers, mode)
+            kwargs[self.cache_kw] = past_key_values = inject.build_cache(self.arch, layers, mode)
 
         dec = kwargs.get("decoder_input_ids", kwargs.get("decoder_inputs_embeds", kwargs.get("labels")))
         dec_len = dec.shape[1] if self.arch.kind == "seq2seq" and dec is not None else None
@@ -371,7 +376,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         if dam is not None:
             kwargs["decoder_attention_mask"] = dam
         return self.base_model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, **{self.cache_kw: cache}, **kwargs
         )
 
     def _generate_grouped(self, names, input_ids, attention_mask, **kwargs):

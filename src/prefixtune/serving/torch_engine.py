@@ -162,7 +162,7 @@ class TorchEngine(EngineBase):
             kw["position_ids"] = inject.positions_from_mask(mask, ids.shape[1])
         if self._logits_to_keep:
             kw["logits_to_keep"] = 1  # as generate() does: same logits, no [T, vocab] waste
-        out = self.base(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)
+        out = self.base(input_ids=ids, attention_mask=mask, **{self.model.cache_kw: cache}, **kw)
         return out.logits[:, -1].float()
 
     def _prefill(self, ready: list[Request]) -> None:
