@@ -3,9 +3,9 @@ saved in peft's SEQ_CLS layout; model/task pairs that cannot train correctly are
 
 import json
 
+import helpers
 import pytest
 import torch
-import helpers
 from conftest import WORDS
 from peft import PeftModel
 from trainkit import classify_rows, write_jsonl

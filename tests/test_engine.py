@@ -629,7 +629,8 @@ def test_cache_goes_in_by_the_name_the_installed_transformers_takes(kind):
 
     base = tiny.make(kind)
     kw = tiny.batch(kind)
-    model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3, placement="full" if kind in tiny.SEQ2SEQ else "decoder"))).eval()
+    placement = "full" if kind in tiny.SEQ2SEQ else "decoder"
+    model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3, placement=placement))).eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*deprecated", category=FutureWarning)
         ours = model(**kw)
