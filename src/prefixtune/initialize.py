@@ -18,7 +18,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
-from .inject import cache_arg, num_groups, slot_index
+from .inject import num_groups, slot_index
 
 
 @torch.no_grad()
@@ -28,11 +28,11 @@ def real_key_values(model, token_ids: torch.Tensor, placement: str = "decoder") 
     ids = token_ids.to(model._device)[None]
     if arch.kind == "seq2seq":
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        base(input_ids=ids, decoder_input_ids=ids, use_cache=True, **{cache_arg(base): cache})
+        base(input_ids=ids, decoder_input_ids=ids, use_cache=True, **{model.cache_kw: cache})
         cache = cache.self_attention_cache
     else:
         cache = DynamicCache()
-        base(input_ids=ids, use_cache=True, **{cache_arg(base): cache})
+        base(input_ids=ids, use_cache=True, **{model.cache_kw: cache})
     P, L = ids.shape[1], arch.num_layers
     G = num_groups(arch, placement)
     table = torch.zeros(2 * G, arch.kv_heads, P, arch.head_dim, device=ids.device)

@@ -374,8 +374,10 @@ def cache_arg(module) -> str:
     silently ignores it (its **kwargs swallow it). So the name is read from the signature, never assumed.
     """
     params = inspect.signature(module.forward).parameters
-    if "cache" in params or "past_key_values" in params:
-        return "cache" if "cache" in params else "past_key_values"
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
     inner = getattr(module, "base_model", None)  # heads that pass **kwargs on (BertForSequenceClassification): the body's
     return cache_arg(inner) if isinstance(inner, torch.nn.Module) and inner is not module else "past_key_values"
 
