@@ -211,12 +211,9 @@ def _backend_prep(args) -> None:
     prompts = torch.randint(100, base.config.vocab_size, (args.requests, args.prompt), generator=g)  # above the special-token ids
     (work / "prompts.json").write_text(json.dumps(prompts.tolist()))
     for wtype in sorted({b.split("-")[1] for b in args.backends or [] if b.startswith("llamacpp-")} - {"q4_1"}):
-        from prefixtune.serving.llamacpp import import_llama_cpp  # the same weights requantized (F16: dequantized)
+        from prefixtune.serving.llamacpp import requantize  # the same weights requantized (F16: dequantized)
 
-        lib = import_llama_cpp()
-        qp = lib.llama_model_quantize_default_params()
-        qp.ftype, qp.allow_requantize = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{wtype.upper()}"), True
-        assert lib.llama_model_quantize(args.gguf.encode(), str(work / f"model-{wtype}.gguf").encode(), qp) == 0
+        requantize(args.gguf, work / f"model-{wtype}.gguf", wtype)
 
 
 def backend_table(args) -> None:

@@ -18,7 +18,7 @@ from gguf_models import make_model, write_tiny_gguf
 
 import prefixtune as pt
 from prefixtune.serving import llamacpp_cache
-from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel, import_llama_cpp
+from prefixtune.serving.llamacpp import LlamaCppError, LlamaCppModel, requantize
 
 ADAPTERS = {"short": 3, "mid": 7, "long": 12}  # name -> prefix length
 N_PROMPTS = 20
@@ -531,11 +531,7 @@ def test_quantized_gguf_decodes_with_prefixes(tiny, tmp_path, wtype, min_corr):
     """Quantized weights (the demo's GGUF is Q4_1): llama.cpp built with AMX segfaults in its AMX matmul on
     some machines (ggml-org/llama.cpp#20824; this test reproduced it before extra buffers were turned off
     there), so the decode runs in a child process where a crash fails the test instead of killing pytest."""
-    lib = import_llama_cpp()
-    qp = lib.llama_model_quantize_default_params()
-    qp.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{wtype}")
-    quantized = tmp_path / f"tiny-{wtype}.gguf"
-    assert lib.llama_model_quantize(str(tiny["gguf"]).encode(), str(quantized).encode(), qp) == 0
+    quantized = requantize(tiny["gguf"], tmp_path / f"tiny-{wtype}.gguf", wtype)
     rows = tiny["prompts"][:8]
     out = subprocess.run([sys.executable, "-c", QUANTIZED_CHILD, str(quantized), str(tiny["root"] / "adapters" / "mid"),
                           json.dumps(rows)], capture_output=True, text=True, timeout=300)

@@ -246,7 +246,6 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, labels=None, **kwargs):
-        past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.24 callers name it `cache`
         if labels is not None:  # named here so transformers' find_labels(PrefixModel) sees it; the base computes the loss
             kwargs["labels"] = labels
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -263,7 +262,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         `forward` is `base_model(**prefixed_inputs(...))`; code that needs the base model's body rather than
         its head (e.g. label-only logits in training) calls this and hands the result to the body.
         """
-        past_key_values = kwargs.pop("cache", past_key_values)
+        past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.24 callers name it `cache`
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch, q_len = ref.shape[0], ref.shape[1]
         names = self._row_names(adapter_names, batch)

@@ -70,6 +70,16 @@ def extra_bufts_default(lib) -> bool:
     return "AMX_INT8 = 1" not in lib.llama_print_system_info().decode(errors="replace")
 
 
+def requantize(src, dst, wtype: str) -> Path:
+    """Write the GGUF `src` with its weights converted to `wtype` ("q4_0", "q8_0", "f16", ...) as `dst`."""
+    lib = import_llama_cpp()
+    qp = lib.llama_model_quantize_default_params()
+    qp.ftype, qp.allow_requantize = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{wtype.upper()}"), True
+    if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), qp) != 0:
+        raise LlamaCppError(f"llama.cpp could not convert {src} to {wtype}")
+    return Path(dst)
+
+
 def _meta(lib, model, key: str) -> str | None:
     buf = ctypes.create_string_buffer(512)
     n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
