@@ -2,6 +2,7 @@
 
     python benchmarks/encoder_quality.py                  # all, 300 steps x 32, 2000 train / 600 held-out tweets
     python benchmarks/encoder_quality.py --only lora      # one side (ours | lora | peft)
+    python benchmarks/encoder_quality.py --only ours --ours-args "--lr 1e-1"   # ours off its defaults
 
 Both sides get the same rows: the CLI's own seeded split of the tweets CSV (`split_train_eval`, then
 `max_train_examples` / `max_eval_examples` as `prefixtune train` applies them), the same tokenization
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ def run_ours(args, out: Path) -> dict:
           "--text-column", "text", "--label-column", "sentiment", "--max-steps", str(args.steps), "--batch-size",
           str(args.batch_size), "--max-train-examples", str(args.train_examples), "--max-eval-examples",
           str(args.eval_examples), "--max-length", "64", "--seed", str(args.seed), "--output", str(out), "--overwrite",
-          "--no-progress", "--save-every", str(10 * args.steps)])
+          "--no-progress", "--save-every", str(10 * args.steps), *shlex.split(args.ours_args)])
     return json.loads((out / "eval.json").read_text())
 
 
@@ -101,6 +103,7 @@ def main():
     ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--peft-lr", type=float, default=1e-2)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--ours-args", default="", help='more `prefixtune train` flags for our side, e.g. "--lr 1e-2"')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default=None, help="run directory for ours (default: a temporary one)")
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """Quality benchmark: how well prefixes learn, ours vs peft, at equal steps and batch, in one run.
 
-    python benchmarks/quality.py                      # the README table: 80 steps x 8, 1200 train / 300 held-out, seed 1
+    python benchmarks/quality.py                      # core variants, 80 steps x 8, 1200 train / 300 held-out, seed 1
+    python benchmarks/quality.py --all                # every variant (the README's 80-step table)
     python benchmarks/quality.py --seed 0 --only default LoRA --lrs 3e-3 1e-2 3e-2 --no-instruct   # an lr sweep
     python benchmarks/quality.py --device cuda --dtype bfloat16                                  # on a GPU
     python benchmarks/quality.py --steps 300 --eval-every 50 --seeds 1 2 3 --only "prefixtune default" LoRA --no-instruct
@@ -15,8 +16,9 @@ with the first step at which each variant reaches LoRA's final accuracy. Then an
 made from the same tweets, held-out loss.
 
 Learning rates: each method's is chosen by a sweep on the seed-0 split (`--lrs`), which is never scored; the tables
-are reported on other splits (seeds 1, 2, 3: other tweets, other order). The rates below are the 80-step sweep's;
-`--lr-for NAME LR` sets a variant's rate from another sweep (at 300 steps: see the README).
+are reported on other splits (seeds 1, 2, 3: other tweets, other order). The rates below are the 80-step sweep's,
+except the default's, which is `prefixtune train`'s own (chosen at 300 steps: README); `--lr-for NAME LR` sets a
+variant's rate from another sweep.
 Needs the real assets (fetched once from PyPI wheels, see prefixtune.cli.assets).
 """
 
@@ -32,6 +34,7 @@ from common import add_device_args, check_device_args, rank_accuracy
 
 import prefixtune as pt
 from prefixtune.training import data
+from prefixtune.training.config import task_defaults
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
@@ -67,11 +70,27 @@ def balanced_split(csv: str, n_train: int, n_eval: int, seed: int = 0):
 
 # ---- variants: name -> (build(base, tokenizer) -> model, learning rate) --------------------------------------
 def ours(**kw):
-    return lambda base, tok: pt.attach(base, pt.PrefixConfig(num_virtual_tokens=20, init_text=TASK_TEXT, **kw), tokenizer=tok)
+    """A prefix of 20 tokens (the library's default) with these PrefixConfig fields."""
+    return lambda base, tok, rows: pt.attach(base, pt.PrefixConfig(num_virtual_tokens=20, init_text=TASK_TEXT, **kw),
+                                             tokenizer=tok)
+
+
+def examples_init(**kw):
+    """A prefix started from whole training rows (init="examples"), picked as `prefixtune train` picks them."""
+    def build(base, tok, rows):
+        cfg = pt.PrefixConfig(**{"init": "examples", **kw})
+        return pt.attach(base, cfg, init_token_ids=data.example_token_ids(rows, tok, cfg.num_virtual_tokens, seed=0))
+    return build
+
+
+def cli_default(task: str):
+    """What `prefixtune train --task TASK` starts from on a causal LM (training.config.task_defaults)."""
+    prefix = task_defaults(task).get("prefix", {})
+    return examples_init(**prefix) if prefix.get("init") == "examples" else ours(**prefix)
 
 
 def peft_prefix(projection):
-    def build(base, tok):
+    def build(base, tok, rows):
         from peft import PrefixTuningConfig, get_peft_model
 
         return get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
@@ -79,7 +98,7 @@ def peft_prefix(projection):
     return build
 
 
-def peft_lora(base, tok):
+def peft_lora(base, tok, rows):
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -90,8 +109,14 @@ def peft_lora(base, tok):
 #   ours, layer_scale    1e-2: 0.537  3e-2: 0.573   (the default since the seed-1 table: 0.610 vs plain 0.567)
 #   ours + projection    3e-3: diverged (0.353);  table 1e-2 / MLP 1e-3: 0.513
 #   peft LoRA r=8        1e-3: 0.577  3e-3: 0.603  1e-2: 0.503
+#   at 300 steps x 8 (seed-0 split, 600 held-out): README "Quality at 300 steps"
+DEFAULT = "prefixtune default"  # the CLI's per-task default (classification here; instruct_run uses instruct's)
 VARIANTS = {
-    "prefixtune default (vocab init, layer_scale)": (ours(), 3e-2),
+    DEFAULT: (cli_default("classify"), task_defaults("classify")["lr"]),
+    "prefixtune examples init, 20 tokens": (examples_init(), 1e-2),
+    "prefixtune examples init, 128 tokens": (examples_init(num_virtual_tokens=128), 1e-2),
+    "prefixtune vocab init, layer_scale, 128 tokens": (ours(num_virtual_tokens=128), 1e-2),
+    "prefixtune vocab init, layer_scale (the default before)": (ours(), 3e-2),
     "prefixtune vocab init, plain table": (ours(layer_scale=False), 1e-2),
     "prefixtune init=text": (ours(init="text", layer_scale=False), 1e-2),
     "prefixtune init=random (0.1 x layer std)": (ours(init="random", layer_scale=False), 1e-2),
@@ -105,8 +130,21 @@ VARIANTS = {
 }
 
 
-INSTRUCT_VARIANTS = ["prefixtune default (vocab init, layer_scale)", "prefixtune vocab init, plain table",
-                     "peft prefix (random init)", "peft LoRA r=8 q,v"]
+# Without --only / --all: the variants that answer "is the default the best we have, and how does it compare" (fits
+# in about 25 minutes on 2 CPU cores at the default 80 steps; --all adds the other inits and projection runs).
+CORE_VARIANTS = [DEFAULT, "prefixtune examples init, 20 tokens", "prefixtune vocab init, layer_scale, 128 tokens",
+                 "prefixtune vocab init, layer_scale (the default before)", "prefixtune vocab init, plain table",
+                 "peft prefix (random init)", "peft prefix + projection", "peft LoRA r=8 q,v"]
+INSTRUCT_VARIANTS = [DEFAULT, "prefixtune vocab init, plain table", "peft prefix (random init)", "peft LoRA r=8 q,v"]
+
+
+def lr_of(name: str, args) -> float:
+    """A variant's learning rate: --lr-for's if one matches the name, else the table's."""
+    return next((float(v) for k, v in args.lr_for if k in name), VARIANTS[name][1])
+
+
+def instruct_lr(name: str, args) -> float:
+    return lr_of(name, args) if name != DEFAULT or any(k in name for k, _ in args.lr_for) else task_defaults("instruct")["lr"]
 
 
 def rank_acc(model, tok, eval_ds) -> float:
@@ -124,7 +162,7 @@ def optimizer(model, params, lr, projection_lr=None, weight_decay=0.0):
 
 def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection_lr=None) -> dict:
     torch.manual_seed(args.seed)
-    model = build(base, tok)
+    model = build(base, tok, train_tok)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(model, params, lr, projection_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
@@ -176,11 +214,11 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     results = {}
     names = [n for n in VARIANTS if any(o in n for o in args.only)] if args.only else INSTRUCT_VARIANTS
-    runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [VARIANTS[n][1]])]
+    runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [instruct_lr(n, args)])]
     for label, name, lr in runs:
-        build, _, *plr = VARIANTS[name]
+        build, _, *plr = (cli_default("instruct"), None) if name == DEFAULT else VARIANTS[name]
         torch.manual_seed(args.seed)
-        model = build(base, tok)
+        model = build(base, tok, tr)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(model, params, lr, *(plr or [None]), weight_decay=0.01)  # AdamW's default, as measured
         order = data.length_grouped_batches([len(x) for x in tr["input_ids"]], args.batch, args.seed)
@@ -285,6 +323,7 @@ def main():
     p.add_argument("--seed", type=int, default=1, help="the split (and training order) when --seeds is not given")
     p.add_argument("--seeds", nargs="*", type=int, help="several splits: every variant on each, reported per split and as a mean")
     p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
+    p.add_argument("--all", action="store_true", help="every variant (default: the core set, CORE_VARIANTS)")
     p.add_argument("--lrs", nargs="*", type=float, help="run each chosen variant at each of these learning rates (a sweep)")
     p.add_argument("--lr-for", nargs=2, action="append", default=[], metavar=("VARIANT", "LR"),
                    help="the learning rate of the variants whose name contains VARIANT (e.g. a sweep's winner); repeatable")
@@ -308,11 +347,10 @@ def main():
         bare[seed] = rank_acc(base, tok, eval_ds)
         print(f"split {seed}: bare model (zero-shot) accuracy {bare[seed]:.3f}", flush=True)
         results = per_split[seed] = {}
-        for name, (build, lr, *plr) in ({} if args.instruct_only else VARIANTS).items():
-            if args.only and not any(o in name for o in args.only):
+        for name, (build, _, *plr) in ({} if args.instruct_only else VARIANTS).items():
+            if not (any(o in name for o in args.only) if args.only else args.all or name in CORE_VARIANTS):
                 continue
-            lr = next((float(v) for k, v in args.lr_for if k in name), lr)
-            for rate in args.lrs or [lr]:
+            for rate in args.lrs or [lr_of(name, args)]:
                 label = f"{name} lr={rate:g}" if args.lrs else name
                 results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args, *plr)
                 # after every run: a long benchmark interrupted keeps what it measured

@@ -147,9 +147,18 @@ def test_task_defaults_fill_only_what_is_unset():
     from prefixtune.training.config import TASK_DEFAULTS
 
     for task, defaults in TASK_DEFAULTS.items():
-        cfg = TrainConfig(model="m", train="t", task=task, output="o").validate()
+        task, _, kind = task.partition(":")
+        cfg = TrainConfig(model="m", train="t", task=task, output="o").validate().validate(kind or None)
         assert cfg.lr == defaults["lr"]
+        assert all(getattr(cfg.prefix, k) == v for k, v in defaults.get("prefix", {}).items())
     assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123
+    # classify: generative models and encoder classifiers differ; the kind, known later, refills only defaults
+    over = TrainConfig.from_sources(None, {"model": "m", "train": "t", "task": "classify", "output": "o",
+                                           "num_virtual_tokens": 7})
+    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify"]["lr"], 7, "examples")
+    over.validate("encoder")
+    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
+    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate().validate("encoder").lr == 0.5
 
 
 def test_automatic_eval_split_is_capped_and_says_so(tmp_path, capsys):

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 PLACEMENTS = ("decoder", "full")
-INITS = ("random", "zero", "peft", "vocab", "text")
+INITS = ("random", "zero", "peft", "vocab", "text", "examples")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -39,8 +39,11 @@ class PrefixConfig:
     placement: seq2seq only. "decoder" = decoder self-attention only (what peft does, loads in peft);
         "full" is reserved for encoder + decoder + cross-attention prefixes.
     init: "vocab" (default: key/values the frozen model computes for sampled vocabulary tokens),
-        "text" (the same for `init_text`, Li & Liang), "random" (N(0, init_scale * the std of the model's own
-        key/values, per layer and per key/value)), "zero", "peft" (peft's N(0, 1)).
+        "text" (the same for `init_text`, Li & Liang), "examples" (the same for a few formatted training
+        examples, prompt and answer, given as token ids: `prefixtune train` picks them; they are not saved),
+        "random" (N(0, init_scale * the std of the model's own key/values, per layer and per key/value)), "zero",
+        "peft" (peft's N(0, 1)). The library default is "vocab"; `prefixtune train` has per-task defaults
+        (training/config.py task_defaults: "examples" for classification on causal LMs).
     """
 
     # metadata["help"]: the `prefixtune train` flag's help (cli/flags.py); "internal": not a flag or recipe key
@@ -60,7 +63,8 @@ class PrefixConfig:
     # (README "Benchmarks", benchmarks/results/quality.json).
     init: str = field(default="vocab", metadata={
         "help": "prefix start: vocab = the model's key/values for sampled vocabulary tokens, text = the same for "
-                "--init-text, random = N(0, init_scale x the model's key/value std), zero, peft = N(0, 1)",
+                "--init-text, examples = the same for a few training examples (prompt and answer; not saved), "
+                "random = N(0, init_scale x the model's key/value std), zero, peft = N(0, 1)",
         "choices": INITS})
     init_text: str | None = field(default=None, metadata={"help": "init=text: a short task description whose "
                                                           "key/values start the prefix"})

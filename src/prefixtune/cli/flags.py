@@ -14,7 +14,7 @@ import types
 import typing
 
 from ..config import PrefixConfig
-from ..training.config import TrainConfig
+from ..training.config import TASK_DEFAULTS, TrainConfig
 
 GROUPS = {  # metadata["group"] -> argparse group title, in --help order
     "data": "data",
@@ -35,6 +35,9 @@ def _default_text(f: dataclasses.Field) -> str:
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    per_task = [f"{task} {d['prefix'][f.name]}" for task, d in TASK_DEFAULTS.items() if f.name in d.get("prefix", {})]
+    if per_task:
+        return f"{default}; per task: {', '.join(per_task)}"
     if isinstance(default, bool):
         return f"--{_flag(f.name)}" if default else f"--no-{_flag(f.name)}"
     return "not set" if default is None else str(default)

@@ -25,13 +25,22 @@ EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank m
 ON_TRUNCATE = ("warn", "error", "drop")
 
 
-# Defaults measured per task type with benchmarks/quality.py (SmolLM2-135M-Instruct, tweets; see the README).
+# Defaults measured per task (benchmarks/quality.py: SmolLM2-135M-Instruct, tweets; benchmarks/encoder_quality.py:
+# MiniLM; see the README). "prefix": PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries
+# (kind as inject.kind_of_config says) replace the task's for that kind of model. A recipe or flag always wins.
 TASK_DEFAULTS = {
-    "classify": {"lr": 3e-2},
+    "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 128, "init": "examples"}},  # README, 300 steps
+    "classify:seq2seq": {"lr": 3e-2, "prefix": {}},  # the examples start is not measured on T5/BART yet
+    "classify:encoder": {"lr": 3e-2, "prefix": {}},  # encoder classifiers (README, encoder table)
     "instruct": {"lr": 3e-2},  # README "Benchmarks", instruct rows
     "chat": {"lr": 3e-2},  # chat and lm: not measured separately, as instruct
     "lm": {"lr": 3e-2},
 }
+
+
+def task_defaults(task: str | None, kind: str | None = None) -> dict:
+    """{"lr": ..., "prefix": {...}} for `task` on a model of `kind` (None: not known yet, the task's own)."""
+    return TASK_DEFAULTS.get(f"{task}:{kind}") or TASK_DEFAULTS.get(task, {})
 
 
 class RecipeError(ConfigError):
@@ -75,8 +84,8 @@ class TrainConfig:
     max_auto_eval_examples: int = _f(500, "data", "without --eval (and --max-eval-examples), evaluate at most this "
                                      "many of the rows split off --train; 0 = all")
     # the prefix: PrefixConfig's own fields (flags --num-virtual-tokens, --projection, ...; recipe keys flat or
-    # under `prefix:`)
-    prefix: PrefixConfig = field(default_factory=PrefixConfig, metadata={"group": "prefix", "nested": True})
+    # under `prefix:`); None: the task's (task_defaults), set by validate()
+    prefix: PrefixConfig | None = field(default=None, metadata={"group": "prefix", "nested": True})
     # optimisation
     max_steps: int | None = _f(None, "optimisation", "optimizer steps (instead of --epochs)")
     epochs: float | None = _f(None, "optimisation", "passes over the training data", default_text="1 unless "
@@ -113,7 +122,8 @@ class TrainConfig:
                         "accelerate (tensorboard writes under <output>/prefixtune)", choices=REPORT_TO)
     extra: dict = field(default_factory=dict, metadata={"internal": True})
 
-    def validate(self) -> TrainConfig:
+    def validate(self, kind: str | None = None) -> TrainConfig:
+        """Check every field and fill the unset ones from the task's defaults (`kind`: the model's, when known)."""
         for name in ("model", "train", "task", "output"):
             if not getattr(self, name):
                 raise RecipeError(f"missing {name}: pass --{name} or set `{name}:` in the recipe")
@@ -139,9 +149,7 @@ class TrainConfig:
                 raise RecipeError(f"{name} must be a positive integer, got {v!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs!r}")
-        for key, value in TASK_DEFAULTS.get(self.task, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        self.apply_task_defaults(kind)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise RecipeError(f"lr must be a positive number, got {self.lr!r}")
         if self.projection_lr is not None and not (isinstance(self.projection_lr, (int, float)) and self.projection_lr > 0):
@@ -149,6 +157,21 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         return self
+
+    def apply_task_defaults(self, kind: str | None = None) -> None:
+        """Fill what the recipe and flags left unset (lr, prefix fields) from task_defaults(task, kind).
+
+        The training loop learns the model's kind after the CLI validated the config, and validates again with it:
+        values filled here before are filled again (extra["defaulted"]), the user's never change."""
+        d = task_defaults(self.task, kind)
+        filled = self.extra.setdefault("defaulted", [])
+        if "lr" in d and (self.lr is None or "lr" in filled):
+            self.lr = d["lr"]
+            filled += [] if "lr" in filled else ["lr"]
+        if self.prefix is None:  # nothing given: the task's prefix; a PrefixConfig passed in is the caller's
+            self.extra["prefix_given"] = {}
+        if "prefix_given" in self.extra:
+            self.prefix = PrefixConfig(**{**d.get("prefix", {}), **self.extra["prefix_given"]})
 
     # Fields that define a run: resuming with different values would not continue the same run. Flat names (the
     # prefix's ones read from self.prefix), so a run.json written before the prefix was nested compares equal.
@@ -187,7 +210,9 @@ class TrainConfig:
         both = sorted(k for k in flat_prefix if k in nested and flat_prefix[k] != nested[k])
         if both:
             raise RecipeError(f"{where} {both[0]!r} is given both flat and under 'prefix:' with different values; keep one")
-        return cls(**values, prefix=PrefixConfig(**{**nested, **flat_prefix}))
+        given = {**nested, **flat_prefix}
+        extra = {**values.pop("extra", {}), "prefix_given": given}  # validate() puts the task's defaults under them
+        return cls(**values, prefix=PrefixConfig(**given), extra=extra)
 
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:

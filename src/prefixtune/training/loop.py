@@ -349,9 +349,13 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from ..loading import check_classifier, load_config, load_model, load_tokenizer
     from ..model import attach
 
     cfg.validate()
+    # the model kind decides the data format, and the task's defaults (encoder classifiers have their own)
+    kind = kind_of_config(model.config if model is not None else load_config(cfg.model), cfg.task)
+    cfg.validate(kind)
     dtype, mixed = precision_plan(cfg.precision)
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_multiprocess(),
                       log_with=tracker(cfg.report_to), project_dir=cfg.output)
@@ -372,10 +376,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     if acc.log_with:
         acc.init_trackers("prefixtune", config=tracker_config(cfg), init_kwargs={"wandb": {"name": out.name}})
 
-    from ..loading import check_classifier, load_config, load_model, load_tokenizer
-
-    # the model kind decides the data format; an encoder's head size comes from the data's label set
-    kind = kind_of_config(model.config if model is not None else load_config(cfg.model), cfg.task)
+    # an encoder's head size comes from the data's label set
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     is_ed, head = kind == "seq2seq", kind == "encoder"
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed, head=head, say=say)
@@ -395,7 +396,9 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     pcfg.extra["task"] = cfg.task  # shown by `prefixtune info` and the model card
     if head:
         pcfg.extra["labels"] = list(task_info["label_words"])
-    pm = attach(base, pcfg)
+    # init="examples": whole training rows as the prefix's start; their ids are used here and not saved
+    examples = D.example_token_ids(train_tok, tokenizer, pcfg.num_virtual_tokens, cfg.seed) if pcfg.init == "examples" else None
+    pm = attach(base, pcfg, init_token_ids=examples)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
     if main:
