@@ -115,6 +115,7 @@ VARIANTS = {
     DEFAULT: (cli_default("classify"), task_defaults("classify")["lr"]),
     "prefixtune examples init, 20 tokens": (examples_init(), 1e-2),
     "prefixtune examples init, 128 tokens": (examples_init(num_virtual_tokens=128), 1e-2),
+    "prefixtune examples init, 64 tokens": (examples_init(num_virtual_tokens=64), 1e-2),
     "prefixtune vocab init, layer_scale, 128 tokens": (ours(num_virtual_tokens=128), 1e-2),
     "prefixtune vocab init, layer_scale (the default before)": (ours(), 3e-2),
     "prefixtune vocab init, plain table": (ours(layer_scale=False), 1e-2),

@@ -4,7 +4,8 @@
         'fs3=0.01={"fewshot":3,"num_virtual_tokens":120}' 'LoRA=0.001={}'
 
 Each spec is NAME=LR=JSON (PrefixConfig fields; "fewshot": N starts the prefix from the text of N training tweets
-with their labels, one label at a time, as init="text"; a NAME containing LoRA runs quality.py's LoRA r=8).
+with their labels, one label at a time, as init="text"; "init": "examples" starts it as `prefixtune train` does;
+a NAME containing LoRA runs quality.py's LoRA r=8).
 Same loop, batches and scorer as quality.py; 300 steps x 8 on the seed-0 split, 600 held-out by default.
 One JSON line per run is appended to --out (results: benchmarks/results/quality300/screen-seed0.jsonl).
 """
@@ -54,9 +55,13 @@ def main():
         kw = json.loads(kw)
         if kw.get("fewshot"):
             kw.update(init="text", init_text=fewshot_text(train_ds, kw.pop("fewshot")))
-        kw.setdefault("init_text", q.TASK_TEXT)
-        build = q.peft_lora if "LoRA" in name else (
-            lambda b, t, rows, kw=kw: pt.attach(b, pt.PrefixConfig(**kw), tokenizer=t))
+        if "LoRA" in name:
+            build = q.peft_lora
+        elif kw.get("init") == "examples":  # as `prefixtune train` starts it (training.data.example_token_ids)
+            build = q.examples_init(**kw)
+        else:
+            kw.setdefault("init_text", q.TASK_TEXT)
+            build = lambda b, t, rows, kw=kw: pt.attach(b, pt.PrefixConfig(**kw), tokenizer=t)  # noqa: E731
         t0 = time.time()
         r = q.run_variant(name, build, float(lr), base, tok, train_tok, eval_ds, args)
         r.update(name=name, spec=spec, seed=args.seed, eval=args.eval, wall=time.time() - t0)

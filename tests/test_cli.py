@@ -129,7 +129,7 @@ def test_every_flag_has_help_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ("--num-virtual-tokens N prefix length", "(default: 20; per task: classify 128)", "--layer-scale, --no-layer-scale",
+    for expected in ("--num-virtual-tokens N prefix length", "(default: 20; per task: classify 64)", "--layer-scale, --no-layer-scale",
                      "(default: --layer-scale)", "--placement {decoder,full}", "--init-text INIT_TEXT",
                      "--init-scale X", "(default: 0.1)", "per task: TASK_DEFAULTS, classify 0.01",
                      "(default: 0.06)", "--progress, --no-progress"):

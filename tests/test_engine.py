@@ -470,6 +470,22 @@ def test_param_groups_give_the_projection_mlp_its_own_learning_rate():
     assert len(pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).param_groups(1e-2, 1e-5)) == 1
 
 
+def test_head_lr_moves_an_encoder_classifiers_head_at_its_own_rate():
+    model = pt.attach(tiny.make("bert"), pt.PrefixConfig(num_virtual_tokens=4))
+    assert len(model.param_groups(1e-2)) == 1  # no head_lr: one group, as older checkpoints' optimizer state holds
+    groups = model.param_groups(1e-2, head_lr=1e-4)
+    head = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]
+    assert head and all("classifier" in n for n in head)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and len(groups[1]["params"]) == len(head)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.tensor([0, 2])).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    assert moved[head[0]] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["prefixes.default.embedding.weight"] == pytest.approx(1e-2, rel=1e-2)  # tiny grads: Adam eps
+
+
 def test_random_init_scale_is_relative_to_the_models_own_key_values():
     base = tiny.make("llama")
     small = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=6, init="random", init_scale=0.1)).prefixes["default"]

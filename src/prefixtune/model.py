@@ -406,19 +406,24 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
-    def param_groups(self, lr: float, projection_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: the prefix tables at `lr`, the projection MLPs at `projection_lr` (default: `lr`).
+    def param_groups(self, lr: float, projection_lr: float | None = None, weight_decay: float = 0.0,
+                     head_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: the prefix tables at `lr`, the projection MLPs at `projection_lr`, an encoder
+        classifier's head at `head_lr` (each None: `lr`).
 
-        Li & Liang tune the MLP with the table; a separate rate lets the (larger, folded-away) MLP move slower."""
+        Li & Liang tune the MLP with the table; a separate rate lets the (larger, folded-away) MLP move slower. A
+        freshly initialised head and a prefix started from real key/values need not want the same rate."""
         table, mlp = [], []
         for enc in self.prefixes.values():
             for name, p in enc.named_parameters():
                 if p.requires_grad:
                     (mlp if name.startswith("transform.") else table).append(p)
         rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]  # heads
-        groups = [{"params": table + rest, "lr": lr, "weight_decay": weight_decay}]
-        if mlp:
-            groups.append({"params": mlp, "lr": lr if projection_lr is None else projection_lr, "weight_decay": weight_decay})
+        own_head = bool(rest) and head_lr is not None  # else one group, as checkpoints written before head_lr hold
+        groups = [{"params": table + ([] if own_head else rest), "lr": lr, "weight_decay": weight_decay}]
+        for params, rate in ((mlp, projection_lr), (rest if own_head else [], head_lr)):
+            if params:
+                groups.append({"params": params, "lr": lr if rate is None else rate, "weight_decay": weight_decay})
         return groups
 
     def parameter_summary(self) -> str:

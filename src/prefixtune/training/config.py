@@ -29,7 +29,7 @@ ON_TRUNCATE = ("warn", "error", "drop")
 # MiniLM; see the README). "prefix": PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries
 # (kind as inject.kind_of_config says) replace the task's for that kind of model. A recipe or flag always wins.
 TASK_DEFAULTS = {
-    "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 128, "init": "examples"}},  # README, 300 steps
+    "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 64, "init": "examples"}},  # README, 300 steps
     "classify:seq2seq": {"lr": 3e-2, "prefix": {}},  # the examples start is not measured on T5/BART yet
     "classify:encoder": {"lr": 3e-2, "prefix": {}},  # encoder classifiers (README, encoder table)
     "instruct": {"lr": 3e-2},  # README "Benchmarks", instruct rows
@@ -96,6 +96,7 @@ class TrainConfig:
                           default_text="per task: TASK_DEFAULTS, " + ", ".join(
                               f"{t} {v['lr']:g}" for t, v in TASK_DEFAULTS.items()))
     projection_lr: float | None = _f(None, "optimisation", "learning rate of the projection MLP", default_text="--lr")
+    head_lr: float | None = _f(None, "optimisation", "learning rate of an encoder classifier's head", default_text="--lr")
     weight_decay: float = _f(0.0, "optimisation", "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "optimisation", "share of the steps spent warming the learning rate up")
     scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
@@ -152,8 +153,10 @@ class TrainConfig:
         self.apply_task_defaults(kind)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise RecipeError(f"lr must be a positive number, got {self.lr!r}")
-        if self.projection_lr is not None and not (isinstance(self.projection_lr, (int, float)) and self.projection_lr > 0):
-            raise RecipeError(f"projection_lr must be a positive number, got {self.projection_lr!r}")
+        for name in ("projection_lr", "head_lr"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise RecipeError(f"{name} must be a positive number, got {v!r}")
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         return self
@@ -278,4 +281,4 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
-NUMBER_KEYS = ("lr", "projection_lr", "weight_decay", "warmup_ratio", "dropout", "init_scale", "eval_fraction", "epochs")
+NUMBER_KEYS = ("lr", "projection_lr", "head_lr", "weight_decay", "warmup_ratio", "dropout", "init_scale", "eval_fraction", "epochs")

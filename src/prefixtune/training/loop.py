@@ -419,7 +419,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     eval_every = cfg.eval_every or steps_per_epoch
 
     params = [p for p in pm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(pm.param_groups(cfg.lr, cfg.projection_lr, cfg.weight_decay))
+    optimizer = torch.optim.AdamW(pm.param_groups(cfg.lr, cfg.projection_lr, cfg.weight_decay, cfg.head_lr))
     scheduler = make_scheduler(optimizer, cfg, total)
     state = {"step": 0, "best": None, "bad_evals": 0, "tokens": 0}
     ckpt = latest_checkpoint(out) if resuming else None
