@@ -170,7 +170,8 @@ class TrainConfig:
         filled = self.extra.setdefault("defaulted", [])
         if "lr" in d and (self.lr is None or "lr" in filled):
             self.lr = d["lr"]
-            filled += [] if "lr" in filled else ["lr"]
+            if "lr" not in filled:
+                filled.append("lr")
         if self.prefix is None:  # nothing given: the task's prefix; a PrefixConfig passed in is the caller's
             self.extra["prefix_given"] = {}
         if "prefix_given" in self.extra:
