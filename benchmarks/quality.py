@@ -68,11 +68,11 @@ def balanced_split(csv: str, n_train: int, n_eval: int, seed: int = 0):
     return ds.select(range(n_train)), ds.select(range(n_train, min(len(ds), n_train + n_eval)))
 
 
-# ---- variants: name -> (build(base, tokenizer) -> model, learning rate) --------------------------------------
+# ---- variants: name -> (build(base, tokenizer, training rows) -> model, learning rate) --------------------------------------
 def ours(**kw):
     """A prefix of 20 tokens (the library's default) with these PrefixConfig fields."""
-    return lambda base, tok, rows: pt.attach(base, pt.PrefixConfig(num_virtual_tokens=20, init_text=TASK_TEXT, **kw),
-                                             tokenizer=tok)
+    kw = {"num_virtual_tokens": 20, "init_text": TASK_TEXT, **kw}
+    return lambda base, tok, rows: pt.attach(base, pt.PrefixConfig(**kw), tokenizer=tok)
 
 
 def examples_init(**kw):
@@ -133,7 +133,7 @@ VARIANTS = {
 
 # Without --only / --all: the variants that answer "is the default the best we have, and how does it compare" (fits
 # in about 25 minutes on 2 CPU cores at the default 80 steps; --all adds the other inits and projection runs).
-CORE_VARIANTS = [DEFAULT, "prefixtune examples init, 20 tokens", "prefixtune vocab init, layer_scale, 128 tokens",
+CORE_VARIANTS = [DEFAULT, "prefixtune examples init, 128 tokens", "prefixtune vocab init, layer_scale, 128 tokens",
                  "prefixtune vocab init, layer_scale (the default before)", "prefixtune vocab init, plain table",
                  "peft prefix (random init)", "peft prefix + projection", "peft LoRA r=8 q,v"]
 INSTRUCT_VARIANTS = [DEFAULT, "prefixtune vocab init, plain table", "peft prefix (random init)", "peft LoRA r=8 q,v"]
