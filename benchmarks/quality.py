@@ -139,13 +139,10 @@ CORE_VARIANTS = [DEFAULT, "prefixtune examples init, 128 tokens", "prefixtune vo
 INSTRUCT_VARIANTS = [DEFAULT, "prefixtune vocab init, plain table", "peft prefix (random init)", "peft LoRA r=8 q,v"]
 
 
-def lr_of(name: str, args) -> float:
-    """A variant's learning rate: --lr-for's if one matches the name, else the table's."""
-    return next((float(v) for k, v in args.lr_for if k in name), VARIANTS[name][1])
-
-
-def instruct_lr(name: str, args) -> float:
-    return lr_of(name, args) if name != DEFAULT or any(k in name for k, _ in args.lr_for) else task_defaults("instruct")["lr"]
+def lr_of(name: str, args, task: str = "classify") -> float:
+    """A variant's learning rate: --lr-for's if one matches the name, else the table's (the default's: `task`'s)."""
+    table = task_defaults(task)["lr"] if name == DEFAULT else VARIANTS[name][1]
+    return next((float(v) for k, v in args.lr_for if k in name), table)
 
 
 def rank_acc(model, tok, eval_ds) -> float:
@@ -215,7 +212,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     results = {}
     names = [n for n in VARIANTS if any(o in n for o in args.only)] if args.only else INSTRUCT_VARIANTS
-    runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [instruct_lr(n, args)])]
+    runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [lr_of(n, args, "instruct")])]
     for label, name, lr in runs:
         build, _, *plr = (cli_default("instruct"), None) if name == DEFAULT else VARIANTS[name]
         torch.manual_seed(args.seed)
