@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from common import add_device_args, check_device_args, rank_accuracy
 import prefixtune as pt
 from prefixtune.training import data
 from prefixtune.training.config import task_defaults
+from prefixtune.training.ema import ParamEMA
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
@@ -128,20 +130,30 @@ VARIANTS = {
     "peft prefix (random init)": (peft_prefix(False), 1e-2),
     "peft prefix + projection": (peft_prefix(True), 1e-3),
     "peft LoRA r=8 q,v": (peft_lora, 3e-3),
+    "prefixtune default + EMA": (cli_default("classify"), task_defaults("classify")["lr"]),
+    "peft LoRA r=8 q,v + EMA": (peft_lora, 3e-3),
 }
+# Variants evaluated (and trained on, as `prefixtune train --ema`) through a moving average of their weights with this
+# decay (training/ema.py); every other variant uses its last step's weights, as the defaults do.
+EMA_VARIANTS = {"prefixtune default + EMA": 0.98, "peft LoRA r=8 q,v + EMA": 0.98}
 
 
-# Without --only / --all: the variants that answer "is the default the best we have, and how does it compare" (fits
-# in about 25 minutes on 2 CPU cores at the default 80 steps; --all adds the other inits and projection runs).
-CORE_VARIANTS = [DEFAULT, "prefixtune examples init, 128 tokens", "prefixtune vocab init, layer_scale, 128 tokens",
-                 "prefixtune vocab init, layer_scale (the default before)", "prefixtune vocab init, plain table",
-                 "peft prefix (random init)", "peft prefix + projection", "peft LoRA r=8 q,v"]
+# Without --only / --all: the variants that answer "is the default the best we have, and how does it compare".
+# Fits in about 25 minutes on 2 CPU cores at the default 80 steps; --all adds the other inits and projection runs.
+CORE_VARIANTS = [DEFAULT, "prefixtune default + EMA", "prefixtune examples init, 128 tokens",
+                 "prefixtune vocab init, layer_scale (the default before)", "peft prefix (random init)",
+                 "peft prefix + projection", "peft LoRA r=8 q,v", "peft LoRA r=8 q,v + EMA"]
 INSTRUCT_VARIANTS = [DEFAULT, "prefixtune vocab init, plain table", "peft prefix (random init)", "peft LoRA r=8 q,v"]
+
+
+def ema_of(name: str) -> float:
+    """A variant's moving-average decay (0: off)."""
+    return EMA_VARIANTS.get(name, 0.0)
 
 
 def lr_of(name: str, args, task: str = "classify") -> float:
     """A variant's learning rate: --lr-for's if one matches the name, else the table's (the default's: `task`'s)."""
-    table = task_defaults(task)["lr"] if name == DEFAULT else VARIANTS[name][1]
+    table = task_defaults(task)["lr"] if name.startswith(DEFAULT) else VARIANTS[name][1]
     return next((float(v) for k, v in args.lr_for if k in name), table)
 
 
@@ -158,10 +170,12 @@ def optimizer(model, params, lr, projection_lr=None, weight_decay=0.0):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection_lr=None) -> dict:
+def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection_lr=None, ema=0.0) -> dict:
+    """Train one variant; accuracy every --eval-every steps (of the moving average when `ema` > 0, as the CLI)."""
     torch.manual_seed(args.seed)
     model = build(base, tok, train_tok)
     params = [p for p in model.parameters() if p.requires_grad]
+    average = ParamEMA(params, ema) if ema else None
     opt = optimizer(model, params, lr, projection_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
@@ -171,7 +185,12 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
     model.eval()
     with torch.no_grad():
         step0 = sum(model(**batches[i % len(batches)]).loss.item() for i in range(4)) / 4
-    curve.append((0, rank_acc(model, tok, eval_ds), 0.0))  # (step, accuracy, training seconds so far)
+
+    def accuracy() -> float:
+        with average.applied() if average else nullcontext():
+            return rank_acc(model, tok, eval_ds)
+
+    curve.append((0, accuracy(), 0.0))  # (step, accuracy, training seconds so far)
     train_s, losses = 0.0, []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
@@ -182,16 +201,18 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if average:
+            average.update()
         losses.append(loss.item())
         train_s += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, rank_acc(model, tok, eval_ds), train_s))
+            curve.append((step, accuracy(), train_s))
             print(f"  {name}: step {step} loss {sum(losses[-10:]) / len(losses[-10:]):.3f} acc {curve[-1][1]:.3f}", flush=True)
     unload(model)
     last = losses[-10:]
     return {"step0_loss": step0, "final_loss": sum(last) / len(last), "accuracy": curve[-1][1], "curve": curve,
             "trainable": sum(p.numel() for p in params), "s_per_step": train_s / args.steps,
-            "lr": lr if projection_lr is None else f"{lr:g} / MLP {projection_lr:g}"}
+            "lr": lr if projection_lr is None else f"{lr:g} / MLP {projection_lr:g}", "ema": ema}
 
 
 def unload(model):
@@ -214,16 +235,17 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
     names = [n for n in VARIANTS if any(o in n for o in args.only)] if args.only else INSTRUCT_VARIANTS
     runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [lr_of(n, args, "instruct")])]
     for label, name, lr in runs:
-        build, _, *plr = (cli_default("instruct"), None) if name == DEFAULT else VARIANTS[name]
+        build, _, *plr = (cli_default("instruct"), None) if name.startswith(DEFAULT) else VARIANTS[name]
         torch.manual_seed(args.seed)
         model = build(base, tok, tr)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(model, params, lr, *(plr or [None]), weight_decay=0.01)  # AdamW's default, as measured
+        average = ParamEMA(params, ema_of(name)) if ema_of(name) else None
         order = data.length_grouped_batches([len(x) for x in tr["input_ids"]], args.batch, args.seed)
 
         def held_out():
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), average.applied() if average else nullcontext():
                 tot = n = 0
                 for i in range(0, len(ev), 32):
                     b = on_device(collate([ev[j] for j in range(i, min(len(ev), i + 32))]), model)
@@ -239,6 +261,8 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if average:
+                average.update()
         results[label] = {"held_out_loss_step0": before, "held_out_loss": held_out()}
         print(f"  instruct {label}: {results[label]}", flush=True)
         unload(model)
@@ -350,7 +374,8 @@ def main():
                 continue
             for rate in args.lrs or [lr_of(name, args)]:
                 label = f"{name} lr={rate:g}" if args.lrs else name
-                results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args, *plr)
+                results[label] = run_variant(label, build, rate, base, tok, train_tok, eval_ds, args, *(plr or [None]),
+                                             ema=ema_of(name))
                 # after every run: a long benchmark interrupted keeps what it measured
                 (out / "quality.json").write_text(json.dumps({"bare_accuracy": bare, "classify": per_split}, indent=2))
         if not args.no_instruct:

@@ -5,7 +5,8 @@
 
 Each spec is NAME=LR=JSON (PrefixConfig fields; "fewshot": N starts the prefix from the text of N training tweets
 with their labels, one label at a time, as init="text"; "init": "examples" starts it as `prefixtune train` does;
-a NAME containing LoRA runs quality.py's LoRA r=8).
+"ema": D evaluates a moving average of the weights with decay D, as `prefixtune train --ema D`; a NAME containing LoRA
+runs quality.py's LoRA r=8).
 Same loop, batches and scorer as quality.py; 300 steps x 8 on the seed-0 split, 600 held-out by default.
 One JSON line per run is appended to --out (results: benchmarks/results/quality300/screen-seed0.jsonl).
 """
@@ -53,6 +54,7 @@ def main():
     for spec in args.spec:
         name, lr, kw = spec.split("=", 2)
         kw = json.loads(kw)
+        ema = kw.pop("ema", 0.0)
         if kw.get("fewshot"):
             kw.update(init="text", init_text=fewshot_text(train_ds, kw.pop("fewshot")))
         if "LoRA" in name:
@@ -63,7 +65,7 @@ def main():
             kw.setdefault("init_text", q.TASK_TEXT)
             build = lambda b, t, rows, kw=kw: pt.attach(b, pt.PrefixConfig(**kw), tokenizer=t)  # noqa: E731
         t0 = time.time()
-        r = q.run_variant(name, build, float(lr), base, tok, train_tok, eval_ds, args)
+        r = q.run_variant(name, build, float(lr), base, tok, train_tok, eval_ds, args, ema=ema)
         r.update(name=name, spec=spec, seed=args.seed, eval=args.eval, wall=time.time() - t0)
         print("RESULT", name, lr, [(c[0], round(c[1], 3)) for c in r["curve"]], flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
 from prefixtune.config import PrefixConfig
 from prefixtune.training.config import RecipeError, TrainConfig
-from prefixtune.training.loop import TrainingError, latest_checkpoint, train
+from prefixtune.training.ema import ParamEMA
+from prefixtune.training.loop import TrainingError, fit, latest_checkpoint, train
 
 
 def _model(kind="llama"):
@@ -51,7 +52,7 @@ def test_train_writes_artifacts_and_learns(tmp_path, kind):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    kw = dict(projection=True, projection_dim=16, dropout=0.1, grad_accum=2, scheduler="cosine")
+    kw = dict(projection=True, projection_dim=16, dropout=0.1, grad_accum=2, scheduler="cosine", ema=0.9)
     train(_cfg(tmp_path, "a", **kw), model=_model(), tokenizer=make_tokenizer())
     stopped = train(_cfg(tmp_path, "b", **kw), model=_model(), tokenizer=make_tokenizer(), stop_after=5)
     assert stopped == {"stopped_at": 5}
@@ -141,6 +142,56 @@ def test_config_validation():
         TrainConfig(model="m", train="t", task="summarize", output="o").validate()
     with pytest.raises(RecipeError, match="projection_lr must be a positive number"):
         TrainConfig(model="m", train="t", task="lm", output="o", projection_lr=-1).validate()
+    with pytest.raises(RecipeError, match=r"ema must be a decay in \[0, 1\)"):
+        TrainConfig(model="m", train="t", task="lm", output="o", ema=1.0).validate()
+
+
+def test_param_ema_follows_its_recurrence_and_applied_restores_the_live_weights():
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = ParamEMA([w], decay=0.9)
+    expect = torch.zeros(3)
+    for n in range(1, 40):
+        with torch.no_grad():
+            w.fill_(float(n))
+        ema.update()
+        d = min(0.9, (1 + n) / (10 + n))  # the short memory at the start, then the decay
+        expect = d * expect + (1 - d) * w.detach()
+    torch.testing.assert_close(ema.shadow[0], expect)
+    with ema.applied():
+        torch.testing.assert_close(w.detach(), expect)
+    assert torch.equal(w.detach(), torch.full((3,), 39.0))
+    state = ema.state_dict()
+    other = ParamEMA([torch.nn.Parameter(torch.zeros(3))], decay=0.9)
+    other.load_state_dict(state)
+    assert other.updates == 39 and torch.equal(other.shadow[0], ema.shadow[0])
+
+
+def test_ema_run_saves_the_average_of_the_steps(tmp_path, monkeypatch):
+    """The adapter of an --ema run is the moving average of the prefixes the same run had after each step (replayed
+    here with ema off, stopping after 1, 2, ... steps: the average does not change training), and the model handed
+    back holds it."""
+    import prefixtune.training.loop as loop
+
+    steps, decay = 5, 0.6
+    weight = lambda pm: pm.prefixes["default"].embedding.weight.detach().clone()  # noqa: E731
+    live = [weight(fit(_cfg(tmp_path, f"live{k}", max_steps=steps, ema=0.0), model=_model(),
+                       tokenizer=make_tokenizer(), stop_after=k)[1]) for k in range(1, steps + 1)]
+    starts = []
+
+    class Recording(ParamEMA):  # the average starts at the initial prefix: record it
+        def __init__(self, params, decay):
+            super().__init__(params, decay)
+            starts.append(self.shadow[0].clone())
+
+    monkeypatch.setattr(loop, "ParamEMA", Recording)
+    _, pm = fit(_cfg(tmp_path, "avg", max_steps=steps, ema=decay), model=_model(), tokenizer=make_tokenizer())
+    expect = starts[0]
+    for n, w in enumerate(live, 1):
+        d = min(decay, (1 + n) / (10 + n))
+        expect = d * expect + (1 - d) * w
+    torch.testing.assert_close(weight(pm), expect, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expect, live[-1], atol=1e-4)  # the average is not the last step's prefix
+    torch.testing.assert_close(_table(tmp_path / "avg"), pm.prefixes["default"].folded())  # and it is what was saved
 
 
 def test_task_defaults_fill_only_what_is_unset():

@@ -9,9 +9,10 @@ Output directory:
     task.json           task, label words, template: what eval/generate need to format inputs the same way
     metrics.jsonl       one line per logged step / eval
     loss_curve.png, accuracy_curve.png
-    checkpoint-NNNNNN/  adapter (MLP kept) + optimizer/scheduler/RNG/position; `latest` names the newest
+    checkpoint-NNNNNN/  adapter (MLP kept) + optimizer/scheduler/RNG/position (+ the --ema average); `latest` names
+                        the newest
     best/               the best adapter by eval accuracy (classify) or eval loss
-    adapter/            the final adapter (peft format)
+    adapter/            the final adapter (peft format); with --ema, it and best/ hold the moving average
     eval.json, predictions.jsonl    the final evaluation
 
 Determinism: batches come from a seeded order per epoch, and a checkpoint stores everything else that
@@ -31,6 +32,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from ..inject import kind_of_config
 from . import data as D
 from . import evaluate as E
 from .config import TrainConfig
+from .ema import ParamEMA
 
 CKPT_PREFIX = "checkpoint-"
 log = logging.getLogger(__name__)
@@ -421,10 +424,13 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     params = [p for p in pm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(pm.param_groups(cfg.lr, cfg.projection_lr, cfg.weight_decay, cfg.head_lr))
     scheduler = make_scheduler(optimizer, cfg, total)
+    ema = ParamEMA(params, cfg.ema) if cfg.ema else None  # evaluated and saved in place of the live weights
     state = {"step": 0, "best": None, "bad_evals": 0, "tokens": 0}
     ckpt = latest_checkpoint(out) if resuming else None
     if ckpt is not None:
         state.update(load_checkpoint(ckpt, pm, optimizer, scheduler))
+        if ema is not None:
+            ema.load_state_dict(state.pop("ema"))
         say(f"resuming from {ckpt.name} (step {state['step']} of {total})")
     if main:
         truncate_metrics(out, state["step"])
@@ -472,6 +478,8 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state["step"] = step = step + 1
@@ -485,16 +493,17 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                               "tokens_per_s": round(tok_s, 1)}, acc)
 
         if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
-            ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
+            with ema.applied() if ema is not None else nullcontext():
+                ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
+                better = state["best"] is None or _score(ev) > state["best"]
+                if better and main:
+                    pm.save_adapter(out / "best")
+                    _write_text_atomic(out / "best" / "task.json", json.dumps(task_info, indent=2))
             last_eval = ev
             pm.train()
             rec = {k2: v for k2, v in ev.items() if k2 != "report"}
-            better = state["best"] is None or _score(ev) > state["best"]
             if better:
                 state["best"], state["bad_evals"] = _score(ev), 0
-                if main:
-                    pm.save_adapter(out / "best")
-                    _write_text_atomic(out / "best" / "task.json", json.dumps(task_info, indent=2))
             else:
                 state["bad_evals"] += 1
             if main:
@@ -507,13 +516,15 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
         if cfg.save_every and (step % cfg.save_every == 0 or stopped_early) and step < total:
             if main:
                 save_checkpoint(out, pm, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                scheduler, dict(state))
+                                scheduler, {**state, **({"ema": ema.state_dict()} if ema is not None else {})})
             acc.wait_for_everyone()
         if stopped_early or (stop_after is not None and step >= stop_after):
             break
     bar.close()
     if stop_after is not None and state["step"] < total and not stopped_early:
         return {"stopped_at": state["step"]}, pm
+    if ema is not None:  # the result is the average: the final adapter, and the model handed back
+        ema.copy_to_params()
 
     # final artefacts
     if main:

@@ -1,0 +1,60 @@
+"""A moving average of the trainable parameters (Polyak / EMA averaging), evaluated and saved in their place.
+
+With a small batch and a learning rate high enough to learn in a few hundred steps, the live prefix jitters around
+a good point; the average of its recent values sits nearer to it, most of all early in a run while the rate is
+still high (measured: README "Quality at 300 steps").
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class ParamEMA:
+    """shadow <- d * shadow + (1 - d) * live after every optimizer step, d = min(decay, (1 + n) / (10 + n)).
+
+    The ramp on d (TensorFlow's ExponentialMovingAverage num_updates rule) keeps the first steps from being
+    averaged with the untrained start for long."""
+
+    def __init__(self, params, decay: float):
+        self.params = [p for p in params]
+        self.decay = float(decay)
+        self.updates = 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().to(s.dtype), 1.0 - d)
+
+    @contextmanager
+    def applied(self):
+        """The averaged values in the live parameters for the duration (evaluation, saving), then back."""
+        live = [p.detach().clone() for p in self.params]
+        self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": [s.detach().cpu() for s in self.shadow]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"checkpoint holds {len(state['shadow'])} averaged tensors, the model has {len(self.shadow)}")
+        self.updates = int(state["updates"])
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
