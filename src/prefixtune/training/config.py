@@ -101,8 +101,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "optimisation", "share of the steps spent warming the learning rate up")
     scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
     max_grad_norm: float = _f(1.0, "optimisation", "clip the gradient norm to this")
-    # averaging the prefix over recent steps (training/ema.py); off by default: on the scored splits it neither
-    # raised final accuracy nor sped it up (README "Quality at 300 steps")
+    # averaging the prefix over recent steps (training/ema.py); off by default: on the scored splits it smoothed the
+    # curve but ended level (README "Benchmarks", at 300 steps)
     ema: float = _f(0.0, "optimisation", "evaluate and save a moving average of the trainable weights with this "
                     "decay, e.g. 0.98 (0 = off: the last step's weights)")
     seed: int = _f(0, "optimisation", "random seed (data order, split, prefix init)")

@@ -1,8 +1,9 @@
 """A moving average of the trainable parameters (Polyak / EMA averaging), evaluated and saved in their place.
 
-With a small batch and a learning rate high enough to learn in a few hundred steps, the live prefix jitters around
-a good point; the average of its recent values sits nearer to it, most of all early in a run while the rate is
-still high (measured: README "Quality at 300 steps").
+With a small batch and a learning rate high enough to learn in a few hundred steps, the live prefix jitters from
+step to step; the average of its recent values does not, so evaluations, `best/` and an early stop see a steady
+prefix. On the tweet benchmark it smoothed the accuracy curve but ended level with the last step's prefix (README
+"Benchmarks", at 300 steps), so `prefixtune train` uses it only when asked (`--ema`).
 """
 
 from __future__ import annotations
