@@ -4,6 +4,8 @@ With a small batch and a learning rate high enough to learn in a few hundred ste
 step to step; the average of its recent values does not, so evaluations, `best/` and an early stop see a steady
 prefix. On the tweet benchmark it smoothed the accuracy curve but ended level with the last step's prefix (README
 "Benchmarks", at 300 steps), so `prefixtune train` uses it only when asked (`--ema`).
+Not torch.optim.swa_utils.AveragedModel: that deep-copies the whole module, frozen base model included; this keeps a
+copy of the trainable tensors only (the prefix, an encoder's head).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class ParamEMA:
     averaged with the untrained start for long."""
 
     def __init__(self, params, decay: float):
-        self.params = [p for p in params]
+        self.params = list(params)
         self.decay = float(decay)
         self.updates = 0
         self.shadow = [p.detach().clone() for p in self.params]
