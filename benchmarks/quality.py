@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -175,7 +174,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
     torch.manual_seed(args.seed)
     model = build(base, tok, train_tok)
     params = [p for p in model.parameters() if p.requires_grad]
-    average = ParamEMA(params, ema) if ema else None
+    average = ParamEMA(params, ema)
     opt = optimizer(model, params, lr, projection_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / args.steps))
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
@@ -187,7 +186,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
         step0 = sum(model(**batches[i % len(batches)]).loss.item() for i in range(4)) / 4
 
     def accuracy() -> float:
-        with average.applied() if average else nullcontext():
+        with average.applied():
             return rank_acc(model, tok, eval_ds)
 
     curve.append((0, accuracy(), 0.0))  # (step, accuracy, training seconds so far)
@@ -201,8 +200,7 @@ def run_variant(name, build, lr, base, tok, train_tok, eval_ds, args, projection
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if average:
-            average.update()
+        average.update()
         losses.append(loss.item())
         train_s += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == args.steps:
@@ -240,12 +238,12 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
         model = build(base, tok, tr)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(model, params, lr, *(plr or [None]), weight_decay=0.01)  # AdamW's default, as measured
-        average = ParamEMA(params, ema_of(name)) if ema_of(name) else None
+        average = ParamEMA(params, ema_of(name))
         order = data.length_grouped_batches([len(x) for x in tr["input_ids"]], args.batch, args.seed)
 
         def held_out():
             model.eval()
-            with torch.no_grad(), average.applied() if average else nullcontext():
+            with torch.no_grad(), average.applied():
                 tot = n = 0
                 for i in range(0, len(ev), 32):
                     b = on_device(collate([ev[j] for j in range(i, min(len(ev), i + 32))]), model)
@@ -261,8 +259,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if average:
-                average.update()
+            average.update()
         results[label] = {"held_out_loss_step0": before, "held_out_loss": held_out()}
         print(f"  instruct {label}: {results[label]}", flush=True)
         unload(model)

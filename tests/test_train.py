@@ -164,6 +164,12 @@ def test_param_ema_follows_its_recurrence_and_applied_restores_the_live_weights(
     other = ParamEMA([torch.nn.Parameter(torch.zeros(3))], decay=0.9)
     other.load_state_dict(state)
     assert other.updates == 39 and torch.equal(other.shadow[0], ema.shadow[0])
+    off = ParamEMA([w], decay=0.0)  # off: no copy, and nothing it does touches the weights
+    off.update()
+    with off.applied():
+        assert torch.equal(w.detach(), torch.full((3,), 39.0))
+    off.copy_to_params()
+    assert off.shadow == [] and torch.equal(w.detach(), torch.full((3,), 39.0))
 
 
 def test_ema_run_saves_the_average_of_the_steps(tmp_path, monkeypatch):

@@ -19,16 +19,19 @@ class ParamEMA:
     """shadow <- d * shadow + (1 - d) * live after every optimizer step, d = min(decay, (1 + n) / (10 + n)).
 
     The ramp on d (TensorFlow's ExponentialMovingAverage num_updates rule) keeps the first steps from being
-    averaged with the untrained start for long."""
+    averaged with the untrained start for long. decay 0 is off: nothing is copied, and every method is a no-op, so
+    callers need no branch of their own."""
 
     def __init__(self, params, decay: float):
         self.params = list(params)
         self.decay = float(decay)
         self.updates = 0
-        self.shadow = [p.detach().clone() for p in self.params]
+        self.shadow = [p.detach().clone() for p in self.params] if self.decay else []
 
     @torch.no_grad()
     def update(self) -> None:
+        if not self.shadow:
+            return
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for s, p in zip(self.shadow, self.params):
@@ -37,6 +40,9 @@ class ParamEMA:
     @contextmanager
     def applied(self):
         """The averaged values in the live parameters for the duration (evaluation, saving), then back."""
+        if not self.shadow:
+            yield
+            return
         live = [p.detach().clone() for p in self.params]
         self.copy_to_params()
         try:

@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -424,12 +423,12 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     params = [p for p in pm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(pm.param_groups(cfg.lr, cfg.projection_lr, cfg.weight_decay, cfg.head_lr))
     scheduler = make_scheduler(optimizer, cfg, total)
-    ema = ParamEMA(params, cfg.ema) if cfg.ema else None  # evaluated and saved in place of the live weights
+    ema = ParamEMA(params, cfg.ema)  # evaluated and saved in place of the live weights (--ema 0: a no-op)
     state = {"step": 0, "best": None, "bad_evals": 0, "tokens": 0}
     ckpt = latest_checkpoint(out) if resuming else None
     if ckpt is not None:
         state.update(load_checkpoint(ckpt, pm, optimizer, scheduler))
-        if ema is not None:
+        if cfg.ema:
             ema.load_state_dict(state.pop("ema"))
         say(f"resuming from {ckpt.name} (step {state['step']} of {total})")
     if main:
@@ -478,8 +477,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update()
+                    ema.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state["step"] = step = step + 1
@@ -493,7 +491,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                               "tokens_per_s": round(tok_s, 1)}, acc)
 
         if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
-            with ema.applied() if ema is not None else nullcontext():
+            with ema.applied():
                 ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
                 better = state["best"] is None or _score(ev) > state["best"]
                 if better and main:
@@ -516,15 +514,14 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
         if cfg.save_every and (step % cfg.save_every == 0 or stopped_early) and step < total:
             if main:
                 save_checkpoint(out, pm, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                scheduler, {**state, **({"ema": ema.state_dict()} if ema is not None else {})})
+                                scheduler, {**state, **({"ema": ema.state_dict()} if cfg.ema else {})})
             acc.wait_for_everyone()
         if stopped_early or (stop_after is not None and step >= stop_after):
             break
     bar.close()
     if stop_after is not None and state["step"] < total and not stopped_early:
         return {"stopped_at": state["step"]}, pm
-    if ema is not None:  # the result is the average: the final adapter, and the model handed back
-        ema.copy_to_params()
+    ema.copy_to_params()  # the result is the average: the final adapter, and the model handed back
 
     # final artefacts
     if main:
