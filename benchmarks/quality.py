@@ -4,7 +4,7 @@
     python benchmarks/quality.py --all                # every variant (the README's 80-step table)
     python benchmarks/quality.py --seed 0 --only default LoRA --lrs 3e-3 1e-2 3e-2 --no-instruct   # an lr sweep
     python benchmarks/quality.py --device cuda --dtype bfloat16                                  # on a GPU
-    python benchmarks/quality.py --steps 300 --eval-every 50 --seeds 1 2 3 --only "prefixtune default" LoRA --no-instruct
+    python benchmarks/quality.py --steps 300 --eval-every 50 --seeds 1 2 3 --only "prefixtune default" "peft LoRA r=8 q,v" --no-instruct
                                        # issue 13's protocol: per-split accuracy, mean, spread, speed to LoRA's accuracy
 
 Task: the demo's (SmolLM2-135M-Instruct, tweet sentiment negative/neutral/positive, a fixed seeded balanced
@@ -150,6 +150,11 @@ def ema_of(name: str) -> float:
     return EMA_VARIANTS.get(name, 0.0)
 
 
+def chosen(name: str, only: list[str]) -> bool:
+    """--only: a full variant name picks that variant alone (not its "+ EMA" twin); other text is a substring."""
+    return any(o == name if o in VARIANTS else o in name for o in only)
+
+
 def lr_of(name: str, args, task: str = "classify") -> float:
     """A variant's learning rate: --lr-for's if one matches the name, else the table's (the default's: `task`'s)."""
     table = task_defaults(task)["lr"] if name.startswith(DEFAULT) else VARIANTS[name][1]
@@ -230,7 +235,7 @@ def instruct_run(base, tok, train_ds, eval_ds, args) -> dict:
     ev, _ = data.tokenize_dataset(to_alpaca(eval_ds), tok, "instruct", is_encoder_decoder=False, max_length=128)
     collate = data.PadCollator(tok, padding_side="right", is_encoder_decoder=False)
     results = {}
-    names = [n for n in VARIANTS if any(o in n for o in args.only)] if args.only else INSTRUCT_VARIANTS
+    names = [n for n in VARIANTS if chosen(n, args.only)] if args.only else INSTRUCT_VARIANTS
     runs = [(f"{n} lr={rate:g}" if args.lrs else n, n, rate) for n in names for rate in (args.lrs or [lr_of(n, args, "instruct")])]
     for label, name, lr in runs:
         build, _, *plr = (cli_default("instruct"), None) if name.startswith(DEFAULT) else VARIANTS[name]
@@ -341,7 +346,8 @@ def main():
     p.add_argument("--instruct-steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=1, help="the split (and training order) when --seeds is not given")
     p.add_argument("--seeds", nargs="*", type=int, help="several splits: every variant on each, reported per split and as a mean")
-    p.add_argument("--only", nargs="*", help="run only these variants (substring match)")
+    p.add_argument("--only", nargs="*", help="run only these variants (a variant's full name: that one; "
+                   "anything else: every variant whose name contains it)")
     p.add_argument("--all", action="store_true", help="every variant (default: the core set, CORE_VARIANTS)")
     p.add_argument("--lrs", nargs="*", type=float, help="run each chosen variant at each of these learning rates (a sweep)")
     p.add_argument("--lr-for", nargs=2, action="append", default=[], metavar=("VARIANT", "LR"),
@@ -367,7 +373,7 @@ def main():
         print(f"split {seed}: bare model (zero-shot) accuracy {bare[seed]:.3f}", flush=True)
         results = per_split[seed] = {}
         for name, (build, _, *plr) in ({} if args.instruct_only else VARIANTS).items():
-            if not (any(o in name for o in args.only) if args.only else args.all or name in CORE_VARIANTS):
+            if not (chosen(name, args.only) if args.only else args.all or name in CORE_VARIANTS):
                 continue
             for rate in args.lrs or [lr_of(name, args)]:
                 label = f"{name} lr={rate:g}" if args.lrs else name

@@ -174,6 +174,36 @@ def test_hf_trainer_trains_prefix_and_head(tmp_path):
     torch.testing.assert_close(model.eval()(**batch).logits, helpers.peft_logits(ref.eval(), **batch), atol=1e-5, rtol=0)
 
 
+def test_encoder_trains_without_the_base_models_dropout_by_default(tmp_path, capsys):
+    """The same encoder saved with dropout 0.3 trains to the same adapter as with dropout 0 (the default zeroes it
+    during training); --base-dropout keeps it, and then the adapter differs."""
+    from safetensors.torch import load_file
+
+    plain = encoder_dir(tmp_path, "bert")
+    noisy = tmp_path / "model-noisy"
+    body = encoder_body("bert")
+    body.config.update(dict(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3))
+    body.save_pretrained(noisy)
+    encoder_tokenizer("bert").save_pretrained(noisy)
+    data = write_jsonl(tmp_path / "cls.jsonl", classify_rows(32))
+
+    def adapter(mdir, name, *extra):
+        code, _, err = run_cli(["train", "--model", mdir, "--train", data, "--eval", data, "--task", "classify",
+                                "--output", tmp_path / name, "--num-virtual-tokens", 4, "--batch-size", 8,
+                                "--max-steps", 4, "--no-progress", *extra], capsys)
+        assert code == 0, err
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    want = adapter(plain, "plain")
+    got = adapter(noisy, "noisy")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    kept = adapter(noisy, "kept", "--base-dropout")
+    assert not torch.allclose(kept["prompt_embeddings"], want["prompt_embeddings"])
+    assert json.loads((tmp_path / "noisy" / "run.json").read_text())["config"]["base_dropout"] is False
+
+
 # ---- refusals ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", ["instruct", "chat", "lm"])
 def test_encoder_with_a_generation_task_is_refused(task, tmp_path, capsys):

@@ -208,6 +208,7 @@ def test_task_defaults_fill_only_what_is_unset():
         cfg = TrainConfig(model="m", train="t", task=task, output="o").validate().validate(kind or None)
         assert cfg.lr == defaults["lr"]
         assert all(getattr(cfg.prefix, k) == v for k, v in defaults.get("prefix", {}).items())
+        assert cfg.base_dropout is defaults.get("base_dropout", True)
     assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123
     # classify: generative models and encoder classifiers differ; the kind, known later, refills only defaults
     over = TrainConfig.from_sources(None, {"model": "m", "train": "t", "task": "classify", "output": "o",
@@ -216,6 +217,39 @@ def test_task_defaults_fill_only_what_is_unset():
     over.validate("encoder")
     assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
     assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate().validate("encoder").lr == 0.5
+    # base_dropout: off for encoder classifiers unless asked for; a run's identity names it only when off
+    assert over.base_dropout is False and over.run_identity()["base_dropout"] is False
+    kept = TrainConfig(model="m", train="t", task="classify", output="o", base_dropout=True).validate().validate("encoder")
+    assert kept.base_dropout is True and "base_dropout" not in kept.run_identity()
+    with pytest.raises(RecipeError, match="base_dropout must be true or false"):
+        TrainConfig(model="m", train="t", task="classify", output="o", base_dropout="no").validate()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5", "bart", "bert"])
+def test_base_dropout_off_makes_train_mode_deterministic_and_restores(kind):
+    """Every dropout of the model is zeroed (nn.Dropout modules and the float rates T5/BART attention keep):
+    train-mode outputs equal eval-mode ones; restore() brings the noise and the rates back."""
+    import helpers
+
+    from prefixtune.training.loop import base_dropout_off
+
+    model = helpers.make(kind)
+    for m in model.modules():  # raise every rate, float or module, so each path is exercised
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.3)
+    batch = helpers.batch(kind)
+    with torch.no_grad():
+        want = model.eval()(**batch).logits
+        model.train()
+        assert not torch.allclose(model(**batch).logits, want)
+        restore = base_dropout_off(model)
+        torch.testing.assert_close(model(**batch).logits, want)
+        restore()
+        assert not torch.allclose(model(**batch).logits, want)
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
 def test_automatic_eval_split_is_capped_and_says_so(tmp_path, capsys):

@@ -52,6 +52,10 @@ POSITIONS_FROM_CACHE_LENGTH = {"bart"}
 # Where encoder classifiers keep their (randomly initialised) head, which trains with the prefix as in peft
 # (peft's modules_to_save): BERT-style `classifier`, Llama-style `score`.
 CLASSIFIER_HEADS = ("classifier", "score")
+# Where attention and feed-forward modules keep a dropout rate as a plain float rather than an nn.Dropout
+# (T5/mT5 `dropout`, BART `dropout`/`activation_dropout`, Llama-family `attention_dropout`): what
+# `base_dropout=False` zeroes besides the nn.Dropout modules (training.loop.base_dropout_off).
+DROPOUT_RATE_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
 
 
 def head_name(model) -> str | None:

@@ -31,7 +31,7 @@ ON_TRUNCATE = ("warn", "error", "drop")
 TASK_DEFAULTS = {
     "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 64, "init": "examples"}},  # README, 300 steps
     "classify:seq2seq": {"lr": 3e-2, "prefix": {}},  # the examples start is not measured on T5/BART yet
-    "classify:encoder": {"lr": 3e-2, "prefix": {}},  # encoder classifiers (README, encoder table)
+    "classify:encoder": {"lr": 3e-2, "prefix": {}, "base_dropout": False},  # encoder classifiers (README, encoder table)
     "instruct": {"lr": 3e-2},  # README "Benchmarks", instruct rows
     "chat": {"lr": 3e-2},  # chat and lm: not measured separately, as instruct
     "lm": {"lr": 3e-2},
@@ -105,6 +105,9 @@ class TrainConfig:
     # curve but ended level (README "Benchmarks", at 300 steps)
     ema: float = _f(0.0, "optimisation", "evaluate and save a moving average of the trainable weights with this "
                     "decay, e.g. 0.98 (0 = off: the last step's weights)")
+    base_dropout: bool | None = _f(None, "optimisation", "keep the frozen model's own dropout while training "
+                                   "(--no-base-dropout: zero it; the prefix's --dropout is separate)",
+                                   default_text="per task: off for encoder classifiers, else on")
     seed: int = _f(0, "optimisation", "random seed (data order, split, prefix init)")
     precision: str = _f("auto", "optimisation", "compute dtype (auto: bf16 where supported, else fp32)",
                         choices=PRECISIONS)
@@ -163,6 +166,8 @@ class TrainConfig:
                 raise RecipeError(f"{name} must be a positive number, got {v!r}")
         if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
             raise RecipeError(f"ema must be a decay in [0, 1), e.g. 0.95 (0 = off), got {self.ema!r}")
+        if not isinstance(self.base_dropout, bool):
+            raise RecipeError(f"base_dropout must be true or false, got {self.base_dropout!r}")
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         return self
@@ -172,12 +177,13 @@ class TrainConfig:
 
         The training loop learns the model's kind after the CLI validated the config, and validates again with it:
         values filled here before are filled again (extra["defaulted"]), the user's never change."""
-        d = task_defaults(self.task, kind)
+        d = {"base_dropout": True, **task_defaults(self.task, kind)}
         filled = self.extra.setdefault("defaulted", [])
-        if "lr" in d and (self.lr is None or "lr" in filled):
-            self.lr = d["lr"]
-            if "lr" not in filled:
-                filled.append("lr")
+        for key in ("lr", "base_dropout"):
+            if key in d and (getattr(self, key) is None or key in filled):
+                setattr(self, key, d[key])
+                if key not in filled:
+                    filled.append(key)
         if self.prefix is None:  # nothing given: the task's prefix; a PrefixConfig passed in is the caller's
             self.extra["prefix_given"] = {}
         if "prefix_given" in self.extra:
@@ -196,6 +202,8 @@ class TrainConfig:
             ident["placement"] = self.prefix.placement
         if self.ema:  # likewise: runs from before ema was a setting had none
             ident["ema"] = self.ema
+        if self.base_dropout is False:
+            ident["base_dropout"] = False
         return ident
 
     def to_dict(self) -> dict:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..adapter_io import write_text_atomic as _write_text_atomic
 from ..config import ConfigError, PrefixConfig
-from ..inject import kind_of_config
+from ..inject import DROPOUT_RATE_ATTRS, kind_of_config
 from . import data as D
 from . import evaluate as E
 from .config import TrainConfig
@@ -183,6 +183,25 @@ def _no_silent_cuts(info: dict, cfg: TrainConfig, which: str) -> None:
 
 
 # ----------------------------------------------------------------------------- model pieces
+
+def base_dropout_off(model: nn.Module):
+    """Set every dropout rate in `model` to 0 (nn.Dropout modules and the float rates of DROPOUT_RATE_ATTRS);
+    -> a function that puts them back. For `--no-base-dropout`: the frozen model trains in train mode (gradient
+    checkpointing needs it), but its dropout only adds noise to what the prefix sees."""
+    saved = []
+    for m in model.modules():
+        names = ("p",) if isinstance(m, nn.Dropout) else DROPOUT_RATE_ATTRS
+        for name in names:
+            v = getattr(m, name, None)
+            if isinstance(v, float) and v > 0:
+                saved.append((m, name, v))
+                setattr(m, name, 0.0)
+
+    def restore():
+        for m, name, v in saved:
+            setattr(m, name, v)
+    return restore
+
 
 class LossModule(nn.Module):
     """Wraps the PrefixModel so DDP sees the forward that computes the loss (label positions only)."""
@@ -401,6 +420,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     # init="examples": whole training rows as the prefix's start; their ids are used here and not saved
     examples = D.example_token_ids(train_tok, tokenizer, pcfg.num_virtual_tokens, cfg.seed) if pcfg.init == "examples" else None
     pm = attach(base, pcfg, init_token_ids=examples)
+    restore_dropout = (lambda: None) if cfg.base_dropout else base_dropout_off(pm.base_model)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
     if main:
@@ -519,6 +539,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
         if stopped_early or (stop_after is not None and step >= stop_after):
             break
     bar.close()
+    restore_dropout()  # the model handed back has its own dropout again
     if stop_after is not None and state["step"] < total and not stopped_early:
         return {"stopped_at": state["step"]}, pm
     ema.copy_to_params()  # the result is the average: the final adapter, and the model handed back
