@@ -117,8 +117,13 @@ def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
         return (nll * float("nan"), n) if model.training and sum(calls) == 5 else (nll, n)
 
     monkeypatch.setattr(E, "token_nll", flaky)
+    model = _model()
+    attention = [m for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    for m in attention:
+        m.attention_dropout = 0.2
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoint-000003"):
-        train(_cfg(tmp_path, max_steps=30, eval_every=100), model=_model(), tokenizer=make_tokenizer())
+        train(_cfg(tmp_path, max_steps=30, eval_every=100, base_dropout=False), model=model, tokenizer=make_tokenizer())
+    assert attention and all(m.attention_dropout == 0.2 for m in attention)  # the stop gave the model its dropout back
     assert latest_checkpoint(tmp_path / "out").name == "checkpoint-000003"
     assert not (tmp_path / "out" / "adapter").exists()
 

@@ -468,78 +468,79 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     last_eval, last_preds = None, None
     stopped_early = False
     batches, batches_epoch = None, None
-    while state["step"] < total:
-        t_start = time.perf_counter()
-        step = state["step"]
-        epoch, k = divmod(step, steps_per_epoch)
-        if batches_epoch != epoch:  # a fresh seeded order per epoch; also what makes resume exact
-            batches = D.length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-            batches_epoch = epoch
-        step_loss, step_tokens = torch.zeros((), device=acc.device), 0
-        for j in range(cfg.grad_accum):
-            idx = batches[(k * cfg.grad_accum + j) * world + acc.process_index]
-            batch = {t: v.to(acc.device) for t, v in collate([train_tok[i] for i in idx]).items()}
-            step_tokens += int(batch["attention_mask"].sum())
-            with acc.accumulate(lossmod):
-                with acc.autocast():
-                    loss = lossmod(batch)
-                acc.backward(loss)
-                step_loss += loss.detach() / cfg.grad_accum
-                if acc.sync_gradients:
-                    bad = acc.reduce((~torch.isfinite(step_loss)).float(), "sum")
-                    if bad.item() > 0:
-                        bar.close()
-                        good = latest_checkpoint(out)
-                        raise TrainingError(
-                            f"loss became {step_loss.item()} at step {step + 1}; stopped. The last good checkpoint is "
-                            f"{good or 'none (none was saved yet)'}. Lower --lr, use --precision fp32, or check the data")
-                    if cfg.max_grad_norm:
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    ema.update()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        state["step"] = step = step + 1
-        loss_val = acc.reduce(step_loss, "mean").item()
-        tok_s = step_tokens * world / max(time.perf_counter() - t_start, 1e-9)
-        state["tokens"] += step_tokens * world
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if main and (step % cfg.log_every == 0 or step == total):
-            log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_val, "lr": lr,
-                              "tokens_per_s": round(tok_s, 1)}, acc)
+    try:
+        while state["step"] < total:
+            t_start = time.perf_counter()
+            step = state["step"]
+            epoch, k = divmod(step, steps_per_epoch)
+            if batches_epoch != epoch:  # a fresh seeded order per epoch; also what makes resume exact
+                batches = D.length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+                batches_epoch = epoch
+            step_loss, step_tokens = torch.zeros((), device=acc.device), 0
+            for j in range(cfg.grad_accum):
+                idx = batches[(k * cfg.grad_accum + j) * world + acc.process_index]
+                batch = {t: v.to(acc.device) for t, v in collate([train_tok[i] for i in idx]).items()}
+                step_tokens += int(batch["attention_mask"].sum())
+                with acc.accumulate(lossmod):
+                    with acc.autocast():
+                        loss = lossmod(batch)
+                    acc.backward(loss)
+                    step_loss += loss.detach() / cfg.grad_accum
+                    if acc.sync_gradients:
+                        bad = acc.reduce((~torch.isfinite(step_loss)).float(), "sum")
+                        if bad.item() > 0:
+                            good = latest_checkpoint(out)
+                            raise TrainingError(
+                                f"loss became {step_loss.item()} at step {step + 1}; stopped. The last good checkpoint is "
+                                f"{good or 'none (none was saved yet)'}. Lower --lr, use --precision fp32, or check the data")
+                        if cfg.max_grad_norm:
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        ema.update()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state["step"] = step = step + 1
+            loss_val = acc.reduce(step_loss, "mean").item()
+            tok_s = step_tokens * world / max(time.perf_counter() - t_start, 1e-9)
+            state["tokens"] += step_tokens * world
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if main and (step % cfg.log_every == 0 or step == total):
+                log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_val, "lr": lr,
+                                  "tokens_per_s": round(tok_s, 1)}, acc)
 
-        if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
-            with ema.applied():
-                ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
-                better = state["best"] is None or _score(ev) > state["best"]
-                if better and main:
-                    pm.save_adapter(out / "best")
-                    _write_text_atomic(out / "best" / "task.json", json.dumps(task_info, indent=2))
-            last_eval = ev
-            pm.train()
-            rec = {k2: v for k2, v in ev.items() if k2 != "report"}
-            if better:
-                state["best"], state["bad_evals"] = _score(ev), 0
-            else:
-                state["bad_evals"] += 1
-            if main:
-                log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec}, acc)
-                plot_curves(out)
-            write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
-            if cfg.patience and state["bad_evals"] >= cfg.patience and step < total:
-                write(f"early stopping: no improvement in {cfg.patience} evals")
-                stopped_early = True
-        if cfg.save_every and (step % cfg.save_every == 0 or stopped_early) and step < total:
-            if main:
-                save_checkpoint(out, pm, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                scheduler, {**state, **({"ema": ema.state_dict()} if cfg.ema else {})})
-            acc.wait_for_everyone()
-        if stopped_early or (stop_after is not None and step >= stop_after):
-            break
-    bar.close()
-    restore_dropout()  # the model handed back has its own dropout again
+            if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
+                with ema.applied():
+                    ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
+                    better = state["best"] is None or _score(ev) > state["best"]
+                    if better and main:
+                        pm.save_adapter(out / "best")
+                        _write_text_atomic(out / "best" / "task.json", json.dumps(task_info, indent=2))
+                last_eval = ev
+                pm.train()
+                rec = {k2: v for k2, v in ev.items() if k2 != "report"}
+                if better:
+                    state["best"], state["bad_evals"] = _score(ev), 0
+                else:
+                    state["bad_evals"] += 1
+                if main:
+                    log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec}, acc)
+                    plot_curves(out)
+                write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
+                if cfg.patience and state["bad_evals"] >= cfg.patience and step < total:
+                    write(f"early stopping: no improvement in {cfg.patience} evals")
+                    stopped_early = True
+            if cfg.save_every and (step % cfg.save_every == 0 or stopped_early) and step < total:
+                if main:
+                    save_checkpoint(out, pm, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                    scheduler, {**state, **({"ema": ema.state_dict()} if cfg.ema else {})})
+                acc.wait_for_everyone()
+            if stopped_early or (stop_after is not None and step >= stop_after):
+                break
+    finally:  # also on a NaN stop or an interrupt: the model handed back has its own dropout again
+        bar.close()
+        restore_dropout()
     if stop_after is not None and state["step"] < total and not stopped_early:
         return {"stopped_at": state["step"]}, pm
     ema.copy_to_params()  # the result is the average: the final adapter, and the model handed back
