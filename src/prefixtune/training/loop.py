@@ -420,7 +420,6 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     # init="examples": whole training rows as the prefix's start; their ids are used here and not saved
     examples = D.example_token_ids(train_tok, tokenizer, pcfg.num_virtual_tokens, cfg.seed) if pcfg.init == "examples" else None
     pm = attach(base, pcfg, init_token_ids=examples)
-    restore_dropout = (lambda: None) if cfg.base_dropout else base_dropout_off(pm.base_model)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
     if main:
@@ -468,6 +467,8 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     last_eval, last_preds = None, None
     stopped_early = False
     batches, batches_epoch = None, None
+    # zeroed only here, so every exit after this point passes the finally below that puts it back
+    restore_dropout = (lambda: None) if cfg.base_dropout else base_dropout_off(pm.base_model)
     try:
         while state["step"] < total:
             t_start = time.perf_counter()
