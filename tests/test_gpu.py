@@ -12,11 +12,12 @@ import time
 import pytest
 import tiny
 import torch
+from helpers import Collector, random_workload, three_adapters
 from test_engine import PAD_SIDE, _pad, _randomise, _two_adapters
-from test_scheduler import Collector, random_workload, three_adapters
 
 import prefixtune as pt
-from prefixtune.serving.engine import Engine, Request, SamplingParams
+from prefixtune.serving.request import Request, SamplingParams
+from prefixtune.serving.torch_engine import TorchEngine as Engine
 from prefixtune.training.loop import LossModule
 
 pytestmark = pytest.mark.gpu
