@@ -145,3 +145,56 @@ def test_a_request_bigger_than_the_budget_is_refused_up_front(adapters):
     eng.index()
     with pytest.raises(CapacityUnavailable, match="adapter-memory"):
         eng.submit([Request("a5", [5], SamplingParams(), lambda ev: None)])
+
+
+def test_server_lists_every_adapter_rescans_and_reports_residency(adapters, tmp_path):
+    pytest.importorskip("httpx")
+    import asyncio
+
+    import httpx
+
+    from prefixtune.serving.api import create_app
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters["root"] / "adapters", root)
+    eng = engine(adapters, max_loaded_adapters=2)
+    eng.registry.root = root.resolve()
+    eng.index()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(eng)), base_url="http://t") as c:
+            before = (await c.get("/v1/models")).json()["data"]
+            for name in ("a0", "a1", "a2", "a0+a1"):
+                r = await c.post("/v1/completions", json={"model": name, "prompt": [5, 6], "max_tokens": 2})
+                assert r.status_code == 200, r.text  # "a0+a1": both prefixes, in that order
+            shutil.copytree(root / "a1", root / "fresh")
+            rescan = (await c.post("/v1/adapters/rescan")).json()
+            after = (await c.get("/v1/models")).json()["data"]
+            metrics = (await c.get("/metrics")).text
+        return before, rescan, after, metrics
+
+    eng.start()
+    try:
+        before, rescan, after, metrics = asyncio.run(go())
+    finally:
+        eng.stop()
+    assert [m["id"] for m in before] == ["m"] + [f"a{i}" for i in range(N)] and not any(m.get("resident") for m in before)
+    assert before[3]["num_virtual_tokens"] == 4
+    assert rescan["added"] == ["fresh"] and "fresh" in [m["id"] for m in after]
+    assert sum(m.get("resident", False) for m in after) == 2  # the budget
+    # a0, a1, a2 (evicts a0), then a0+a1: a0 (evicts a1), a1 (evicts a2): 5 loads, 3 evictions
+    for line in ("prefixtune_adapters_loaded 2", "prefixtune_adapter_misses_total 5", "prefixtune_adapter_evictions_total 3",
+                 'prefixtune_adapter_load_seconds_bucket{le="+Inf"} 5', f"prefixtune_adapters_known {N + 1}"):
+        assert line in metrics, line
+
+
+def test_every_engine_error_has_its_status():
+    import inspect
+
+    from prefixtune.serving import errors
+    from prefixtune.serving.api import STATUS, status_of
+
+    kinds = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.EngineError)]
+    assert set(kinds) <= set(STATUS)
+    assert status_of(errors.UnknownAdapter("x")) == 404 and status_of(errors.QueueFull("x")) == 429
+    assert status_of(errors.AdapterLoadFailed("x")) == 422 and status_of(errors.RequestTimeout("x")) == 408

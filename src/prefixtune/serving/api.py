@@ -240,87 +240,25 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
-    metrics = Metrics()
+def _model_list(engine: Engine) -> dict:
+    """The base model, then every adapter the server can serve, loaded or not (OpenAI's fields, then ours)."""
+    created = int(time.time())
+    data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
+    data += [{"id": e.name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name,
+              "resident": e.resident, "num_virtual_tokens": e.num_virtual_tokens, "base_model": e.base_model,
+              "pinned": e.pinned, **({"error": e.problem} if e.problem else {})}
+             for e in engine.registry.entries()]
+    return {"object": "list", "data": data}
 
-    @asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        # uvicorn has already waited for open connections; finish whatever is still queued, then stop.
-        await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="prefixtune", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+class Completions:
+    """POST /v1/completions and /v1/chat/completions: validate, submit to the engine, collect or stream events."""
 
-    def error_response(request: HttpRequest, exc: Exception, status: int):
-        metrics.record(request.url.path, status)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, E.QueueFull) else {}
-        return JSONResponse(_error_body(str(exc), status, getattr(exc, "param", None)), status, headers=headers)
+    def __init__(self, engine: Engine, metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
 
-    @app.exception_handler(E.EngineError)
-    async def engine_error(request: HttpRequest, exc: E.EngineError):
-        return error_response(request, exc, status_of(exc))
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: HttpRequest, exc: ApiError):
-        return error_response(request, exc, exc.status)
-
-    @app.get("/health")
-    async def health():
-        alive = engine.is_alive()
-        body = {"status": "ok" if alive else "unavailable", "model": engine.model_name,
-                "adapters": engine.adapter_names(), "queue_depth": engine.queue_depth, "running": engine.running}
-        return JSONResponse(body, 200 if alive else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        created = int(time.time())
-        data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
-        # Every adapter the server can serve, loaded or not (OpenAI's fields, then ours).
-        data += [{"id": e.name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name,
-                  "resident": e.resident, "num_virtual_tokens": e.num_virtual_tokens, "base_model": e.base_model,
-                  "pinned": e.pinned, **({"error": e.problem} if e.problem else {})}
-                 for e in engine.registry.entries()]
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/adapters/rescan")
-    async def rescan():
-        """Index adapter directories added to (or removed from) --adapters since start-up."""
-        found = await asyncio.to_thread(engine.rescan)
-        metrics.record("/v1/adapters/rescan", 200)
-        return {"object": "list", **found, "adapters": len(engine.adapter_names())}
-
-    @app.post("/v1/adapters", status_code=201)
-    async def load_adapter(request: HttpRequest):
-        req = _parse(LoadAdapterRequest, await _json_body(request), engine)
-        name = req.name
-        await asyncio.to_thread(engine.load_adapter, name, req.path)  # waits for the current step, not the batch
-        metrics.record("/v1/adapters", 201)
-        return {"id": name, "object": "model", "parent": engine.model_name}
-
-    @app.delete("/v1/adapters/{name}")
-    async def unload_adapter(name: str):
-        if name == engine.model_name:
-            raise ApiError(f"{name!r} is the base model; it cannot be unloaded", 400)
-        await asyncio.to_thread(engine.unload_adapter, name)
-        metrics.record("/v1/adapters", 200)
-        return {"id": name, "object": "model", "deleted": True}
-
-    @app.post("/v1/completions")
-    async def completions(request: HttpRequest):
-        return await _generate(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HttpRequest):
-        return await _generate(request, chat=True)
-
-    async def _generate(request: HttpRequest, chat: bool):
+    async def __call__(self, request: HttpRequest, chat: bool):
+        engine, metrics = self.engine, self.metrics
         t0 = time.monotonic()
         endpoint = request.url.path
         req = _parse(ChatCompletionRequest if chat else CompletionRequest, await _json_body(request), engine)
@@ -344,7 +282,7 @@ def create_app(engine: Engine) -> FastAPI:
                 "model": model_name}
         lp = _LogprobFormat(engine, chat, len(echo)) if params.logprobs is not None else None
         if stream:
-            return StreamingResponse(_stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk),
+            return StreamingResponse(self._stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             texts, finishes, done = [echo] * n, [None] * n, 0
@@ -373,7 +311,8 @@ def create_app(engine: Engine) -> FastAPI:
         metrics.record(endpoint, 200, time.monotonic() - t0)
         return {**meta, "choices": choices, "usage": usage}
 
-    async def _stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
+    async def _stream(self, reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
+        metrics = self.metrics
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         n, done, completion_tokens, status = len(reqs), 0, 0, 200
 
@@ -411,5 +350,80 @@ def create_app(engine: Engine) -> FastAPI:
             for r in reqs:
                 r.cancel()  # client disconnects land here: the rows leave the batch at the next step
             metrics.record(endpoint, status, time.monotonic() - t0)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        # uvicorn has already waited for open connections; finish whatever is still queued, then stop.
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="prefixtune", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+    _generate = Completions(engine, metrics)
+
+    def error_response(request: HttpRequest, exc: Exception, status: int):
+        metrics.record(request.url.path, status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, E.QueueFull) else {}
+        return JSONResponse(_error_body(str(exc), status, getattr(exc, "param", None)), status, headers=headers)
+
+    @app.exception_handler(E.EngineError)
+    async def engine_error(request: HttpRequest, exc: E.EngineError):
+        return error_response(request, exc, status_of(exc))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HttpRequest, exc: ApiError):
+        return error_response(request, exc, exc.status)
+
+    @app.get("/health")
+    async def health():
+        alive = engine.is_alive()
+        body = {"status": "ok" if alive else "unavailable", "model": engine.model_name,
+                "adapters": engine.adapter_names(), "queue_depth": engine.queue_depth, "running": engine.running}
+        return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return _model_list(engine)
+
+    @app.post("/v1/adapters/rescan")
+    async def rescan():
+        """Index adapter directories added to (or removed from) --adapters since start-up."""
+        found = await asyncio.to_thread(engine.rescan)
+        metrics.record("/v1/adapters/rescan", 200)
+        return {"object": "list", **found, "adapters": len(engine.adapter_names())}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(request: HttpRequest):
+        req = _parse(LoadAdapterRequest, await _json_body(request), engine)
+        name = req.name
+        await asyncio.to_thread(engine.load_adapter, name, req.path)  # waits for the current step, not the batch
+        metrics.record("/v1/adapters", 201)
+        return {"id": name, "object": "model", "parent": engine.model_name}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        if name == engine.model_name:
+            raise ApiError(f"{name!r} is the base model; it cannot be unloaded", 400)
+        await asyncio.to_thread(engine.unload_adapter, name)
+        metrics.record("/v1/adapters", 200)
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        return await _generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        return await _generate(request, chat=True)
 
     return app

@@ -1,4 +1,4 @@
-"""Engine: the one object the HTTP layer (api.py) and the Python entry (offline.py) talk to.
+"""Engine: the one object the web layer (api.py) and the Python entry (offline.py) talk to.
 
 It composes the model-independent parts: the queue (scheduler.Scheduler), the adapters (registry.AdapterRegistry),
 sampling (sampler) and the output (output.OutputProcessor). A backend subclass supplies the model side:

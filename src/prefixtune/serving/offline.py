@@ -1,4 +1,4 @@
-"""Blocking generation through a serving engine, for notebooks and scripts (no HTTP).
+"""Blocking generation through a serving engine, for notebooks and scripts (no server).
 
     gen = prefixtune.llamacpp.load("model.gguf", adapters="adapters/")
     gen.generate(["I loved it", "awful"], adapter_names=["sentiment", None], max_tokens=8)

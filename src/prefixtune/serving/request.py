@@ -1,4 +1,4 @@
-"""The engine's request, its sampling parameters, and the events it sends back (no HTTP here)."""
+"""The engine's request, its sampling parameters, and the events it sends back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TorchEngine: continuous batching for many prefixes on one PyTorch base model (no HTTP here; api.py is the web side).
+"""TorchEngine: continuous batching for many prefixes on one PyTorch base model (api.py is the web side).
 
 Decoder-only models (below) batch continuously; encoder-decoder models (T5, BART) run each admitted group
 through PrefixModel.generate (see _generate_seq2seq). Encoder classifiers are refused.
