@@ -36,6 +36,7 @@ import prefixtune as pt
 from prefixtune.training import data
 from prefixtune.training.config import task_defaults
 from prefixtune.training.ema import ParamEMA
+from prefixtune.training.sources import load_records
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
@@ -58,7 +59,7 @@ def on_device(batch: dict, model) -> dict:
 
 
 def balanced_split(csv: str, n_train: int, n_eval: int, seed: int = 0):
-    ds = data.load_records(csv).shuffle(seed=seed)
+    ds = load_records(csv).shuffle(seed=seed)
     per = (n_train + n_eval) // 3 + 1
     keep, count = [], {w: 0 for w in LABELS}
     for i, s in enumerate(ds["sentiment"]):

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
 from prefixtune.config import PrefixConfig
+from prefixtune.training.checkpoints import TrainingError, latest_checkpoint
 from prefixtune.training.config import RecipeError, TrainConfig
 from prefixtune.training.ema import ParamEMA
-from prefixtune.training.loop import TrainingError, fit, latest_checkpoint, train
+from prefixtune.training.loop import fit, train
 
 
 def _model(kind="llama"):
@@ -206,28 +207,38 @@ def test_ema_run_saves_the_average_of_the_steps(tmp_path, monkeypatch):
 
 
 def test_task_defaults_fill_only_what_is_unset():
-    from prefixtune.training.config import TASK_DEFAULTS
+    from prefixtune.training.config import TASK_DEFAULTS, resolve
 
     for task, defaults in TASK_DEFAULTS.items():
         task, _, kind = task.partition(":")
-        cfg = TrainConfig(model="m", train="t", task=task, output="o").validate().validate(kind or None)
+        cfg = resolve(TrainConfig(model="m", train="t", task=task, output="o").validate(), kind or None).config
         assert cfg.lr == defaults["lr"]
         assert all(getattr(cfg.prefix, k) == v for k, v in defaults.get("prefix", {}).items())
         assert cfg.base_dropout is defaults.get("base_dropout", True)
-    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123
-    # classify: generative models and encoder classifiers differ; the kind, known later, refills only defaults
+    assert resolve(TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate()).config.lr == 0.123
+    # classify: generative models and encoder classifiers differ; resolution with the model's kind fills only
+    # what was not given, and says what it filled
     over = TrainConfig.from_sources(None, {"model": "m", "train": "t", "task": "classify", "output": "o",
-                                           "num_virtual_tokens": 7})
-    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify"]["lr"], 7, "examples")
-    over.validate("encoder")
-    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
-    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate().validate("encoder").lr == 0.5
+                                           "num_virtual_tokens": 7}).validate()
+    causal = resolve(over, "causal")
+    c = causal.config
+    assert (c.lr, c.prefix.num_virtual_tokens, c.prefix.init) == (TASK_DEFAULTS["classify"]["lr"], 7, "examples")
+    assert causal.defaults == {"lr": TASK_DEFAULTS["classify"]["lr"], "base_dropout": True, "epochs": 1,
+                               "prefix.init": "examples"}  # num_virtual_tokens was given
+    assert "lr 0.01" in causal.describe("causal") and "num_virtual_tokens" not in causal.describe("causal")
+    enc = resolve(over, "encoder").config
+    assert (enc.lr, enc.prefix.num_virtual_tokens, enc.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
+    assert over.lr is None and over.prefix == {"num_virtual_tokens": 7}  # resolve fills a copy
+    assert resolve(TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate(), "encoder").config.lr == 0.5
     # base_dropout: off for encoder classifiers unless asked for; a run's identity names it only when off
-    assert over.base_dropout is False and over.run_identity()["base_dropout"] is False
-    kept = TrainConfig(model="m", train="t", task="classify", output="o", base_dropout=True).validate().validate("encoder")
+    assert enc.base_dropout is False and enc.run_identity()["base_dropout"] is False
+    kept = resolve(TrainConfig(model="m", train="t", task="classify", output="o", base_dropout=True).validate(), "encoder").config
     assert kept.base_dropout is True and "base_dropout" not in kept.run_identity()
     with pytest.raises(RecipeError, match="base_dropout must be true or false"):
         TrainConfig(model="m", train="t", task="classify", output="o", base_dropout="no").validate()
+    # a PrefixConfig passed whole is the caller's: the task's prefix defaults do not touch it
+    mine = resolve(TrainConfig(model="m", train="t", task="classify", output="o", prefix=PrefixConfig()).validate(), "causal")
+    assert mine.config.prefix == PrefixConfig() and not any(k.startswith("prefix.") for k in mine.defaults)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "t5", "bart", "bert"])
@@ -299,7 +310,7 @@ def test_report_to_tensorboard_logs_metrics_and_config(tmp_path):
 def test_report_to_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
-    from prefixtune.training.loop import tracker
+    from prefixtune.training.reporting import tracker
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -125,12 +125,13 @@ def _add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-    from .. import inject
-    from ..loading import load_model
+    from ..inject import kind_of_config
+    from ..loading import load_config, load_model
     from ..model import load_adapter
-    from ..training import data as D
     from ..training import evaluate as E
     from ..training.config import EVAL_METHODS, TASKS, RecipeError
+    from ..training.data import DataError
+    from ..training.sources import load_eval_data
 
     if args.task not in TASKS:
         raise RecipeError(f"unknown task {args.task!r}: use --task one of {', '.join(TASKS)}")
@@ -140,37 +141,28 @@ def cmd_eval(args) -> int:
     info = read_task_info(args.adapter)
     if info.get("task") not in (None, args.task):
         print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {args.task!r}", file=sys.stderr)
-    ds = D.load_records(args.data)
-    if isinstance(ds, dict):  # a DatasetDict: evaluate its eval split
-        ds = ds[next((s for s in (*D.EVAL_SPLITS, "train") if s in ds), next(iter(ds)))]
-    if len(ds) == 0:
-        raise D.DataError(f"--data {args.data} is empty; nothing to evaluate")
-    if args.max_examples:
-        ds = ds.select(range(min(args.max_examples, len(ds))))
+    kind = kind_of_config(load_config(args.model), args.task)
     max_length = args.max_length or info.get("max_length") or 256
-    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
-    head = _encoder_kind(args.model, args.task)
-    if head and not words:
-        raise D.DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
-                          "`prefixtune train` (task.json) or pass --label-words")
-    base, tok = load_model(args.model, task=args.task, label_names=words if head else None)
+    fields = {k: getattr(args, k) or info.get(k) for k in ("text_column", "label_column", "prompt_template")}
+    fields["label_words"] = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
+    head = kind == "encoder"
+    if head and not fields["label_words"]:
+        raise DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
+                        "`prefixtune train` (task.json) or pass --label-words")
+    base, tok = load_model(args.model, task=args.task, label_names=fields["label_words"] if head else None)
     model = load_adapter(base, args.adapter) if args.adapter else base
-    is_ed = inject.kind_of_config(base.config) == "seq2seq"
-    kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
-              label_column=args.label_column or info.get("label_column"), head=head,
-              prompt_template=args.prompt_template or info.get("prompt_template"), max_length=max_length, on_truncate="warn")
-    tokd, tinfo = D.tokenize_dataset(ds, tok, args.task, label_words=words, **kw)
+    # the training loop's data path: the same reading, columns, template and truncation rules
+    data = load_eval_data(args.data, tok, args.task, kind, fields, max_length=max_length, max_examples=args.max_examples)
     if args.task == "classify":
-        task_info = {k: tinfo.get(k) for k in ("label_words", "text_column", "label_column", "prompt_template")}
-        result, preds = E.evaluate_classify(model, tok, ds, task_info, method=args.method, batch_size=args.batch_size,
-                                            max_length=max_length)
-        result["loss"] = E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)["loss"]
+        result, preds = E.evaluate_classify(model, tok, data.eval_raw, data.task_info, method=args.method,
+                                            batch_size=args.batch_size, max_length=max_length)
+        result["loss"] = E.evaluate_loss(model, tok, data.eval, batch_size=args.batch_size)["loss"]
         warning = E.single_class_warning(result, result["loss"])
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
             result["single_class_warning"] = warning
     else:
-        result, preds = {"task": args.task, **E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)}, None
+        result, preds = {"task": args.task, **E.evaluate_loss(model, tok, data.eval, batch_size=args.batch_size)}, None
     out = Path(args.output or (Path(args.adapter) / "eval" if args.adapter else "eval"))
     E.write_results(out, result, preds)
     print(E.format_report(result))
