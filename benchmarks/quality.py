@@ -33,6 +33,7 @@ import torch
 from common import add_device_args, check_device_args, rank_accuracy
 
 import prefixtune as pt
+from prefixtune.initialize import example_token_ids
 from prefixtune.training import data
 from prefixtune.training.config import task_defaults
 from prefixtune.training.ema import ParamEMA
@@ -81,7 +82,7 @@ def examples_init(**kw):
     """A prefix started from whole training rows (init="examples"), picked as `prefixtune train` picks them."""
     def build(base, tok, rows):
         cfg = pt.PrefixConfig(**{"init": "examples", **kw})
-        return pt.attach(base, cfg, init_token_ids=data.example_token_ids(rows, tok, cfg.num_virtual_tokens, seed=0))
+        return pt.attach(base, cfg, init_token_ids=example_token_ids(rows, tok, cfg.num_virtual_tokens, seed=0))
     return build
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
+from helpers import classify_rows, instruct_rows, model_dir, write_jsonl
 
 from prefixtune.cli.main import main
 from prefixtune.training.config import RecipeError, TrainConfig, resolve

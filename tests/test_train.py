@@ -4,22 +4,23 @@ import json
 import subprocess
 import sys
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import make_tokenizer
+from helpers import classify_rows, instruct_rows, make_tokenizer, model_dir, write_jsonl
 from safetensors.torch import load_file
-from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
+from prefixtune import attach
 from prefixtune.config import PrefixConfig
 from prefixtune.training.checkpoints import TrainingError, latest_checkpoint
 from prefixtune.training.config import RecipeError, TrainConfig
 from prefixtune.training.ema import ParamEMA
 from prefixtune.training.loop import fit, train
+from prefixtune.training.optim import param_groups
 
 
 def _model(kind="llama"):
-    m = tiny.make(kind)
+    m = helpers.make(kind)
     return m
 
 
@@ -316,3 +317,37 @@ def test_report_to_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(Exception, match=r"--report-to wandb needs the wandb package: pip install wandb"):
         tracker("wandb")
+
+
+def test_param_groups_give_the_projection_mlp_its_own_learning_rate():
+    model = attach(helpers.make("llama"), PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16))
+    enc = model.prefixes["default"]
+    groups = param_groups(model, 1e-2, 1e-5)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-5]
+    assert [id(p) for p in groups[0]["params"]] == [id(enc.embedding.weight)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in enc.transform.parameters()}
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in enc.named_parameters()}
+    assert moved["embedding.weight"] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step is lr * sign(grad)
+    assert moved["transform.0.weight"] == pytest.approx(1e-5, rel=1e-3)
+    assert len(param_groups(attach(helpers.make("llama"), PrefixConfig(num_virtual_tokens=4)), 1e-2, 1e-5)) == 1
+
+
+def test_head_lr_moves_an_encoder_classifiers_head_at_its_own_rate():
+    model = attach(helpers.make("bert"), PrefixConfig(num_virtual_tokens=4))
+    assert len(param_groups(model, 1e-2)) == 1  # no head_lr: one group, as older checkpoints' optimizer state holds
+    groups = param_groups(model, 1e-2, head_lr=1e-4)
+    head = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]
+    assert head and all("classifier" in n for n in head)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and len(groups[1]["params"]) == len(head)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.tensor([0, 2])).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    assert moved[head[0]] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["prefixes.default.embedding.weight"] == pytest.approx(1e-2, rel=1e-2)  # tiny grads: Adam eps

@@ -236,6 +236,44 @@ class TrainConfig:
         return cls.from_dict({**values, **over}, "recipe")
 
 
+@dataclass
+class EvalConfig:
+    """`prefixtune eval`: an adapter (or the bare model) scored on a dataset. Its flags are generated from these
+    fields (cli/flags.py); the adapter's own task.json fills what is left None (columns, template, labels, length)."""
+
+    model: str | None = _f(None, "eval", "base model: directory, Hub id or .gguf file", required=True)
+    data: str | None = _f(None, "eval", "CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a DatasetDict "
+                          "is evaluated on its validation/test split", required=True)
+    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True)
+    method: str = _f("rank", "eval", "classify: rank = label log-likelihood, generate = free generation; encoder "
+                     "classifiers are always scored by their head", choices=EVAL_METHODS)
+    output: str | None = _f(None, "eval", "where eval.json / predictions.jsonl go", default_text="<adapter>/eval or ./eval")
+    text_column: str | None = _f(None, "eval", "input text column", default_text="from the adapter's task.json, else guessed")
+    label_column: str | None = _f(None, "eval", "classify: label column",
+                                  default_text="from the adapter's task.json, else guessed")
+    prompt_template: str | None = _f(None, "eval", "prompt template",
+                                     default_text="from the adapter's task.json, else the task's")
+    label_words: list[str] | None = _f(None, "eval", "classify: comma-separated label set",
+                                       default_text="from the adapter's task.json, else the data")
+    max_length: int | None = _f(None, "eval", "longest tokenized example", default_text="the training run's, else 256")
+    batch_size: int = _f(16, "eval", "examples per batch")
+    max_examples: int | None = _f(None, "eval", "evaluate at most this many rows", default_text="all")
+
+    def validate(self) -> EvalConfig:
+        for name in ("model", "data", "task"):
+            if not getattr(self, name):
+                raise RecipeError(f"missing {name}: pass --{name}")
+        if self.task not in TASKS:
+            raise RecipeError(f"unknown task {self.task!r}: use --task one of {', '.join(TASKS)}")
+        if self.method not in EVAL_METHODS:
+            raise RecipeError(f"unknown --method {self.method!r}: use one of {', '.join(EVAL_METHODS)}")
+        for name in ("batch_size", "max_length", "max_examples"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        return self
+
+
 class Resolved(NamedTuple):
     """A run config with every default filled in, and which values came from the task's defaults."""
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..adapter_io import write_text_atomic
 from ..config import PrefixConfig
+from ..initialize import example_token_ids
 from ..inject import DROPOUT_RATE_ATTRS, kind_of_config
 from . import data as D
 from . import evaluate as E
@@ -211,7 +212,7 @@ def _attach(cfg: TrainConfig, kind: str, model, tokenizer, data: RunData, acc, r
     if head:
         pcfg.extra["labels"] = list(labels)
     # init="examples": whole training rows as the prefix's start; their ids are used here and not saved
-    examples = D.example_token_ids(data.train, tokenizer, pcfg.num_virtual_tokens, cfg.seed) if pcfg.init == "examples" else None
+    examples = example_token_ids(data.train, tokenizer, pcfg.num_virtual_tokens, cfg.seed) if pcfg.init == "examples" else None
     pm = attach(model, pcfg, init_token_ids=examples)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
