@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .backend import add_backend_arg, generate_on_backend
+
 EXIT_USAGE = 2
 
 
@@ -179,9 +181,7 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling, with --temperature > 0 (default: 50)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
-                   help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp (pip install "
-                   "\"prefixtune[llamacpp]\") (default: torch)")
+    add_backend_arg(p)
     p.set_defaults(fn=cmd_generate)
 
 
@@ -211,10 +211,8 @@ def cmd_generate(args) -> int:
     if template and info.get("task") in ("classify", "instruct"):
         field = "text" if info["task"] == "classify" else "instruction"
         prompts = [template.replace("{" + field + "}", p).replace("{input}", "") for p in prompts]
-    if args.backend == "llamacpp":
-        from ..serving.llamacpp_engine import cli_generate
-
-        return cli_generate(args, prompts)
+    if args.backend != "torch":
+        return generate_on_backend(args, prompts)
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
@@ -280,7 +278,7 @@ def _quiet_libraries() -> None:
 
 
 # Subcommands whose modules parse their own flags: command -> module with main(argv).
-HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.serving.api"}
+HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
