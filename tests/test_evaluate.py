@@ -1,10 +1,10 @@
 """Scoring on label positions, rank/generate classification, reports."""
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import make_tokenizer
 from datasets import Dataset
+from helpers import make_tokenizer
 
 import prefixtune as pt
 from prefixtune.training import evaluate as E
@@ -12,9 +12,9 @@ from prefixtune.training import evaluate as E
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bart"])
 def test_label_position_loss_equals_full_forward(kind):
-    pm = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=3, init="random")).eval()
-    b = tiny.batch(kind)
-    if kind in tiny.CAUSAL:
+    pm = pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=3, init="random")).eval()
+    b = helpers.batch(kind)
+    if kind in helpers.CAUSAL:
         b["labels"][:, :4] = -100
         b["attention_mask"][0, -2:] = 0
         b["labels"][0, -2:] = -100
@@ -24,7 +24,7 @@ def test_label_position_loss_equals_full_forward(kind):
 
 def test_rank_picks_the_likeliest_label_and_single_token_fast_path_agrees():
     tok = make_tokenizer()
-    m = tiny.make("llama")
+    m = helpers.make("llama")
     prompts = ["the movie was great label : ", "the film was bad label : "]
     fast, t1 = E.rank_predict(m, tok, prompts, ["positive", "negative"])
     slow, t2 = E.rank_predict(m, tok, prompts, ["positive", "negative neutral"])  # multi-token: generic path
@@ -55,7 +55,7 @@ def test_match_label():
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_evaluate_classify_both_methods(kind):
     tok = make_tokenizer()
-    m = tiny.make(kind)
+    m = helpers.make(kind)
     pm = pt.attach(m, pt.PrefixConfig(num_virtual_tokens=2))
     ds = Dataset.from_dict({"text": ["the movie was great", "the film was bad", "it was fine"],
                             "label": ["positive", "negative", "positive"]})
@@ -68,3 +68,28 @@ def test_evaluate_classify_both_methods(kind):
     bad = Dataset.from_dict({"text": ["x"], "label": ["meh"]})
     with pytest.raises(E.D.DataError, match="'meh'"):
         E.evaluate_classify(pm, tok, bad, info)
+
+
+def test_label_logits_of_a_soft_capping_model_come_from_its_full_forward():
+    """Gemma-2 caps its logits after the LM head (inject.LOGIT_POSTPROCESSING): label-position logits must be the
+    model's own, capped ones, not the head's raw output."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from prefixtune.inject import lm_head_gives_logits
+    from prefixtune.training.evaluate import selected_logits
+
+    cap = 0.05  # far below the raw logits of a random model, so an uncapped answer cannot pass
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                           final_logit_softcapping=cap)).eval()
+    assert not lm_head_gives_logits(model.config) and lm_head_gives_logits(helpers.make("llama").config)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        logits, targets, _ = selected_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        full = model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
+        raw = model.get_output_embeddings()(model.model(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(logits, full.float())
+    assert logits.abs().max() <= cap and raw.abs().max() > cap
+    assert torch.equal(targets, labels[:, 1:][labels[:, 1:] != -100])

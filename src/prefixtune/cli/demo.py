@@ -21,8 +21,9 @@ DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_siz
 def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
     """Equal numbers of each label, disjoint train/eval, written as CSVs the trainer reads like any user data."""
     from ..training import data as D
+    from ..training.sources import load_records
 
-    ds = D.load_records(str(csv_path))
+    ds = load_records(str(csv_path))
     text_col = D._column(ds, None, D.TEXT_COLUMNS, "text", "--data")
     label_col = D._column(ds, None, D.LABEL_COLUMNS, "label", "--data")
     by_label: dict[str, list[int]] = {}
@@ -53,6 +54,7 @@ def run(args) -> int:
     from ..training import evaluate as E
     from ..training.config import TrainConfig
     from ..training.loop import fit
+    from ..training.sources import load_records
     from . import assets
 
     t0 = time.perf_counter()
@@ -65,9 +67,7 @@ def run(args) -> int:
     print(f"model {model_path}\ndata  {data_path} -> {n_tr} train / {n_ev} eval (balanced, seed 0)")
 
     base, tok = load_model(model_path, dtype="fp32")
-    from ..training import data as D
-
-    ev = D.load_records(str(eval_csv))
+    ev = load_records(str(eval_csv))
     labels = sorted(set(ev["sentiment"])) if args.data else LABELS
     info = {"label_words": labels, "text_column": "text", "label_column": "sentiment", "prompt_template": TEMPLATE}
     zs, _ = E.evaluate_classify(base, tok, ev, info, method="rank", max_length=DEFAULTS["max_length"])
