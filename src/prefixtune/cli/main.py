@@ -28,7 +28,7 @@ def _known_errors() -> tuple[type, ...]:
 
 # Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
 NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
-TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib")
+TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib", "ftfy")
 
 
 def _missing_train_extra() -> list[str]:
@@ -121,6 +121,10 @@ def _add_eval(sub):
     p.add_argument("--max-length", type=int, help="longest tokenized example (default: the training run's, else 256)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     p.add_argument("--max-examples", type=int, help="evaluate at most this many rows (default: all)")
+    p.add_argument("--drop-incomplete", action="store_true", help="skip rows with an empty text or label (classify) or "
+                   "instruction or output (instruct), counted in the log (default: such rows are an error)")
+    p.add_argument("--fix-text", action="store_true", help="repair mojibake in the text columns with ftfy, as train "
+                   "--fix-text does (default: the text as read)")
     p.set_defaults(fn=cmd_eval)
 
 
@@ -128,8 +132,10 @@ def cmd_eval(args) -> int:
     from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
+    from ..paths import writable_dir
     from ..training import data as D
     from ..training import evaluate as E
+    from ..training.clean import prepare
     from ..training.config import EVAL_METHODS, TASKS, RecipeError
 
     if args.task not in TASKS:
@@ -140,11 +146,15 @@ def cmd_eval(args) -> int:
     info = read_task_info(args.adapter)
     if info.get("task") not in (None, args.task):
         print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {args.task!r}", file=sys.stderr)
+    out = writable_dir(args.output or (Path(args.adapter) / "eval" if args.adapter else "eval"), "--output")
     ds = D.load_records(args.data)
     if isinstance(ds, dict):  # a DatasetDict: evaluate its eval split
         ds = ds[next((s for s in (*D.EVAL_SPLITS, "train") if s in ds), next(iter(ds)))]
     if len(ds) == 0:
         raise D.DataError(f"--data {args.data} is empty; nothing to evaluate")
+    ds = prepare(ds, args.task, text_column=args.text_column or info.get("text_column"), where=f"--data {args.data}",
+                 label_column=args.label_column or info.get("label_column"), drop_incomplete=args.drop_incomplete,
+                 repair_text=args.fix_text, say=lambda m: print(m, file=sys.stderr))
     if args.max_examples:
         ds = ds.select(range(min(args.max_examples, len(ds))))
     max_length = args.max_length or info.get("max_length") or 256
@@ -153,7 +163,9 @@ def cmd_eval(args) -> int:
     if head and not words:
         raise D.DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
                           "`prefixtune train` (task.json) or pass --label-words")
-    base, tok = load_model(args.model, task=args.task, label_names=words if head else None)
+    # an adapter trained with a head brings its own (loaded over the base's), so the base's head size does not matter
+    base, tok = load_model(args.model, task=args.task, label_names=words if head else None,
+                           new_head=bool(head and info.get("head")))
     model = load_adapter(base, args.adapter) if args.adapter else base
     is_ed = inject.kind_of_config(base.config) == "seq2seq"
     kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
@@ -171,7 +183,6 @@ def cmd_eval(args) -> int:
             result["single_class_warning"] = warning
     else:
         result, preds = {"task": args.task, **E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)}, None
-    out = Path(args.output or (Path(args.adapter) / "eval" if args.adapter else "eval"))
     E.write_results(out, result, preds)
     print(E.format_report(result))
     print(f"wrote {out / 'eval.json'}" + (f" and {out / 'predictions.jsonl'}" if preds is not None else ""))
@@ -216,12 +227,11 @@ def cmd_generate(args) -> int:
     from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
+    from ..paths import existing_file
     from ..training import data as D
 
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise D.DataError(f"--prompts {path}: file not found")
+        path = existing_file(args.prompts, "--prompts", "a text file with one prompt per line")
         prompts = [l for l in path.read_text().splitlines() if l.strip()]
         if not prompts:
             raise D.DataError(f"--prompts {path} has no non-empty lines")
@@ -263,13 +273,20 @@ def cmd_generate(args) -> int:
 # ----------------------------------------------------------------------------- demo, hooks, main
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="train a tweet-sentiment prefix on SmolLM2-135M (~10 min on 2 CPU cores)")
+    from .demo import DEFAULTS, EVALS
+
+    p = sub.add_parser("demo", help="train a tweet-sentiment prefix on SmolLM2-135M on CPU (README: how long it takes)")
     p.add_argument("--model", help="model dir / Hub id / .gguf (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--data", help="CSV/JSONL with text + sentiment columns (default: a tweet sentiment corpus)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--output", default="prefixtune-demo")
-    p.add_argument("--train-examples", type=int)
-    p.add_argument("--eval-examples", type=int)
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULTS['max_steps']})")
+    p.add_argument("--output", default="prefixtune-demo", help="where the data subset and the run go (default: "
+                   "prefixtune-demo)")
+    p.add_argument("--train-examples", type=int, help="balanced training sample (default: "
+                   f"{DEFAULTS['train_examples']})")
+    p.add_argument("--eval-examples", type=int, help="balanced held-out sample, scored at step 0 (zero-shot) and "
+                   f"{EVALS} times while training (default: {DEFAULTS['eval_examples']})")
+    p.add_argument("--fix-text", action="store_true", help="with --data: repair mojibake with ftfy first (the "
+                   "built-in corpus is always repaired) (default: the text as read)")
     p.set_defaults(fn=lambda a: importlib.import_module("prefixtune.cli.demo").run(a))
 
 
@@ -308,12 +325,28 @@ def _quiet_libraries() -> None:
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.serving.api"}
 
 
+def _check_serve_paths(rest: list[str]) -> None:
+    """`serve --adapters DIR`: a missing directory or a file is a one-line error here, before the model loads."""
+    from ..paths import existing_dir
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--adapters")
+    known, _ = p.parse_known_args(rest)
+    if known.adapters:
+        existing_dir(known.adapters, "--adapters", "adapters (one subdirectory per adapter or training run)")
+
+
+PRECHECKS = {"serve": _check_serve_paths}  # hooked commands: path checks that run inside main's error handling
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
-        fn = lambda: importlib.import_module(HOOKS[command]).main(rest) or 0  # noqa: E731
+        def fn():
+            PRECHECKS.get(command, lambda _: None)(rest)
+            return importlib.import_module(HOOKS[command]).main(rest) or 0
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731

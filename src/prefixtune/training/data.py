@@ -44,6 +44,8 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
+        if not any(path.iterdir()):
+            raise DataError(f"{path} is an empty directory; pass a data file or the directory save_to_disk wrote")
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
@@ -54,6 +56,9 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
             raise DataError(f"data file {path} does not exist; check the path")
         ds = _read_file(path, suffix)
         ds.info.dataset_name = path.name  # so column errors can say which file
+    elif path.is_file():
+        raise DataError(f"{path} is a {suffix or 'suffix-less'} file; pass a .csv, .jsonl, .json or .parquet file (or "
+                        "a save_to_disk directory)")
     else:
         try:
             ds = datasets.load_dataset(source, split=split)

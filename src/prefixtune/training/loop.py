@@ -40,6 +40,7 @@ from torch import nn
 from ..adapter_io import write_text_atomic as _write_text_atomic
 from ..config import ConfigError, PrefixConfig
 from ..inject import DROPOUT_RATE_ATTRS, kind_of_config
+from ..paths import writable_dir
 from . import data as D
 from . import evaluate as E
 from .config import TrainConfig
@@ -61,11 +62,13 @@ def _jsonable(d: dict) -> dict:
 
 def check_output_dir(cfg: TrainConfig) -> bool:
     """Decide what to do with cfg.output; -> True if there is a run here to resume. Reads only."""
-    out = Path(cfg.output)
+    out = writable_dir(cfg.output, "--output")
     if not out.exists() or not any(out.iterdir()):
+        if cfg.resume:  # asked to continue: starting afresh instead would be a silent surprise (transformers' Trainer too)
+            why = "it does not exist" if not out.exists() else "it is empty"
+            raise TrainingError(f"--resume: no checkpoint found in --output {out} ({why}); pass the --output of the run to "
+                                "continue, or drop --resume to start a new run")
         return False
-    if out.is_file():
-        raise TrainingError(f"--output {out} is a file; pass a directory")
     marker = out / "run.json"
     if not marker.is_file():
         raise TrainingError(f"--output {out} is not empty and holds no prefixtune run; choose an empty or new directory")
@@ -79,6 +82,10 @@ def check_output_dir(cfg: TrainConfig) -> bool:
     if diff:
         raise TrainingError(f"--output {out} holds a different run (differs in {', '.join(diff)}), so --resume cannot "
                             "continue it; use the same settings, another --output, or --overwrite")
+    if latest_checkpoint(out) is None:
+        when = f"written every --save-every {cfg.save_every} steps" if cfg.save_every else "--save-every was off"
+        raise TrainingError(f"--resume: no checkpoint found in --output {out}: the run stopped before its first one "
+                            f"({when}); start it over with --overwrite")
     return True
 
 
@@ -147,8 +154,14 @@ def load_source(source: str, config_name: str | None = None):
 
 def load_data(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, head: bool = False, say=print):
     """-> (train tokenized, eval tokenized, eval records, task_info). head: encoder classifier (class-index labels)."""
-    raw = load_source(cfg.train, cfg.data_config)
-    train_raw, eval_raw = D.split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=cfg.eval)
+    from .clean import prepare
+
+    # --fix-text and the incomplete-row check see the files' own row order (messages give the files' row numbers)
+    kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, drop_incomplete=cfg.drop_incomplete,
+              repair_text=cfg.fix_text, say=say)
+    raw = prepare(load_source(cfg.train, cfg.data_config), cfg.task, where=f"--train {cfg.train}", **kw)
+    eval_source = prepare(load_source(cfg.eval), cfg.task, where=f"--eval {cfg.eval}", **kw) if cfg.eval else None
+    train_raw, eval_raw = D.split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=eval_source)
     if cfg.max_train_examples and len(train_raw) > cfg.max_train_examples:
         train_raw = train_raw.shuffle(seed=cfg.seed).select(range(cfg.max_train_examples))
     cap = cfg.max_eval_examples
@@ -341,6 +354,14 @@ def _score(ev: dict) -> float:
     return ev["eval_accuracy"] if "eval_accuracy" in ev else -ev["eval_loss"]
 
 
+def best_message(state: dict, task: str) -> str:
+    """The best evaluation as the user knows the metric: accuracy, or the loss (the score is its negative)."""
+    at = f" at step {state['best_step']}" if state.get("best_step") is not None else ""  # not in older checkpoints
+    if task == "classify":
+        return f"best eval accuracy {state['best']:.4f}{at}"
+    return f"best eval loss {-state['best']:.4f}{at}"
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def _cpu_multiprocess() -> bool:
@@ -403,7 +424,7 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
     train_tok, eval_tok, eval_raw, task_info = load_data(cfg, tokenizer, is_ed, head=head, say=say)
     if model is None:
         base, _ = load_model(cfg.model, dtype=dtype, device=str(acc.device), task=cfg.task,
-                             label_names=task_info["label_words"] if head else None)
+                             label_names=task_info["label_words"] if head else None, new_head=cfg.new_head)
     else:
         base = model
     if head:
@@ -512,8 +533,10 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                                   "tokens_per_s": round(tok_s, 1)}, acc)
 
             if step % eval_every == 0 or step % steps_per_epoch == 0 or step == total:
+                t_eval = time.perf_counter()
                 with ema.applied():
                     ev, last_preds = run_eval(pm, tokenizer, eval_tok, eval_raw, task_info, cfg)
+                    ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)  # what evaluating costs the run
                     better = state["best"] is None or _score(ev) > state["best"]
                     if better and main:
                         pm.save_adapter(out / "best")
@@ -522,13 +545,14 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
                 pm.train()
                 rec = {k2: v for k2, v in ev.items() if k2 != "report"}
                 if better:
-                    state["best"], state["bad_evals"] = _score(ev), 0
+                    state["best"], state["best_step"], state["bad_evals"] = _score(ev), step, 0
                 else:
                     state["bad_evals"] += 1
                 if main:
                     log_metrics(out, {"step": step, "epoch": round(step / steps_per_epoch, 4), **rec}, acc)
                     plot_curves(out)
-                write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items()) + ("  (best)" if better else ""))
+                write(f"step {step}: " + "  ".join(f"{k2} {v:.4f}" for k2, v in rec.items() if k2 != "eval_seconds")
+                      + f"  ({ev['eval_seconds']:.0f}s)" + ("  (best)" if better else ""))
                 if cfg.patience and state["bad_evals"] >= cfg.patience and step < total:
                     write(f"early stopping: no improvement in {cfg.patience} evals")
                     stopped_early = True
@@ -563,11 +587,12 @@ def fit(cfg: TrainConfig, model=None, tokenizer=None, *, stop_after: int | None 
         plot_curves(out)
         say(pm.parameter_summary())
         say(f"adapter saved to {out / 'adapter'} ({_human(_dir_bytes(out / 'adapter'))} on disk); "
-            f"best eval {'accuracy' if cfg.task == 'classify' else '-loss'} {state['best']:.4f} in {out / 'best'}")
+            f"{best_message(state, cfg.task)} in {out / 'best'}")
     for t in acc.trackers:  # not acc.end_training(): it also tears down the process group a caller may still use
         t.finish()
     acc.wait_for_everyone()
-    summary = {"steps": state["step"], "best": state["best"], "stopped_early": stopped_early, "output": str(out),
+    summary = {"steps": state["step"], "best": state["best"], "best_step": state.get("best_step"),
+               "stopped_early": stopped_early, "output": str(out),
                "last_eval": {k: v for k, v in (last_eval or {}).items() if k != "report"},
                "report": (last_eval or {}).get("report")}
     return summary, pm
