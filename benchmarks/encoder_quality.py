@@ -31,13 +31,12 @@ import torch
 
 def held_out(args):
     from prefixtune.cli import assets
-    from prefixtune.training import data as D
     from prefixtune.training.config import TrainConfig
-    from prefixtune.training.loop import load_source
+    from prefixtune.training.sources import load_source, split_train_eval
 
     cfg = TrainConfig(seed=args.seed)
     raw = load_source(str(assets.tweets_csv()))
-    train, ev = D.split_train_eval(raw, cfg.eval_fraction, cfg.seed)
+    train, ev = split_train_eval(raw, cfg.eval_fraction, cfg.seed)
     train = train.shuffle(seed=cfg.seed).select(range(args.train_examples))
     return train, ev.select(range(args.eval_examples))
 

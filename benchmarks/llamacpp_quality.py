@@ -33,13 +33,14 @@ def main():
     from prefixtune.serving.llamacpp import LlamaCppModel
     from prefixtune.training import data as D
     from prefixtune.training import evaluate as E
+    from prefixtune.training.sources import load_records
 
     if args.gguf is None:
         from prefixtune.cli import assets
 
         args.gguf = str(assets.smollm2_gguf())
     info = read_task_info(args.adapter)
-    ds = D.load_records(args.eval)
+    ds = load_records(args.eval)
     prompts, gold = E.classify_prompts(ds, info)
     labels = list(info["label_words"])
 

@@ -33,9 +33,11 @@ import torch
 from common import add_device_args, check_device_args, rank_accuracy
 
 import prefixtune as pt
+from prefixtune.initialize import example_token_ids
 from prefixtune.training import data
 from prefixtune.training.config import task_defaults
 from prefixtune.training.ema import ParamEMA
+from prefixtune.training.sources import load_records
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
 LABELS = ["negative", "neutral", "positive"]
@@ -58,7 +60,7 @@ def on_device(batch: dict, model) -> dict:
 
 
 def balanced_split(csv: str, n_train: int, n_eval: int, seed: int = 0):
-    ds = data.load_records(csv).shuffle(seed=seed)
+    ds = load_records(csv).shuffle(seed=seed)
     per = (n_train + n_eval) // 3 + 1
     keep, count = [], {w: 0 for w in LABELS}
     for i, s in enumerate(ds["sentiment"]):
@@ -80,7 +82,7 @@ def examples_init(**kw):
     """A prefix started from whole training rows (init="examples"), picked as `prefixtune train` picks them."""
     def build(base, tok, rows):
         cfg = pt.PrefixConfig(**{"init": "examples", **kw})
-        return pt.attach(base, cfg, init_token_ids=data.example_token_ids(rows, tok, cfg.num_virtual_tokens, seed=0))
+        return pt.attach(base, cfg, init_token_ids=example_token_ids(rows, tok, cfg.num_virtual_tokens, seed=0))
     return build
 
 

@@ -59,7 +59,7 @@ def main():
             kw.update(init="text", init_text=fewshot_text(train_ds, kw.pop("fewshot")))
         if "LoRA" in name:
             build = q.peft_lora
-        elif kw.get("init") == "examples":  # as `prefixtune train` starts it (training.data.example_token_ids)
+        elif kw.get("init") == "examples":  # as `prefixtune train` starts it (initialize.example_token_ids)
             build = q.examples_init(**kw)
         else:
             kw.setdefault("init_text", q.TASK_TEXT)

@@ -4,7 +4,7 @@
                                [--device cuda --dtype bfloat16] [--only abcf]
 
 Variants (each in its own subprocess, so peak memory is its own):
-  (a) prefixtune, trainer path: what `prefixtune train` does per step: train.py's data path (load_data,
+  (a) prefixtune, trainer path: what `prefixtune train` does per step: the loop's data path (load_run_data,
       length-grouped batches, PadCollator dynamic padding) and its loss (LossModule: logits at label positions only)
   (b) peft prefix tuning, seed-style: every batch padded to max_length 128, `model(**batch).loss` (full-vocab logits
       at every position), which is what the seed scripts do
@@ -45,7 +45,8 @@ from common import add_device_args, check_device_args, peak_mb, rank_accuracy, s
 
 from prefixtune.training import data as D
 from prefixtune.training.config import TrainConfig
-from prefixtune.training.loop import LossModule, load_data
+from prefixtune.training.loop import LossModule
+from prefixtune.training.sources import load_run_data
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "
 LABELS = ["negative", "neutral", "positive"]
@@ -121,7 +122,8 @@ def prepare(args):
                       label_column="sentiment", label_words=LABELS, prompt_template=TEMPLATE, max_length=args.max_length,
                       max_train_examples=args.train, max_eval_examples=args.eval, batch_size=args.batch, seed=args.seed,
                       lr=args.lr, max_steps=args.warmup + args.steps)
-    train_tok, _, eval_raw, _ = load_data(cfg, tok, False)  # train.py's data path: same rows for every variant
+    data = load_run_data(cfg, tok, "causal")  # the training loop's data path: same rows for every variant
+    train_tok, eval_raw = data.train, data.eval_raw
     lengths = [len(x) for x in train_tok["input_ids"]]
     order = D.length_grouped_batches(lengths, args.batch, args.seed)
     order = [order[i % len(order)] for i in range(args.warmup + args.steps)]

@@ -1,7 +1,7 @@
 """Shared fixtures. Tokenizers are built locally (no Hub access in tests); helpers live in helpers.py."""
 
 import pytest
-from helpers import CHAT_TEMPLATE, WORDS, make_tokenizer  # noqa: F401 - `from conftest import make_tokenizer` still works
+from helpers import make_tokenizer
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Specials first, so ids match tests/tiny.py's SPECIAL (pad 0, eos 1, bos 2).
+# Specials first: pad 0, eos 1, bos 2.
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}<eos>{% endfor %}"

@@ -1,8 +1,6 @@
 """Test helpers, one module: tiny random models built from configs (no Hub), one word-level tokenizer whose
-special ids are the models' own, tiny model directories and generated datasets for train/eval/CLI tests.
-
-Older names stay importable: `tiny` (make, batch, ...), `conftest.make_tokenizer`, `trainkit` (model_dir, ...),
-`test_scheduler.word_tokenizer` (= id_tokenizer).
+special ids are the models' own, tiny model directories and generated datasets for train/eval/CLI tests, and
+seeded prefixes for the parity tests.
 """
 
 from __future__ import annotations
@@ -30,6 +28,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from prefixtune import PrefixConfig, attach
 
 VOCAB = 128
 # One set of special ids for the models and the tokenizers below: <pad>=0, <unk>=1, <eos>=2, <bos>=3.
@@ -219,3 +219,35 @@ def peft_logits(ref, **batch) -> torch.Tensor:
     if "dropout" in dict(base.named_children()):
         pooled = base.dropout(pooled)
     return base.get_submodule(ref.cls_layer_name)(pooled)
+
+
+# ----------------------------------------------------------------------------- prefixes for parity tests
+
+def randomise(model, seed=0):
+    """Give every prefix non-trivial values (peft's N(0,1) is already random; make it explicit and seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prefixes.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def two_adapters(kind, p_a=5, p_b=3):
+    model = attach(make(kind), PrefixConfig(num_virtual_tokens=p_a), name="a")
+    model.add_adapter("b", PrefixConfig(num_virtual_tokens=p_b))
+    return randomise(model).eval()
+
+
+def pad_prompts(prompts, side):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, span], mask[i, span] = p, 1
+    return ids, mask
+
+
+# Decoder-only models are left-padded (as for generation); BERT pools its first slot and BART numbers encoder
+# positions 0..L-1 whatever the mask says, so those two are right-padded, as their tokenizers do.
+PAD_SIDE = {"bert": "right", "bart": "right"}

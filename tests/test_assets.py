@@ -89,7 +89,7 @@ def test_smollm2_converts_and_generates():
 
 @pytest.mark.assets
 def test_tweets_csv_has_three_sentiments():
-    from prefixtune.training.data import load_records
+    from prefixtune.training.sources import load_records
 
     ds = load_records(str(assets.tweets_csv()))
     assert {"sentiment", "confidence", "text"} <= set(ds.column_names)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from prefixtune.cli.main import main
-from prefixtune.training.data import DataError, load_records
+from prefixtune.training.data import DataError
+from prefixtune.training.sources import load_records
 
 
 def _rows(n=6):

@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
+from helpers import classify_rows, instruct_rows, model_dir, write_jsonl
 
 from prefixtune.cli.main import main
-from prefixtune.training.config import RecipeError, TrainConfig
+from prefixtune.training.config import RecipeError, TrainConfig, resolve
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -184,11 +184,11 @@ def test_recipe_prefix_nested_and_flat(tmp_path):
     (tmp_path / "nested.yaml").write_text(head + "prefix:\n  num_virtual_tokens: 7\n  init: text\n  init-text: hi\n"
                                           "  init_scale: 2e-1\n")
     (tmp_path / "flat.yaml").write_text(head + "num_virtual_tokens: 7\ninit: text\ninit_text: hi\ninit_scale: 2e-1\n")
-    nested = TrainConfig.from_sources(tmp_path / "nested.yaml")
-    flat = TrainConfig.from_sources(tmp_path / "flat.yaml")
+    nested = resolve(TrainConfig.from_sources(tmp_path / "nested.yaml")).config
+    flat = resolve(TrainConfig.from_sources(tmp_path / "flat.yaml")).config
     assert nested.prefix == flat.prefix and (nested.prefix.num_virtual_tokens, nested.prefix.init_scale) == (7, 0.2)
-    assert TrainConfig.from_sources(tmp_path / "nested.yaml", {"num_virtual_tokens": 9}).prefix.num_virtual_tokens == 9
-    assert TrainConfig.from_sources(tmp_path / "flat.yaml", {"num_virtual_tokens": 9}).prefix.num_virtual_tokens == 9
+    assert resolve(TrainConfig.from_sources(tmp_path / "nested.yaml", {"num_virtual_tokens": 9})).config.prefix.num_virtual_tokens == 9
+    assert resolve(TrainConfig.from_sources(tmp_path / "flat.yaml", {"num_virtual_tokens": 9})).config.prefix.num_virtual_tokens == 9
     bad = {"nested_typo.yaml": (head + "prefix:\n  num_virtual_token: 7\n", "did you mean 'num_virtual_tokens'"),
            "flat_typo.yaml": (head + "init_txt: hi\n", "did you mean 'init_text'"),
            "both.yaml": (head + "num_virtual_tokens: 5\nprefix:\n  num_virtual_tokens: 7\n", "both flat and under"),
@@ -202,7 +202,7 @@ def test_recipe_prefix_nested_and_flat(tmp_path):
 
 def test_run_identity_matches_a_run_json_from_before_the_nested_prefix(tmp_path):
     """run.json files written when TrainConfig had flat prefix fields still resume with the same settings."""
-    from prefixtune.training.loop import TrainingError, check_output_dir
+    from prefixtune.training.checkpoints import TrainingError, check_output_dir
 
     old_identity = {"model": "m", "train": "t", "eval": None, "task": "lm", "num_virtual_tokens": 20, "projection": False,
                     "projection_dim": 512, "layer_scale": True, "init": "vocab", "batch_size": 8, "grad_accum": 1,
@@ -212,10 +212,10 @@ def test_run_identity_matches_a_run_json_from_before_the_nested_prefix(tmp_path)
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"identity": old_identity}))
     over = {"model": "m", "train": "t", "task": "lm", "output": str(out), "max_steps": 3, "resume": True}
-    assert check_output_dir(TrainConfig.from_sources(None, over)) is True
+    assert check_output_dir(resolve(TrainConfig.from_sources(None, over)).config) is True
     for changed, words in (({"placement": "full"}, "placement"), ({"num_virtual_tokens": 10}, "num_virtual_tokens")):
         with pytest.raises(TrainingError, match=words):
-            check_output_dir(TrainConfig.from_sources(None, {**over, **changed}))
+            check_output_dir(resolve(TrainConfig.from_sources(None, {**over, **changed})).config)
 
 
 BAD = {

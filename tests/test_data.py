@@ -9,10 +9,9 @@ from prefixtune.training.data import (
     DataError,
     PadCollator,
     length_grouped_batches,
-    load_records,
-    split_train_eval,
     tokenize_dataset,
 )
+from prefixtune.training.sources import load_records, split_train_eval
 
 ROWS = [{"text": f"the movie was {w}", "label": lab} for w, lab in
         [("great", "positive"), ("awful", "negative"), ("fine", "neutral"), ("good", "positive")]]

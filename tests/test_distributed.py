@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from helpers import classify_rows, model_dir, write_jsonl
 from safetensors.torch import load_file
-from trainkit import classify_rows, model_dir, write_jsonl
 
 from prefixtune.training import loop as T
 

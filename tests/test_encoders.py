@@ -6,9 +6,8 @@ import json
 import helpers
 import pytest
 import torch
-from conftest import WORDS
+from helpers import WORDS, classify_rows, write_jsonl
 from peft import PeftModel
-from trainkit import classify_rows, write_jsonl
 
 import prefixtune as pt
 from prefixtune.cli.main import main
@@ -152,8 +151,8 @@ def test_hf_trainer_trains_prefix_and_head(tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-    from prefixtune.hf_trainer import PrefixTrainer
     from prefixtune.training import data as D
+    from prefixtune.training.hf_trainer import PrefixTrainer
 
     mdir = encoder_dir(tmp_path, "bert")
     tok = encoder_tokenizer("bert")

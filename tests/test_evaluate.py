@@ -1,10 +1,10 @@
 """Scoring on label positions, rank/generate classification, reports."""
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import make_tokenizer
 from datasets import Dataset
+from helpers import make_tokenizer
 
 import prefixtune as pt
 from prefixtune.training import evaluate as E
@@ -12,9 +12,9 @@ from prefixtune.training import evaluate as E
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bart"])
 def test_label_position_loss_equals_full_forward(kind):
-    pm = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=3, init="random")).eval()
-    b = tiny.batch(kind)
-    if kind in tiny.CAUSAL:
+    pm = pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=3, init="random")).eval()
+    b = helpers.batch(kind)
+    if kind in helpers.CAUSAL:
         b["labels"][:, :4] = -100
         b["attention_mask"][0, -2:] = 0
         b["labels"][0, -2:] = -100
@@ -24,7 +24,7 @@ def test_label_position_loss_equals_full_forward(kind):
 
 def test_rank_picks_the_likeliest_label_and_single_token_fast_path_agrees():
     tok = make_tokenizer()
-    m = tiny.make("llama")
+    m = helpers.make("llama")
     prompts = ["the movie was great label : ", "the film was bad label : "]
     fast, t1 = E.rank_predict(m, tok, prompts, ["positive", "negative"])
     slow, t2 = E.rank_predict(m, tok, prompts, ["positive", "negative neutral"])  # multi-token: generic path
@@ -55,7 +55,7 @@ def test_match_label():
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_evaluate_classify_both_methods(kind):
     tok = make_tokenizer()
-    m = tiny.make(kind)
+    m = helpers.make(kind)
     pm = pt.attach(m, pt.PrefixConfig(num_virtual_tokens=2))
     ds = Dataset.from_dict({"text": ["the movie was great", "the film was bad", "it was fine"],
                             "label": ["positive", "negative", "positive"]})

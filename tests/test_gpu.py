@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib.util
 import time
 
+import helpers
 import pytest
-import tiny
 import torch
-from test_engine import PAD_SIDE, _pad, _randomise, _two_adapters
+from helpers import PAD_SIDE, pad_prompts, randomise, two_adapters
 from test_scheduler import Collector, random_workload, three_adapters
 
 import prefixtune as pt
@@ -37,25 +37,25 @@ def _cuda_batch(kw):
 def _padded_mixed(kind, names=("a", None, "b"), seed=7):
     """Three prompts of different lengths, padded the way the architecture is padded, and row i's prompt."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
+    prompts = [torch.randint(3, helpers.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
     side = PAD_SIDE.get(kind, "left")
-    ids, mask = _pad(prompts, side)
+    ids, mask = pad_prompts(prompts, side)
     kw = dict(input_ids=ids, attention_mask=mask)
-    if kind in tiny.SEQ2SEQ:
-        kw["labels"] = torch.randint(3, tiny.VOCAB, (3, 4), generator=g)
+    if kind in helpers.SEQ2SEQ:
+        kw["labels"] = torch.randint(3, helpers.VOCAB, (3, 4), generator=g)
     return kw, prompts, side, list(names)
 
 
 def _real(kind, logits, prompts, side, i):
     """Row i's logits at its real tokens (all decoder positions for seq2seq, the one row for BERT)."""
-    if kind in tiny.SEQ2SEQ or kind == "bert":
+    if kind in helpers.SEQ2SEQ or kind == "bert":
         return logits[i]
     n, width = len(prompts[i]), logits.shape[1]
     return logits[i, width - n :] if side == "left" else logits[i, :n]
 
 
 def _with_attention(kind, impl, dtype=torch.float32):
-    model = _two_adapters(kind)
+    model = two_adapters(kind)
     model.base_model.set_attn_implementation(impl)
     return model.to(CUDA, dtype).eval()  # eval() also drops any prefix memoised on the CPU
 
@@ -65,11 +65,11 @@ def _with_attention(kind, impl, dtype=torch.float32):
 def test_bf16_training_step_matches_fp32(kind):
     """A bf16 base (what `--precision bf16` trains) gives the fp32 loss and prefix gradients within bf16's
     precision, and a few AdamW steps move the loss the same way. Prefix parameters stay fp32 in both."""
-    kw = _cuda_batch(tiny.batch(kind, b=4, t=12))
+    kw = _cuda_batch(helpers.batch(kind, b=4, t=12))
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        base = tiny.make(kind).to(CUDA, dtype)
-        model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5, init="zero")))
+        base = helpers.make(kind).to(CUDA, dtype)
+        model = randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5, init="zero")))
         model.train()
         model.base_model.eval()  # no dropout: the two runs must see the same network
         assert all(p.dtype == torch.float32 for p in model.prefixes.parameters())
@@ -95,8 +95,8 @@ def test_bf16_training_step_matches_fp32(kind):
 
 
 # ---- attention kernels with prefixes --------------------------------------------------------------------------
-_CLASSES = {k: type(tiny.make(k)) for k in tiny.ALL}  # tiny, built once at collection
-SDPA = [k for k in tiny.ALL if _CLASSES[k]._supports_sdpa]  # BLOOM has no sdpa path in transformers
+_CLASSES = {k: type(helpers.make(k)) for k in helpers.ALL}  # tiny, built once at collection
+SDPA = [k for k in helpers.ALL if _CLASSES[k]._supports_sdpa]  # BLOOM has no sdpa path in transformers
 
 
 @pytest.mark.parametrize("kind", SDPA)
@@ -104,7 +104,7 @@ def test_sdpa_with_prefixes_equals_eager(kind):
     """Mixed prefixes, a bare row, padding: sdpa gives eager's logits (and greedy tokens), and CUDA gives the CPU's."""
     kw, prompts, side, names = _padded_mixed(kind)
     eager, sdpa = _with_attention(kind, "eager"), _with_attention(kind, "sdpa")
-    cpu = _two_adapters(kind)
+    cpu = two_adapters(kind)
     out = {m: m(**_cuda_batch(kw), adapter_names=names).logits.cpu() for m in (eager, sdpa)}
     ref = cpu(**kw, adapter_names=names).logits
     for i in range(3):
@@ -120,7 +120,7 @@ def test_sdpa_with_prefixes_equals_eager(kind):
         assert torch.equal(g_eager, g_sdpa)
 
 
-FLASH = [k for k in tiny.ALL if _CLASSES[k]._supports_flash_attn]
+FLASH = [k for k in helpers.ALL if _CLASSES[k]._supports_flash_attn]
 
 
 @pytest.mark.parametrize("kind", FLASH)
@@ -138,10 +138,10 @@ def test_flash_attention_with_prefixes_matches_eager(kind):
 
 
 # ---- mixed batches -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", tiny.ALL)
+@pytest.mark.parametrize("kind", helpers.ALL)
 def test_mixed_batch_rows_equal_rows_alone_on_cuda(kind):
     """Row i of a padded mixed batch on CUDA == row i alone (unpadded), for each of a prefix and the bare model."""
-    model = _two_adapters(kind).to(CUDA).eval()
+    model = two_adapters(kind).to(CUDA).eval()
     for names in (["a", None, "b"], [None, "b", "a"]):
         kw, prompts, side, names = _padded_mixed(kind, names)
         mixed = model(**_cuda_batch(kw), adapter_names=names).logits

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make
 from safetensors import safe_open
-from tiny import make
 from transformers import TrainingArguments
 
 import prefixtune as pt

@@ -8,8 +8,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from helpers import make
 from huggingface_hub import constants, errors
-from tiny import make
 
 import prefixtune as pt
 from prefixtune import hub

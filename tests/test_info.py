@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny import make
+from helpers import make
 
 import prefixtune as pt
 from prefixtune import cli

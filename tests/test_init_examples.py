@@ -8,7 +8,7 @@ from helpers import classify_rows, make, make_tokenizer, model_dir, write_jsonl
 from test_cli import run_cli
 
 import prefixtune as pt
-from prefixtune.initialize import real_key_values
+from prefixtune.initialize import example_token_ids, real_key_values
 from prefixtune.training import data as D
 
 
@@ -22,7 +22,7 @@ def _tokenized(tok, rows):
 def test_example_ids_are_whole_examples_one_label_at_a_time():
     tok = make_tokenizer()
     rows = classify_rows(40)
-    ids = D.example_token_ids(_tokenized(tok, rows), tok, n_tokens=40, seed=0)
+    ids = example_token_ids(_tokenized(tok, rows), tok, n_tokens=40, seed=0)
     assert len(ids) == 40
     words = tok.decode(ids).split()
     # each example is "the movie was X i <unk> label : <answer>"; answers alternate between the two labels
@@ -31,7 +31,7 @@ def test_example_ids_are_whole_examples_one_label_at_a_time():
     assert answers[0] != answers[1] and answers[0] == answers[2]
     assert tok.eos_token_id not in ids  # examples are joined, not ended
     # another seed: other examples, same shape
-    assert D.example_token_ids(_tokenized(tok, rows), tok, n_tokens=40, seed=1) != ids
+    assert example_token_ids(_tokenized(tok, rows), tok, n_tokens=40, seed=1) != ids
 
 
 def test_examples_init_starts_at_their_key_values_and_is_not_saved(tmp_path):
@@ -39,7 +39,7 @@ def test_examples_init_starts_at_their_key_values_and_is_not_saved(tmp_path):
     cfg = pt.PrefixConfig(num_virtual_tokens=6, init="examples")
     with pytest.raises(pt.ConfigError, match="init_token_ids"):
         pt.attach(make("llama"), cfg)
-    ids = D.example_token_ids(_tokenized(tok, classify_rows(12)), tok, n_tokens=6)
+    ids = example_token_ids(_tokenized(tok, classify_rows(12)), tok, n_tokens=6)
     model = pt.attach(make("llama"), cfg, init_token_ids=ids)
     torch.testing.assert_close(model.prefixes["default"].folded(), real_key_values(model, torch.tensor(ids)))
     model.save_adapter(tmp_path / "a")

@@ -15,8 +15,8 @@ pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from helpers import make  # noqa: E402
 from test_scheduler import offline, word_tokenizer  # noqa: E402
-from tiny import make  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 from prefixtune.model import PrefixModel  # noqa: E402

@@ -51,7 +51,7 @@ def test_stock_trainer_trains_only_the_prefix(tmp_path):
 
 
 def test_prefix_trainer_does_not_warn(recwarn, tmp_path):
-    from prefixtune.hf_trainer import PrefixTrainer
+    from prefixtune.training.hf_trainer import PrefixTrainer
 
     model = pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=3, init="zero"))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, save_strategy="no")

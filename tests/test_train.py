@@ -4,21 +4,23 @@ import json
 import subprocess
 import sys
 
+import helpers
 import pytest
-import tiny
 import torch
-from conftest import make_tokenizer
+from helpers import classify_rows, instruct_rows, make_tokenizer, model_dir, write_jsonl
 from safetensors.torch import load_file
-from trainkit import classify_rows, instruct_rows, model_dir, write_jsonl
 
+from prefixtune import attach
 from prefixtune.config import PrefixConfig
+from prefixtune.training.checkpoints import TrainingError, latest_checkpoint
 from prefixtune.training.config import RecipeError, TrainConfig
 from prefixtune.training.ema import ParamEMA
-from prefixtune.training.loop import TrainingError, fit, latest_checkpoint, train
+from prefixtune.training.loop import fit, train
+from prefixtune.training.optim import param_groups
 
 
 def _model(kind="llama"):
-    m = tiny.make(kind)
+    m = helpers.make(kind)
     return m
 
 
@@ -206,28 +208,38 @@ def test_ema_run_saves_the_average_of_the_steps(tmp_path, monkeypatch):
 
 
 def test_task_defaults_fill_only_what_is_unset():
-    from prefixtune.training.config import TASK_DEFAULTS
+    from prefixtune.training.config import TASK_DEFAULTS, resolve
 
     for task, defaults in TASK_DEFAULTS.items():
         task, _, kind = task.partition(":")
-        cfg = TrainConfig(model="m", train="t", task=task, output="o").validate().validate(kind or None)
+        cfg = resolve(TrainConfig(model="m", train="t", task=task, output="o").validate(), kind or None).config
         assert cfg.lr == defaults["lr"]
         assert all(getattr(cfg.prefix, k) == v for k, v in defaults.get("prefix", {}).items())
         assert cfg.base_dropout is defaults.get("base_dropout", True)
-    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate().lr == 0.123
-    # classify: generative models and encoder classifiers differ; the kind, known later, refills only defaults
+    assert resolve(TrainConfig(model="m", train="t", task="classify", output="o", lr=0.123).validate()).config.lr == 0.123
+    # classify: generative models and encoder classifiers differ; resolution with the model's kind fills only
+    # what was not given, and says what it filled
     over = TrainConfig.from_sources(None, {"model": "m", "train": "t", "task": "classify", "output": "o",
-                                           "num_virtual_tokens": 7})
-    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify"]["lr"], 7, "examples")
-    over.validate("encoder")
-    assert (over.lr, over.prefix.num_virtual_tokens, over.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
-    assert TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate().validate("encoder").lr == 0.5
+                                           "num_virtual_tokens": 7}).validate()
+    causal = resolve(over, "causal")
+    c = causal.config
+    assert (c.lr, c.prefix.num_virtual_tokens, c.prefix.init) == (TASK_DEFAULTS["classify"]["lr"], 7, "examples")
+    assert causal.defaults == {"lr": TASK_DEFAULTS["classify"]["lr"], "base_dropout": True, "epochs": 1,
+                               "prefix.init": "examples"}  # num_virtual_tokens was given
+    assert "lr 0.01" in causal.describe("causal") and "num_virtual_tokens" not in causal.describe("causal")
+    enc = resolve(over, "encoder").config
+    assert (enc.lr, enc.prefix.num_virtual_tokens, enc.prefix.init) == (TASK_DEFAULTS["classify:encoder"]["lr"], 7, "vocab")
+    assert over.lr is None and over.prefix == {"num_virtual_tokens": 7}  # resolve fills a copy
+    assert resolve(TrainConfig(model="m", train="t", task="classify", output="o", lr=0.5).validate(), "encoder").config.lr == 0.5
     # base_dropout: off for encoder classifiers unless asked for; a run's identity names it only when off
-    assert over.base_dropout is False and over.run_identity()["base_dropout"] is False
-    kept = TrainConfig(model="m", train="t", task="classify", output="o", base_dropout=True).validate().validate("encoder")
+    assert enc.base_dropout is False and enc.run_identity()["base_dropout"] is False
+    kept = resolve(TrainConfig(model="m", train="t", task="classify", output="o", base_dropout=True).validate(), "encoder").config
     assert kept.base_dropout is True and "base_dropout" not in kept.run_identity()
     with pytest.raises(RecipeError, match="base_dropout must be true or false"):
         TrainConfig(model="m", train="t", task="classify", output="o", base_dropout="no").validate()
+    # a PrefixConfig passed whole is the caller's: the task's prefix defaults do not touch it
+    mine = resolve(TrainConfig(model="m", train="t", task="classify", output="o", prefix=PrefixConfig()).validate(), "causal")
+    assert mine.config.prefix == PrefixConfig() and not any(k.startswith("prefix.") for k in mine.defaults)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "t5", "bart", "bert"])
@@ -299,9 +311,43 @@ def test_report_to_tensorboard_logs_metrics_and_config(tmp_path):
 def test_report_to_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
-    from prefixtune.training.loop import tracker
+    from prefixtune.training.reporting import tracker
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(Exception, match=r"--report-to wandb needs the wandb package: pip install wandb"):
         tracker("wandb")
+
+
+def test_param_groups_give_the_projection_mlp_its_own_learning_rate():
+    model = attach(helpers.make("llama"), PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16))
+    enc = model.prefixes["default"]
+    groups = param_groups(model, 1e-2, 1e-5)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-5]
+    assert [id(p) for p in groups[0]["params"]] == [id(enc.embedding.weight)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in enc.transform.parameters()}
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    ids = torch.randint(3, 100, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in enc.named_parameters()}
+    assert moved["embedding.weight"] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step is lr * sign(grad)
+    assert moved["transform.0.weight"] == pytest.approx(1e-5, rel=1e-3)
+    assert len(param_groups(attach(helpers.make("llama"), PrefixConfig(num_virtual_tokens=4)), 1e-2, 1e-5)) == 1
+
+
+def test_head_lr_moves_an_encoder_classifiers_head_at_its_own_rate():
+    model = attach(helpers.make("bert"), PrefixConfig(num_virtual_tokens=4))
+    assert len(param_groups(model, 1e-2)) == 1  # no head_lr: one group, as older checkpoints' optimizer state holds
+    groups = param_groups(model, 1e-2, head_lr=1e-4)
+    head = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]
+    assert head and all("classifier" in n for n in head)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and len(groups[1]["params"]) == len(head)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.tensor([0, 2])).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    assert moved[head[0]] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["prefixes.default.embedding.weight"] == pytest.approx(1e-2, rel=1e-2)  # tiny grads: Adam eps

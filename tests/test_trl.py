@@ -7,7 +7,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tiny import make  # noqa: E402
+from helpers import make  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 from prefixtune.training.hf_trainer import PrefixSFTTrainer  # noqa: E402

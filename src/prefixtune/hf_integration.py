@@ -3,7 +3,8 @@
 PrefixModel is a plain nn.Module wrapping a frozen PreTrainedModel; Trainer/SFTTrainer probe it for the attributes a
 PreTrainedModel has (main_input_name, loss_type, accepts_loss_kwargs, save_pretrained, ...). The answers live here,
 next to nothing else, so model.py keeps only the prefix engine. See prefixtune.training.hf_trainer for PrefixTrainer
-and prefixtune.hub for push_to_hub.
+and prefixtune.hub for push_to_hub. Nothing here imports training/: a trainer says it writes adapter-only checkpoints
+through its `writes_adapter_checkpoints` attribute.
 """
 
 from __future__ import annotations
@@ -108,13 +109,11 @@ def _warn_if_stock_trainer(model) -> None:
         frame = frame.f_back if frame is not None else None
         owner = frame.f_locals.get("self") if frame is not None else None
         if isinstance(owner, Trainer):
-            from .training.hf_trainer import PrefixTrainerMixin
-
-            if not isinstance(owner, PrefixTrainerMixin):
+            if not getattr(owner, "writes_adapter_checkpoints", False):  # PrefixTrainer / PrefixSFTTrainer say True
                 model._warned_stock_trainer = True
                 warnings.warn(
                     f"{type(owner).__name__} is not a PrefixTrainer: its checkpoints will hold the whole frozen base model "
-                    "(model.safetensors), not the adapter; use prefixtune.hf_trainer.PrefixTrainer (or PrefixSFTTrainer) "
+                    "(model.safetensors), not the adapter; use prefixtune.training.hf_trainer.PrefixTrainer (or PrefixSFTTrainer) "
                     "for adapter-only checkpoints and save_model() as an adapter directory",
                     UserWarning, stacklevel=2,
                 )

@@ -114,6 +114,13 @@ def resolve(repo_id: str, revision: str | None = None, token=None, cache_dir=Non
     return path
 
 
+def local_adapter_dir(directory: str | Path) -> str | Path:
+    """`directory` if it exists; a 'user/repo' id that does not exist locally: its downloaded (or cached) snapshot."""
+    if not Path(directory).exists() and looks_like_repo_id(directory):
+        return resolve(str(directory))
+    return directory
+
+
 def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 commit_message: str | None = None, revision: str | None = None, adapter_name: str | None = None,
                 create_repo: bool = True, keep_projection: bool = False, endpoint: str | None = None,

@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
@@ -109,3 +112,34 @@ def fit_projection(enc: PrefixEncoder, target: torch.Tensor) -> None:
     last = enc.transform[-1]
     last.weight.copy_(solution[:-1].T.to(last.weight.dtype))
     last.bias.copy_(solution[-1].to(last.bias.dtype))
+
+
+def example_token_ids(rows, tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
+    """`n_tokens` token ids of whole training examples (prompt and answer, blank-line separated) for init="examples";
+    `rows`: tokenized training rows (input_ids, labels: a dataset or a dict of lists).
+
+    Examples are taken a label at a time in turn (classify; one of each answer before a second of any), short
+    ones first so several fit, in a seeded order; the last one is cut at n_tokens.
+    """
+    rng = random.Random(seed)
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    drop = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}
+    groups: dict[Any, list[list[int]]] = {}
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        answer = [t for t in labels if t != -100] if isinstance(labels, list) else [labels]  # head: a class index
+        text = list(ids) if isinstance(labels, int) or len(labels) == len(ids) else list(ids) + answer  # seq2seq
+        text = [t for t in text if t not in drop]
+        groups.setdefault(tuple(answer), []).append(text)
+    if len(groups) > 32:  # free-form answers (instruct, chat, lm): one pool
+        groups = {None: [t for g in groups.values() for t in g]}
+    short = max(8, n_tokens // 3)
+    pools = []
+    for g in groups.values():
+        rng.shuffle(g)
+        pools.append(sorted(g, key=lambda t: len(t) > short))  # stable: the short ones first, in the seeded order
+    out: list[int] = []
+    for i in range(max(len(p) for p in pools)):
+        for p in pools:
+            if i < len(p) and len(out) < n_tokens:
+                out += (sep if out else []) + p[i]
+    return out[:n_tokens]

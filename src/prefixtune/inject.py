@@ -23,22 +23,9 @@ from .config import ConfigError
 # model_type -> kind. "causal": decoder-only; "seq2seq": encoder-decoder, prefix in decoder self-attention;
 # "encoder": bidirectional encoder (BERT family), prefix in every self-attention layer.
 SUPPORTED = {
-    "gpt2": "causal",
-    "llama": "causal",
-    "mistral": "causal",
-    "qwen2": "causal",
-    "qwen3": "causal",
-    "bloom": "causal",
-    "gemma": "causal",
-    "phi3": "causal",
-    "t5": "seq2seq",
-    "mt5": "seq2seq",
-    "bart": "seq2seq",
-    "bert": "encoder",
-    "roberta": "encoder",
-    "xlm-roberta": "encoder",
-    "camembert": "encoder",
-    "electra": "encoder",
+    **dict.fromkeys(("gpt2", "llama", "mistral", "qwen2", "qwen3", "bloom", "gemma", "phi3"), "causal"),
+    **dict.fromkeys(("t5", "mt5", "bart"), "seq2seq"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), "encoder"),
 }
 # Encoders whose attention takes no cache in transformers 5 (the prefix cannot get in): refused with a reason.
 ENCODERS_WITHOUT_CACHE = {"distilbert", "deberta", "deberta-v2", "albert", "mpnet", "modernbert"}
@@ -56,6 +43,15 @@ CLASSIFIER_HEADS = ("classifier", "score")
 # (T5/mT5 `dropout`, BART `dropout`/`activation_dropout`, Llama-family `attention_dropout`): what
 # `base_dropout=False` zeroes besides the nn.Dropout modules (training.loop.base_dropout_off).
 DROPOUT_RATE_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
+
+# Config fields of models that post-process the LM head's output (Gemma-2's soft-capping, Cohere's scale): for
+# them the output embedding alone does not give the logits, so label-only scoring runs the full forward.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale")
+
+
+def lm_head_gives_logits(config) -> bool:
+    """Whether `config`'s model returns exactly its output embedding's result as logits (no capping or scaling)."""
+    return all(getattr(config, name, None) is None for name in LOGIT_POSTPROCESSING)
 
 
 def head_name(model) -> str | None:

@@ -196,8 +196,6 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
 
 def check_classifier(model, label_names) -> None:
     """An encoder given to `train` must carry a sequence-classification head with one output per label."""
-    from .model import CLASSIFIER_HEADS
-
     has_head = any(hasattr(model, n) for n in CLASSIFIER_HEADS)
     n = getattr(model.config, "num_labels", None)
     if not has_head or n != len(label_names):

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 from pathlib import Path
 
@@ -15,15 +14,15 @@ import torch
 from torch import nn
 
 from . import inject
-from .config import ConfigError, PrefixConfig, check_adapter_name
-from .encoder import PrefixEncoder
+from .adapters import AdapterSetMixin
+from .config import ConfigError, PrefixConfig
 from .hf_integration import HFIntegrationMixin
 
-CLASSIFIER_HEADS = inject.CLASSIFIER_HEADS  # old name, kept importable
 
-
-class PrefixModel(HFIntegrationMixin, nn.Module):
-    """The prefix engine; what transformers.Trainer, TRL and the Hub expect of a model comes from the mixin."""
+class PrefixModel(AdapterSetMixin, HFIntegrationMixin, nn.Module):
+    """The prefix engine: how the prefixes get into forward() and generate(). Adding, loading, saving and switching
+    named prefixes comes from AdapterSetMixin (adapters.py); what transformers.Trainer, TRL and the Hub expect of a
+    model from HFIntegrationMixin (hf_integration.py)."""
 
     def __init__(self, base_model: nn.Module):
         super().__init__()
@@ -41,133 +40,6 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         self._fwd_params = set(inspect.signature(base_model.forward).parameters)
         self.cache_kw = inject.cache_arg(base_model)  # "cache" from transformers 5.24, "past_key_values" before
         self._advertise_forward()
-
-    # ---- adapters -------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, cfg: PrefixConfig, tokenizer=None, init_token_ids=None) -> None:
-        """Add a fresh prefix. `tokenizer` is needed only for init="text" (to turn init_text into tokens);
-        `init_token_ids` only for init="examples" (formatted training examples; used once, never saved)."""
-        cfg = self._adapter_config(name, cfg)
-        if cfg.init == "examples" and not init_token_ids:
-            raise ConfigError("init='examples' needs the examples as token ids: attach(base, cfg, init_token_ids=ids), "
-                              "e.g. from training.data.example_token_ids (prefixtune train does this)")
-        if cfg.init == "text" and "init_token_ids" not in cfg.extra:
-            if tokenizer is None:
-                raise ConfigError("init='text' needs the tokenizer: attach(base, cfg, tokenizer=tokenizer)")
-            ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ConfigError(f"init_text {cfg.init_text!r} tokenizes to nothing; give a short task description")
-            cfg.extra["init_token_ids"] = list(ids)
-        enc = self._new_encoder(cfg)
-        from .initialize import initialise  # late import: init runs the base model
-
-        initialise(self, enc, cfg, init_token_ids)
-        self._install(name, cfg, enc)
-
-    def _adapter_config(self, name: str, cfg: PrefixConfig) -> PrefixConfig:
-        """Check that adapter `name` can be added with `cfg`; -> a copy filled in for this base model."""
-        check_adapter_name(name)
-        if name in self.prefixes:
-            raise ConfigError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r})")
-        if cfg.placement != "decoder" and self.arch.kind != "seq2seq":
-            raise ConfigError(f"placement={cfg.placement!r} only applies to encoder-decoder models; use 'decoder'")
-        cfg = copy.deepcopy(cfg)
-        cfg.base_model_name_or_path = cfg.base_model_name_or_path or getattr(
-            self.base_model.config, "_name_or_path", None
-        )
-        cfg.task_type = self.arch.peft_task_type
-        return cfg
-
-    def _new_encoder(self, cfg: PrefixConfig) -> PrefixEncoder:
-        """The adapter's parameters in their shapes, with nn defaults (peft's init); the base model does not run."""
-        return PrefixEncoder(cfg, inject.num_groups(self.arch, cfg.placement), self.arch.token_dim)
-
-    def _install(self, name: str, cfg: PrefixConfig, enc: PrefixEncoder) -> None:
-        if cfg.placement == "full" and self._encoder_hooks is None:
-            self._encoder_hooks = inject.EncoderPrefixHooks(self.base_model)
-        self.prefixes[name] = enc.to(self._device)
-        self.configs[name] = cfg
-        head = self._base_head()
-        if head is not None:
-            self.heads[name] = copy.deepcopy(head).requires_grad_(True)
-        if self.active_adapter is None:
-            self.set_adapter(name)
-
-    def set_adapter(self, name: str) -> None:
-        if name not in self.prefixes:
-            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
-        self.active_adapter = name
-        if name in self.heads:
-            setattr(self.base_model, self._head_name, self.heads[name])
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.prefixes:
-            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
-        del self.prefixes[name]
-        self.configs.pop(name)
-        self._eval_memo.pop(name, None)
-        if name in self.heads:
-            del self.heads[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.prefixes), None)
-            if self.active_adapter:
-                self.set_adapter(self.active_adapter)
-
-    def load_adapter(self, directory: str | Path, name: str = "default", trainable: bool = False) -> None:
-        from .adapter_io import read_adapter
-
-        check_adapter_name(name)
-        if not Path(directory).exists():
-            from .hub import looks_like_repo_id, resolve
-
-            if looks_like_repo_id(directory):  # "user/repo": download from the Hub (or its local cache)
-                directory = resolve(str(directory))
-        cfg, state, head_state = read_adapter(directory, self.arch, self._base_head())
-        if name in self.prefixes:
-            self.delete_adapter(name)
-        # The weights come from the file: build the encoder in its shapes and load them, without initialising
-        # (which would run the base model for a prefix that is then overwritten).
-        cfg = self._adapter_config(name, cfg)
-        enc = self._new_encoder(cfg)
-        enc.load_state_dict(state)
-        self._install(name, cfg, enc)
-        if head_state is not None:
-            self.heads[name].load_state_dict(head_state)
-        self.prefixes[name].requires_grad_(trainable)
-        if name in self.heads:
-            self.heads[name].requires_grad_(trainable)
-
-    def load_adapter_weights(self, directory: str | Path, name: str | None = None) -> None:
-        """Load saved weights into adapter `name` (default: active) in place, so an optimizer built on its
-        parameters (and that optimizer's restored state) stays attached: resuming training from a checkpoint."""
-        from .adapter_io import read_adapter
-
-        name = name or self.active_adapter
-        if name not in self.prefixes:
-            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
-        _, state, head_state = read_adapter(directory, self.arch, self._base_head())
-        enc = self.prefixes[name]
-        mine = enc.state_dict()
-        if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in state):
-            raise ConfigError(
-                f"checkpoint {directory} does not match adapter {name!r}: checkpoint has {sorted(state)}, the adapter "
-                f"has {sorted(mine)} (a projection adapter resumes only from checkpoints saved with keep_projection)"
-            )
-        enc.load_state_dict(state)  # copies into the existing tensors
-        if head_state is not None and name in self.heads:
-            self.heads[name].load_state_dict(head_state)
-        self._eval_memo.pop(name, None)
-
-    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
-        """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
-        from .adapter_io import write_adapter
-
-        name = name or self.active_adapter
-        if name not in self.prefixes:
-            raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
-        head = self.heads[name] if name in self.heads else None
-        return write_adapter(
-            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection
-        )
 
     # ---- prefix key/values --------------------------------------------------------------------------
     @property
@@ -405,26 +277,6 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
-
-    def param_groups(self, lr: float, projection_lr: float | None = None, weight_decay: float = 0.0,
-                     head_lr: float | None = None) -> list[dict]:
-        """Optimizer groups: the prefix tables at `lr`, the projection MLPs at `projection_lr`, an encoder
-        classifier's head at `head_lr` (each None: `lr`).
-
-        Li & Liang tune the MLP with the table; a separate rate lets the (larger, folded-away) MLP move slower. A
-        freshly initialised head and a prefix started from real key/values need not want the same rate."""
-        table, mlp = [], []
-        for enc in self.prefixes.values():
-            for name, p in enc.named_parameters():
-                if p.requires_grad:
-                    (mlp if name.startswith("transform.") else table).append(p)
-        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]  # heads
-        own_head = bool(rest) and head_lr is not None  # else one group, as checkpoints written before head_lr hold
-        groups = [{"params": table + ([] if own_head else rest), "lr": lr, "weight_decay": weight_decay}]
-        for params, rate in ((mlp, projection_lr), (rest if own_head else [], head_lr)):
-            if params:
-                groups.append({"params": params, "lr": lr if rate is None else rate, "weight_decay": weight_decay})
-        return groups
 
     def parameter_summary(self) -> str:
         trainable, total = self.trainable_parameters()

@@ -42,8 +42,9 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
     """Equal numbers of each label, disjoint train/eval, written as files the trainer reads like any user data.
     fix: repair the text with ftfy first (and, for the `builtin` corpus, leave out what stays garbled)."""
     from ..training import data as D
+    from ..training.sources import load_records
 
-    ds = D.load_records(str(csv_path))
+    ds = load_records(str(csv_path))
     text_col = D._column(ds, None, D.TEXT_COLUMNS, "text", "--data")
     label_col = D._column(ds, None, D.LABEL_COLUMNS, "label", "--data")
     ds, usable = repaired(ds, text_col, builtin, say) if fix else (ds, set(range(len(ds))))
@@ -73,10 +74,10 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
 def run(args) -> int:
     from ..loading import load_model
     from ..paths import existing_file, writable_dir
-    from ..training import data as D
     from ..training import evaluate as E
     from ..training.config import TrainConfig
     from ..training.loop import fit
+    from ..training.sources import load_records
     from . import assets
 
     t0 = time.perf_counter()
@@ -92,7 +93,7 @@ def run(args) -> int:
     print(f"model {model_path}\ndata  {data_path} -> {n_tr} train / {n_ev} eval (balanced, seed 0)")
 
     base, tok = load_model(model_path, dtype="fp32")
-    ev = D.load_records(str(eval_csv))
+    ev = load_records(str(eval_csv))
     labels = sorted(set(ev["sentiment"])) if args.data else LABELS
     zs = zero_shot(base, tok, ev, labels)
     print(f"zero-shot accuracy (rank over {labels}): {zs['accuracy']:.3f}  macro-F1 {zs['macro_f1']:.3f}  "
@@ -140,7 +141,7 @@ def add_step_zero(run_dir: Path, zs: dict, steps: int) -> tuple[int, float]:
     """Put the zero-shot score in the run's metrics.jsonl as step 0 and redraw the curves.
     -> (points on the accuracy curve, seconds the evaluations before the last one took)."""
     from ..adapter_io import write_text_atomic
-    from ..training.loop import plot_curves
+    from ..training.reporting import plot_curves
 
     path = run_dir / "metrics.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,9 +1,10 @@
-"""`prefixtune train` flags generated from the config dataclasses: one source of truth for names, types, help, defaults.
+"""Command-line flags generated from the config dataclasses: one source of truth for names, types, help, defaults.
 
-Each field of TrainConfig (and of its nested PrefixConfig) becomes `--field-name`, in the argparse group named by
-its metadata["group"], with metadata["help"] and the dataclass default in the help text. Fields marked
-metadata["internal"] get no flag. Every flag's argparse default is None, so only the flags actually given
-override a --config recipe (TrainConfig.from_sources).
+Each field of TrainConfig (and of its nested PrefixConfig) becomes a `prefixtune train` flag `--field-name`, each of
+EvalConfig's a `prefixtune eval` flag, in the argparse group named by its metadata["group"], with metadata["help"]
+and the dataclass default in the help text. Fields marked metadata["internal"] get no flag. Every flag's argparse
+default is None, so only the flags actually given override a --config recipe (TrainConfig.from_sources) or the
+dataclass default (EvalConfig).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ GROUPS = {  # metadata["group"] -> argparse group title, in --help order
     "optimisation": "optimisation",
     "evaluation": "evaluation",
     "output": "output",
+    "eval": "evaluation",
 }
 
 
@@ -29,9 +31,9 @@ def comma_list(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-def _default_text(f: dataclasses.Field) -> str:
+def _default_text(f: dataclasses.Field, recipe: bool) -> str:
     if f.metadata.get("required"):  # validate() insists; a recipe may give it instead of the flag
-        return "required, here or in --config"
+        return "required, here or in --config" if recipe else "required"
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -47,13 +49,14 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def flag_fields() -> list[tuple[dataclasses.Field, type, str]]:
-    """(field, resolved type, group) for every flag: TrainConfig's fields with PrefixConfig's in place of `prefix`.
+def flag_fields(config: type = TrainConfig) -> list[tuple[dataclasses.Field, type, str]]:
+    """(field, resolved type, group) for every flag of `config`; TrainConfig's with PrefixConfig's in place of `prefix`.
 
     A field declared without metadata still gets a flag (in "output"); tests/test_cli.py fails on its missing help.
     """
     out = []
-    for cls, group in ((TrainConfig, "output"), (PrefixConfig, "prefix")):
+    classes = ((TrainConfig, "output"), (PrefixConfig, "prefix")) if config is TrainConfig else ((config, "output"),)
+    for cls, group in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal") or f.metadata.get("nested"):
@@ -70,12 +73,19 @@ def _scalar(tp) -> type:
     return typing.get_origin(tp) or tp
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    for f, tp, group in flag_fields():
-        help = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".strip().replace("%", "%%")
+def add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> None:
+    """A flag per field of `config`. TrainConfig's required fields may come from a --config recipe instead, so only
+    other configs' required fields are required flags."""
+    recipe = config is TrainConfig
+    fields = flag_fields(config)
+    used = {group for _, _, group in fields}
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items() if key in used}
+    for f, tp, group in fields:
+        help = f"{f.metadata.get('help', '')} (default: {_default_text(f, recipe)})".strip().replace("%", "%%")
         kind = _scalar(tp)
         kw: dict = dict(dest=f.name, default=None, help=help)
+        if f.metadata.get("required") and not recipe:
+            kw["required"] = True
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is list:
@@ -89,6 +99,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         groups[group].add_argument(f"--{_flag(f.name)}", **kw)
 
 
-def overrides(args: argparse.Namespace) -> dict:
+def overrides(args: argparse.Namespace, config: type = TrainConfig) -> dict:
     """The flags' values by field name (None where a flag was not given)."""
-    return {f.name: getattr(args, f.name) for f, _, _ in flag_fields()}
+    return {f.name: getattr(args, f.name) for f, _, _ in flag_fields(config)}
+
+
+def config_from_flags(args: argparse.Namespace, config: type):
+    """`config` from the flags given (the dataclass defaults for the others); not validated."""
+    return config(**{k: v for k, v in overrides(args, config).items() if v is not None})

@@ -99,90 +99,59 @@ def resolve_adapter(args) -> str | None:
 
 
 def _add_eval(sub):
-    from ..training.config import EVAL_METHODS, TASKS
+    from ..training.config import EvalConfig
+    from .flags import add_config_flags
 
     p = sub.add_parser("eval", help="evaluate an adapter on a dataset",
                        description="Evaluate an adapter (or the bare model) on a dataset; writes eval.json and "
                        "predictions.jsonl.")
-    p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
     _add_adapter_args(p)
-    p.add_argument("--data", required=True, help="CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a "
-                   "DatasetDict is evaluated on its validation/test split (required)")
-    p.add_argument("--task", required=True, choices=TASKS, help="the task the adapter was trained for (required)")
-    p.add_argument("--method", default="rank", choices=EVAL_METHODS,
-                   help="classify: rank = label log-likelihood, generate = free generation; encoder classifiers are "
-                   "always scored by their head (default: rank)")
-    p.add_argument("--output", help="where eval.json / predictions.jsonl go (default: <adapter>/eval or ./eval)")
-    p.add_argument("--text-column", help="input text column (default: from the adapter's task.json, else guessed)")
-    p.add_argument("--label-column", help="classify: label column (default: from the adapter's task.json, else guessed)")
-    p.add_argument("--prompt-template", help="prompt template (default: from the adapter's task.json, else the task's)")
-    p.add_argument("--label-words", help="classify: comma-separated label set (default: from the adapter's task.json, "
-                   "else the data)")
-    p.add_argument("--max-length", type=int, help="longest tokenized example (default: the training run's, else 256)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
-    p.add_argument("--max-examples", type=int, help="evaluate at most this many rows (default: all)")
-    p.add_argument("--drop-incomplete", action="store_true", help="skip rows with an empty text or label (classify) or "
-                   "instruction or output (instruct), counted in the log (default: such rows are an error)")
-    p.add_argument("--fix-text", action="store_true", help="repair mojibake in the text columns with ftfy, as train "
-                   "--fix-text does (default: the text as read)")
+    add_config_flags(p, EvalConfig)
     p.set_defaults(fn=cmd_eval)
 
 
 def cmd_eval(args) -> int:
-    from .. import inject
-    from ..loading import load_model
+    from ..inject import kind_of_config
+    from ..loading import load_config, load_model
     from ..model import load_adapter
     from ..paths import writable_dir
-    from ..training import data as D
     from ..training import evaluate as E
-    from ..training.clean import prepare
-    from ..training.config import EVAL_METHODS, TASKS, RecipeError
+    from ..training.config import EvalConfig
+    from ..training.data import DataError
+    from ..training.sources import load_eval_data
+    from .flags import config_from_flags
 
-    if args.task not in TASKS:
-        raise RecipeError(f"unknown task {args.task!r}: use --task one of {', '.join(TASKS)}")
-    if args.method not in EVAL_METHODS:
-        raise RecipeError(f"unknown --method {args.method!r}: use one of {', '.join(EVAL_METHODS)}")
-    args.adapter = resolve_adapter(args)
-    info = read_task_info(args.adapter)
-    if info.get("task") not in (None, args.task):
-        print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {args.task!r}", file=sys.stderr)
-    out = writable_dir(args.output or (Path(args.adapter) / "eval" if args.adapter else "eval"), "--output")
-    ds = D.load_records(args.data)
-    if isinstance(ds, dict):  # a DatasetDict: evaluate its eval split
-        ds = ds[next((s for s in (*D.EVAL_SPLITS, "train") if s in ds), next(iter(ds)))]
-    if len(ds) == 0:
-        raise D.DataError(f"--data {args.data} is empty; nothing to evaluate")
-    ds = prepare(ds, args.task, text_column=args.text_column or info.get("text_column"), where=f"--data {args.data}",
-                 label_column=args.label_column or info.get("label_column"), drop_incomplete=args.drop_incomplete,
-                 repair_text=args.fix_text, say=lambda m: print(m, file=sys.stderr))
-    if args.max_examples:
-        ds = ds.select(range(min(args.max_examples, len(ds))))
-    max_length = args.max_length or info.get("max_length") or 256
-    words = [w.strip() for w in args.label_words.split(",")] if args.label_words else info.get("label_words")
-    head = _encoder_kind(args.model, args.task)
-    if head and not words:
-        raise D.DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
-                          "`prefixtune train` (task.json) or pass --label-words")
+    cfg = config_from_flags(args, EvalConfig).validate()
+    adapter = resolve_adapter(args)
+    out = writable_dir(cfg.output or (Path(adapter) / "eval" if adapter else "eval"), "--output")
+    info = read_task_info(adapter)
+    if info.get("task") not in (None, cfg.task):
+        print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {cfg.task!r}", file=sys.stderr)
+    kind = kind_of_config(load_config(cfg.model), cfg.task)
+    max_length = cfg.max_length or info.get("max_length") or 256
+    fields = {k: getattr(cfg, k) or info.get(k) for k in ("text_column", "label_column", "prompt_template", "label_words")}
+    head = kind == "encoder"
+    if head and not fields["label_words"]:
+        raise DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
+                        "`prefixtune train` (task.json) or pass --label-words")
     # an adapter trained with a head brings its own (loaded over the base's), so the base's head size does not matter
-    base, tok = load_model(args.model, task=args.task, label_names=words if head else None,
+    base, tok = load_model(cfg.model, task=cfg.task, label_names=fields["label_words"] if head else None,
                            new_head=bool(head and info.get("head")))
-    model = load_adapter(base, args.adapter) if args.adapter else base
-    is_ed = inject.kind_of_config(base.config) == "seq2seq"
-    kw = dict(is_encoder_decoder=is_ed, text_column=args.text_column or info.get("text_column"),
-              label_column=args.label_column or info.get("label_column"), head=head,
-              prompt_template=args.prompt_template or info.get("prompt_template"), max_length=max_length, on_truncate="warn")
-    tokd, tinfo = D.tokenize_dataset(ds, tok, args.task, label_words=words, **kw)
-    if args.task == "classify":
-        task_info = {k: tinfo.get(k) for k in ("label_words", "text_column", "label_column", "prompt_template")}
-        result, preds = E.evaluate_classify(model, tok, ds, task_info, method=args.method, batch_size=args.batch_size,
-                                            max_length=max_length)
-        result["loss"] = E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)["loss"]
+    model = load_adapter(base, adapter) if adapter else base
+    # the training loop's data path: the same reading, columns, template and truncation rules
+    data = load_eval_data(cfg.data, tok, cfg.task, kind, fields, max_length=max_length, max_examples=cfg.max_examples,
+                          drop_incomplete=cfg.drop_incomplete, fix_text=cfg.fix_text,
+                          say=lambda m: print(m, file=sys.stderr))
+    if cfg.task == "classify":
+        result, preds = E.evaluate_classify(model, tok, data.eval_raw, data.task_info, method=cfg.method,
+                                            batch_size=cfg.batch_size, max_length=max_length)
+        result["loss"] = E.evaluate_loss(model, tok, data.eval, batch_size=cfg.batch_size)["loss"]
         warning = E.single_class_warning(result, result["loss"])
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
             result["single_class_warning"] = warning
     else:
-        result, preds = {"task": args.task, **E.evaluate_loss(model, tok, tokd, batch_size=args.batch_size)}, None
+        result, preds = {"task": cfg.task, **E.evaluate_loss(model, tok, data.eval, batch_size=cfg.batch_size)}, None
     E.write_results(out, result, preds)
     print(E.format_report(result))
     print(f"wrote {out / 'eval.json'}" + (f" and {out / 'predictions.jsonl'}" if preds is not None else ""))
@@ -281,8 +250,7 @@ def _add_demo(sub):
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULTS['max_steps']})")
     p.add_argument("--output", default="prefixtune-demo", help="where the data subset and the run go (default: "
                    "prefixtune-demo)")
-    p.add_argument("--train-examples", type=int, help="balanced training sample (default: "
-                   f"{DEFAULTS['train_examples']})")
+    p.add_argument("--train-examples", type=int, help=f"balanced training sample (default: {DEFAULTS['train_examples']})")
     p.add_argument("--eval-examples", type=int, help="balanced held-out sample, scored at step 0 (zero-shot) and "
                    f"{EVALS} times while training (default: {DEFAULTS['eval_examples']})")
     p.add_argument("--fix-text", action="store_true", help="with --data: repair mojibake with ftfy first (the "

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..config import ConfigError, PrefixConfig
 
@@ -25,14 +26,14 @@ EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank m
 ON_TRUNCATE = ("warn", "error", "drop")
 
 
-# Defaults measured per task (benchmarks/quality.py: SmolLM2-135M-Instruct, tweets; benchmarks/encoder_quality.py:
-# MiniLM; see the README). "prefix": PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries
-# (kind as inject.kind_of_config says) replace the task's for that kind of model. A recipe or flag always wins.
+# Each task's defaults, chosen by measurement (README "Benchmarks"; raw results in benchmarks/results/). "prefix":
+# PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries (kind as inject.kind_of_config
+# says) replace the task's for that kind of model. A recipe or flag always wins; `resolve` fills in the rest.
 TASK_DEFAULTS = {
-    "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 64, "init": "examples"}},  # README, 300 steps
+    "classify": {"lr": 1e-2, "prefix": {"num_virtual_tokens": 64, "init": "examples"}},
     "classify:seq2seq": {"lr": 3e-2, "prefix": {}},  # the examples start is not measured on T5/BART yet
-    "classify:encoder": {"lr": 3e-2, "prefix": {}, "base_dropout": False},  # encoder classifiers (README, encoder table)
-    "instruct": {"lr": 3e-2},  # README "Benchmarks", instruct rows
+    "classify:encoder": {"lr": 3e-2, "prefix": {}, "base_dropout": False},  # encoder classifiers: own table
+    "instruct": {"lr": 3e-2},
     "chat": {"lr": 3e-2},  # chat and lm: not measured separately, as instruct
     "lm": {"lr": 3e-2},
 }
@@ -89,8 +90,9 @@ class TrainConfig:
     fix_text: bool = _f(False, "data", "repair mojibake (UTF-8 read as Latin-1, e.g. \"Ã©\" for \"é\") in the text "
                         "columns with ftfy; the log says how many rows changed")
     # the prefix: PrefixConfig's own fields (flags --num-virtual-tokens, --projection, ...; recipe keys flat or
-    # under `prefix:`); None: the task's (task_defaults), set by validate()
-    prefix: PrefixConfig | None = field(default=None, metadata={"group": "prefix", "nested": True})
+    # under `prefix:`). A dict holds the fields a recipe or flag gave, the task's defaults fill the rest (`resolve`);
+    # None is an empty dict; a PrefixConfig is taken whole, as the caller's.
+    prefix: PrefixConfig | dict | None = field(default=None, metadata={"group": "prefix", "nested": True})
     # optimisation
     max_steps: int | None = _f(None, "optimisation", "optimizer steps (instead of --epochs)")
     epochs: float | None = _f(None, "optimisation", "passes over the training data", default_text="1 unless "
@@ -108,8 +110,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "optimisation", "share of the steps spent warming the learning rate up")
     scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
     max_grad_norm: float = _f(1.0, "optimisation", "clip the gradient norm to this")
-    # averaging the prefix over recent steps (training/ema.py); off by default: on the scored splits it smoothed the
-    # curve but ended level (README "Benchmarks", at 300 steps)
+    # averaging the prefix over recent steps (training/ema.py); off by default: it smoothed the curve but did not
+    # end higher (README "Benchmarks")
     ema: float = _f(0.0, "optimisation", "evaluate and save a moving average of the trainable weights with this "
                     "decay, e.g. 0.98 (0 = off: the last step's weights)")
     base_dropout: bool | None = _f(None, "optimisation", "keep the frozen model's own dropout while training "
@@ -135,25 +137,21 @@ class TrainConfig:
     progress: bool = _f(True, "output", "show a progress bar")
     report_to: str = _f("none", "output", "also log metrics and the run config to an experiment tracker, through "
                         "accelerate (tensorboard writes under <output>/prefixtune)", choices=REPORT_TO)
-    extra: dict = field(default_factory=dict, metadata={"internal": True})
 
-    def validate(self, kind: str | None = None) -> TrainConfig:
-        """Check every field and fill the unset ones from the task's defaults (`kind`: the model's, when known)."""
+    def validate(self) -> TrainConfig:
+        """Check every field the recipe, flags or caller gave (the one place a run config is checked); -> self.
+
+        Unset fields (None) stay unset: `resolve` fills them once the model's kind is known."""
         for name in ("model", "train", "task", "output"):
             if not getattr(self, name):
                 raise RecipeError(f"missing {name}: pass --{name} or set `{name}:` in the recipe")
-        if self.task not in TASKS:
-            raise RecipeError(f"unknown task {self.task!r}: use --task one of {', '.join(TASKS)}")
-        if self.precision not in PRECISIONS:
-            raise RecipeError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise RecipeError(f"scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-        if self.eval_method not in EVAL_METHODS:
-            raise RecipeError(f"eval_method {self.eval_method!r}: use one of {', '.join(EVAL_METHODS)}")
+        for name, allowed in (("task", TASKS), ("precision", PRECISIONS), ("scheduler", SCHEDULERS),
+                              ("eval_method", EVAL_METHODS), ("on_truncate", ON_TRUNCATE), ("report_to", REPORT_TO)):
+            if getattr(self, name) not in allowed:
+                what = f"unknown task {self.task!r}" if name == "task" else f"{name} {getattr(self, name)!r}"
+                raise RecipeError(f"{what}: use {'--task ' if name == 'task' else ''}one of {', '.join(allowed)}")
         if self.max_steps is not None and self.epochs is not None:
             raise RecipeError("give either max_steps or epochs, not both (a flag overrides the recipe's other one)")
-        if self.max_steps is None and self.epochs is None:
-            self.epochs = 1
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -164,37 +162,22 @@ class TrainConfig:
                 raise RecipeError(f"{name} must be a positive integer, got {v!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise RecipeError(f"epochs must be > 0, got {self.epochs!r}")
-        self.apply_task_defaults(kind)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise RecipeError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("projection_lr", "head_lr"):
+        for name in ("lr", "projection_lr", "head_lr"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise RecipeError(f"{name} must be a positive number, got {v!r}")
         if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
             raise RecipeError(f"ema must be a decay in [0, 1), e.g. 0.95 (0 = off), got {self.ema!r}")
-        if not isinstance(self.base_dropout, bool):
+        if self.base_dropout is not None and not isinstance(self.base_dropout, bool):
             raise RecipeError(f"base_dropout must be true or false, got {self.base_dropout!r}")
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
+        if not isinstance(self.prefix, (PrefixConfig, dict, type(None))):
+            raise RecipeError(f"prefix must be a PrefixConfig or a mapping of its fields, got {type(self.prefix).__name__}")
+        if isinstance(self.prefix, dict):
+            check_keys(self.prefix, "key under 'prefix:'", known=list(PREFIX_KEYS))
+            PrefixConfig(**self.prefix)  # its own checks (ConfigError naming the field)
         return self
-
-    def apply_task_defaults(self, kind: str | None = None) -> None:
-        """Fill what the recipe and flags left unset (lr, prefix fields) from task_defaults(task, kind).
-
-        The training loop learns the model's kind after the CLI validated the config, and validates again with it:
-        values filled here before are filled again (extra["defaulted"]), the user's never change."""
-        d = {"base_dropout": True, **task_defaults(self.task, kind)}
-        filled = self.extra.setdefault("defaulted", [])
-        for key in ("lr", "base_dropout"):
-            if key in d and (getattr(self, key) is None or key in filled):
-                setattr(self, key, d[key])
-                if key not in filled:
-                    filled.append(key)
-        if self.prefix is None:  # nothing given: the task's prefix; a PrefixConfig passed in is the caller's
-            self.extra["prefix_given"] = {}
-        if "prefix_given" in self.extra:
-            self.prefix = PrefixConfig(**{**d.get("prefix", {}), **self.extra["prefix_given"]})
 
     # Fields that define a run: resuming with different values would not continue the same run. Flat names (the
     # prefix's ones read from self.prefix), so a run.json written before the prefix was nested compares equal.
@@ -226,7 +209,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "key") -> TrainConfig:
-        """Flat keys (`num_virtual_tokens: 10`) and/or a nested `prefix:` mapping -> TrainConfig (not validated)."""
+        """Flat keys (`num_virtual_tokens: 10`) and/or a nested `prefix:` mapping -> TrainConfig (not validated);
+        its `prefix` is the dict of the prefix fields given."""
         values = dict(values)
         nested = values.pop("prefix", None) or {}
         if not isinstance(nested, (dict, PrefixConfig)):
@@ -240,13 +224,11 @@ class TrainConfig:
         both = sorted(k for k in flat_prefix if k in nested and flat_prefix[k] != nested[k])
         if both:
             raise RecipeError(f"{where} {both[0]!r} is given both flat and under 'prefix:' with different values; keep one")
-        given = {**nested, **flat_prefix}
-        extra = {**values.pop("extra", {}), "prefix_given": given}  # validate() puts the task's defaults under them
-        return cls(**values, prefix=PrefixConfig(**given), extra=extra)
+        return cls(**values, prefix={**nested, **flat_prefix})  # the task's defaults fill the rest (resolve)
 
     @classmethod
     def from_sources(cls, recipe: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-        """Recipe values, then every override that is not None (flags win)."""
+        """Recipe values, then every override that is not None (flags win); not validated yet (`validate`)."""
         values = load_recipe(recipe) if recipe else {}
         over = {k: v for k, v in (overrides or {}).items() if v is not None}
         check_keys(over, "flag")
@@ -261,7 +243,87 @@ class TrainConfig:
             if k in PREFIX_KEYS:
                 nested.pop(k, None)
         values["prefix"] = nested
-        return cls.from_dict({**values, **over}, "recipe").validate()
+        return cls.from_dict({**values, **over}, "recipe")
+
+
+@dataclass
+class EvalConfig:
+    """`prefixtune eval`: an adapter (or the bare model) scored on a dataset. Its flags are generated from these
+    fields (cli/flags.py); the adapter's own task.json fills what is left None (columns, template, labels, length)."""
+
+    model: str | None = _f(None, "eval", "base model: directory, Hub id or .gguf file", required=True)
+    data: str | None = _f(None, "eval", "CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a DatasetDict "
+                          "is evaluated on its validation/test split", required=True)
+    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True)
+    method: str = _f("rank", "eval", "classify: rank = label log-likelihood, generate = free generation; encoder "
+                     "classifiers are always scored by their head", choices=EVAL_METHODS)
+    output: str | None = _f(None, "eval", "where eval.json / predictions.jsonl go", default_text="<adapter>/eval or ./eval")
+    text_column: str | None = _f(None, "eval", "input text column", default_text="from the adapter's task.json, else guessed")
+    label_column: str | None = _f(None, "eval", "classify: label column",
+                                  default_text="from the adapter's task.json, else guessed")
+    prompt_template: str | None = _f(None, "eval", "prompt template",
+                                     default_text="from the adapter's task.json, else the task's")
+    label_words: list[str] | None = _f(None, "eval", "classify: comma-separated label set",
+                                       default_text="from the adapter's task.json, else the data")
+    max_length: int | None = _f(None, "eval", "longest tokenized example", default_text="the training run's, else 256")
+    batch_size: int = _f(16, "eval", "examples per batch")
+    max_examples: int | None = _f(None, "eval", "evaluate at most this many rows", default_text="all")
+    drop_incomplete: bool = _f(False, "eval", "skip rows with an empty text or label (classify) or instruction or output "
+                               "(instruct), counted in the log; without it such rows are an error")
+    fix_text: bool = _f(False, "eval", "repair mojibake in the text columns with ftfy, as train --fix-text does")
+
+    def validate(self) -> EvalConfig:
+        for name in ("model", "data", "task"):
+            if not getattr(self, name):
+                raise RecipeError(f"missing {name}: pass --{name}")
+        if self.task not in TASKS:
+            raise RecipeError(f"unknown task {self.task!r}: use --task one of {', '.join(TASKS)}")
+        if self.method not in EVAL_METHODS:
+            raise RecipeError(f"unknown --method {self.method!r}: use one of {', '.join(EVAL_METHODS)}")
+        for name in ("batch_size", "max_length", "max_examples"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        return self
+
+
+class Resolved(NamedTuple):
+    """A run config with every default filled in, and which values came from the task's defaults."""
+
+    config: TrainConfig
+    defaults: dict  # field -> value the task (or the library) chose; prefix fields as "prefix.NAME"
+
+    def describe(self, kind: str | None = None) -> str:
+        """One line for the run's log: which values the task's defaults set."""
+        on = f"{self.config.task} on a {kind} model" if kind else self.config.task
+        if not self.defaults:
+            return f"defaults for {on}: none used (every value was given)"
+        used = ", ".join(f"{k.removeprefix('prefix.')} {v}" for k, v in self.defaults.items())
+        return f"defaults for {on}: {used} (a flag or recipe key overrides each)"
+
+
+def resolve(cfg: TrainConfig, kind: str | None = None) -> Resolved:
+    """Fill what the recipe, flags and caller left unset from task_defaults(cfg.task, kind): lr, base_dropout, the
+    prefix fields not given, epochs (1 unless max_steps). -> a filled copy and the filled values; `cfg` is unchanged.
+
+    `kind` is the model's ("causal", "seq2seq", "encoder"; None: not known, the task's own defaults). The training
+    loop calls this once, after `validate` and before anything trains, and logs and records the result."""
+    d = task_defaults(cfg.task, kind)
+    filled: dict = {}
+    changes: dict = {}
+    for key, value in (("lr", d.get("lr")), ("base_dropout", d.get("base_dropout", True))):
+        if getattr(cfg, key) is None and value is not None:
+            changes[key] = filled[key] = value
+    if cfg.max_steps is None and cfg.epochs is None:
+        changes["epochs"] = filled["epochs"] = 1
+    if isinstance(cfg.prefix, PrefixConfig):  # the caller's whole prefix
+        changes["prefix"] = PrefixConfig.from_dict(cfg.prefix.to_dict())
+    else:
+        given = cfg.prefix or {}
+        task_prefix = {k: v for k, v in d.get("prefix", {}).items() if k not in given}
+        filled.update({f"prefix.{k}": v for k, v in task_prefix.items()})
+        changes["prefix"] = PrefixConfig(**{**task_prefix, **given})
+    return Resolved(dataclasses.replace(cfg, **changes), filled)
 
 
 # PrefixConfig fields a user sets; the rest are filled in by `attach` (base model, task type) or internal.

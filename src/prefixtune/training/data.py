@@ -1,4 +1,4 @@
-"""Loading, formatting, tokenizing and batching training data.
+"""Formatting, tokenizing and batching training data (reading it, and which rows: sources.py).
 
 Every task turns a record into (prompt ids, target ids); the loss is only on the target.
 Causal models see prompt + target in one sequence with the prompt masked to -100; seq2seq
@@ -8,16 +8,13 @@ models get the prompt as input_ids and the target as labels. Outputs are plain p
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset
 
 from .config import ON_TRUNCATE, TASKS  # declared once, beside the flags that take them
 
@@ -25,7 +22,6 @@ log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
-EVAL_SPLITS = ("validation", "test", "eval")
 CLASSIFY_TEMPLATE_CAUSAL = "{text}\nLabel: "
 CLASSIFY_TEMPLATE_SEQ2SEQ = "{text}"
 CLASSIFY_TEMPLATE_HEAD = "{text}"  # encoder classifiers: the text alone, [CLS] ... [SEP] added by the tokenizer
@@ -37,171 +33,8 @@ class DataError(ValueError):
     """Bad data or arguments; the message names the culprit and the fix."""
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset:
-    """Load a save_to_disk directory, a .csv/.jsonl/.json/.parquet file, or a Hub dataset name."""
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        if not any(path.iterdir()):
-            raise DataError(f"{path} is an empty directory; pass a data file or the directory save_to_disk wrote")
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise DataError(f"{path} is a directory but not a dataset saved with save_to_disk ({type(e).__name__}: "
-                            f"{_first_line(e)}); pass the directory save_to_disk wrote, or a data file") from None
-    elif suffix in (".csv", ".jsonl", ".json", ".parquet"):
-        if not path.exists():
-            raise DataError(f"data file {path} does not exist; check the path")
-        ds = _read_file(path, suffix)
-        ds.info.dataset_name = path.name  # so column errors can say which file
-    elif path.is_file():
-        raise DataError(f"{path} is a {suffix or 'suffix-less'} file; pass a .csv, .jsonl, .json or .parquet file (or "
-                        "a save_to_disk directory)")
-    else:
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as e:
-            raise DataError(
-                f"{source!r} does not exist locally and could not be loaded from the Hugging Face Hub "
-                f"({type(e).__name__}: {e}). Pass a local .csv/.jsonl/.parquet file or save_to_disk directory."
-            ) from e
-        return ds
-    if split is not None and isinstance(ds, DatasetDict):
-        if split not in ds:
-            raise DataError(f"split {split!r} not in {source}; available splits: {', '.join(ds)}")
-        ds = ds[split]
-    return ds
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def _read_file(path: Path, suffix: str) -> Dataset:
-    """Read one data file; a broken file is a DataError naming the file (and the line, where one is to blame)."""
-    if suffix != ".parquet":
-        with open(path, "rb") as f:
-            if b"\0" in f.read(1 << 16):  # text in any encoding we read has no NUL bytes
-                raise DataError(f"{path} is not a text file (it holds NUL bytes): save it as UTF-8 or Latin-1 "
-                                f"{suffix[1:].upper()}")
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".parquet":
-        try:
-            return Dataset.from_parquet(str(path))
-        except Exception as e:
-            raise DataError(f"{path} is not a readable Parquet file, perhaps truncated or corrupt "
-                            f"({type(e).__name__}: {_first_line(e)}); write it again") from None
-    _check_utf8(path)
-    try:
-        return Dataset.from_json(str(path))
-    except Exception as e:
-        raise DataError(_json_problem(path, suffix) or f"{path} could not be read as JSON Lines "
-                        f"({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _check_utf8(path: Path) -> None:
-    """JSON is UTF-8 by definition, and Arrow's reader would otherwise skip or mangle rows with a bad byte."""
-    import codecs
-
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 (byte {offset + e.start}): JSON must be UTF-8; re-save it as "
-                                "UTF-8") from None
-            offset += len(chunk)
-
-
-def _json_problem(path: Path, suffix: str) -> str | None:
-    """The first broken line of a JSON Lines file (or the position in a .json document), said plainly."""
-    text = path.read_text(encoding="utf-8")  # _check_utf8 passed
-    if suffix == ".json" and text.lstrip().startswith(("[", "{")) and "\n{" not in text.strip():
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); fix that line"
-        return None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove that line"
-        if not isinstance(row, dict):
-            return f"{path} line {n}: each line must be a JSON object {{...}}, got {type(row).__name__}"
-    return None
-
-
-def _read_csv(path: Path) -> Dataset:
-    import pandas as pd
-
-    # keep_default_na=False: a tweet that says "NA" is text, not a missing value
-    for enc in ("utf-8", "latin-1"):  # latin-1 decodes any byte string, so it is the last resort
-        try:
-            df = pd.read_csv(path, encoding=enc, keep_default_na=False)
-            break
-        except UnicodeDecodeError:
-            log.info("%s is not utf-8, retrying as latin-1", path)
-        except pd.errors.ParserError as e:  # e.g. an unbalanced quote: "EOF inside string starting at row 7"
-            raise DataError(f"{path} is not a well-formed CSV ({_first_line(e)}); check the quotes on that row") from None
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path} is empty; it needs a header row and data rows") from None
-    if len(df.columns) == 0:
-        raise DataError(f"{path} has no columns; is it an empty CSV?")
-    return Dataset.from_pandas(df, preserve_index=False)
-
-
 def _where(ds: Dataset) -> str:
     return ds.info.dataset_name or "the dataset"
-
-
-def split_train_eval(
-    ds_or_dict: Dataset | DatasetDict,
-    eval_fraction: float = 0.1,
-    seed: int = 0,
-    eval_source: str | Dataset | DatasetDict | None = None,
-) -> tuple[Dataset, Dataset]:
-    """(train, eval): explicit eval_source > the dict's own eval split > a seeded random split."""
-    if isinstance(ds_or_dict, DatasetDict):
-        if "train" in ds_or_dict:
-            train = ds_or_dict["train"]
-        elif len(ds_or_dict) == 1:
-            train = next(iter(ds_or_dict.values()))
-        else:
-            raise DataError(f"no 'train' split; available splits: {', '.join(ds_or_dict)}. Rename one to 'train'")
-        own_eval = next((ds_or_dict[s] for s in EVAL_SPLITS if s in ds_or_dict), None)
-    else:
-        train, own_eval = ds_or_dict, None
-    if len(train) == 0:
-        raise DataError(f"the training data ({_where(train)}) is empty")
-
-    if eval_source is not None:
-        ev = load_records(eval_source) if isinstance(eval_source, str) else eval_source
-        if isinstance(ev, DatasetDict):
-            name = next((s for s in (*EVAL_SPLITS, "train") if s in ev), None)
-            if name is None:
-                raise DataError(f"eval source has no {'/'.join(EVAL_SPLITS)} split; available: {', '.join(ev)}")
-            ev = ev[name]
-    elif own_eval is not None:
-        ev = own_eval
-    else:
-        if not 0 < eval_fraction < 1:
-            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        if len(train) < 2:
-            raise DataError(f"{_where(train)} has {len(train)} example; need at least 2 to split off an eval set")
-        n_eval = min(len(train) - 1, max(1, round(len(train) * eval_fraction)))
-        parts = train.train_test_split(test_size=n_eval, seed=seed)
-        train, ev = parts["train"], parts["test"]
-    if len(ev) == 0:
-        raise DataError("the eval data is empty; pass a non-empty eval source or use eval_fraction")
-    return train, ev
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -581,33 +414,3 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
         longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
         batches[0], batches[longest] = batches[longest], batches[0]
     return batches
-
-
-def example_token_ids(rows: Dataset, tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
-    """`n_tokens` token ids of whole training examples (prompt and answer, blank-line separated) for init="examples".
-
-    Examples are taken a label at a time in turn (classify; one of each answer before a second of any), short
-    ones first so several fit, in a seeded order; the last one is cut at n_tokens.
-    """
-    rng = random.Random(seed)
-    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    drop = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id} - {None}
-    groups: dict[Any, list[list[int]]] = {}
-    for ids, labels in zip(rows["input_ids"], rows["labels"]):
-        answer = [t for t in labels if t != -100] if isinstance(labels, list) else [labels]  # head: a class index
-        text = list(ids) if isinstance(labels, int) or len(labels) == len(ids) else list(ids) + answer  # seq2seq
-        text = [t for t in text if t not in drop]
-        groups.setdefault(tuple(answer), []).append(text)
-    if len(groups) > 32:  # free-form answers (instruct, chat, lm): one pool
-        groups = {None: [t for g in groups.values() for t in g]}
-    short = max(8, n_tokens // 3)
-    pools = []
-    for g in groups.values():
-        rng.shuffle(g)
-        pools.append(sorted(g, key=lambda t: len(t) > short))  # stable: the short ones first, in the seeded order
-    out: list[int] = []
-    for i in range(max(len(p) for p in pools)):
-        for p in pools:
-            if i < len(p) and len(out) < n_tokens:
-                out += (sep if out else []) + p[i]
-    return out[:n_tokens]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..inject import kind_of_config
+from ..inject import kind_of_config, lm_head_gives_logits
 from . import data as D
 
 OTHER = "<other>"
@@ -47,12 +47,6 @@ def is_head_classifier(model) -> bool:
     return kind_of_config(_unwrap(model).config) == "encoder"
 
 
-def _head_only_ok(model) -> bool:
-    cfg = _unwrap(model).config
-    # models that post-process logits (soft-capping, scaling) go through the full forward instead
-    return getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
-
-
 def selected_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logits [N, V] fp32, target ids [N], row index [N]) for the N label positions of the batch."""
     labels = batch["labels"]
@@ -68,7 +62,7 @@ def selected_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     targets = labels[:, 1:]
     sel = targets != -100
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[sel]
-    if _head_only_ok(m):
+    if lm_head_gives_logits(m.config):
         hidden = _causal_hidden(m, batch["input_ids"], batch["attention_mask"])
         base = m.base_model if hasattr(m, "arch") else m
         logits = base.get_output_embeddings()(hidden[:, :-1][sel])

@@ -1,10 +1,10 @@
 """`transformers.Trainer` and TRL's `SFTTrainer` with a PrefixModel.
 
-    from prefixtune.hf_trainer import PrefixTrainer          # = transformers.Trainer + the three methods below
+    from prefixtune.training.hf_trainer import PrefixTrainer      # = transformers.Trainer + the three methods below
     trainer = PrefixTrainer(model=pt.attach(base, cfg), args=TrainingArguments(...), train_dataset=..., ...)
     trainer.train(); trainer.train(resume_from_checkpoint=True); trainer.save_model("out")  # out/ is an adapter
 
-    from prefixtune.hf_trainer import PrefixSFTTrainer       # = trl.SFTTrainer, same additions (needs trl)
+    from prefixtune.training.hf_trainer import PrefixSFTTrainer   # = trl.SFTTrainer, same additions (needs trl)
 
 Why a subclass at all: `Trainer._save` calls `model.save_pretrained` only for `PreTrainedModel` / `PeftModel`
 instances (an isinstance check); any other module gets its whole `state_dict()` written, frozen base included, and
@@ -35,6 +35,8 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 class PrefixTrainerMixin:
     """Save / resume / load-best through adapter files when the model is a PrefixModel; otherwise unchanged."""
+
+    writes_adapter_checkpoints = True  # read by PrefixModel's warning about stock Trainers (hf_integration.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

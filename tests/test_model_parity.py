@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import pytest
-import tiny
 import torch
+from helpers import PAD_SIDE, pad_prompts, randomise, two_adapters
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune as pt
-
-
-def _randomise(model, seed=0):
-    """Give every prefix non-trivial values (peft's N(0,1) is already random; make it explicit and seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prefixes.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
 
 
 def _gen_kwargs(kind):
@@ -26,16 +18,16 @@ def _gen_kwargs(kind):
 
 
 # ---- parity with peft ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", tiny.ALL)
+@pytest.mark.parametrize("kind", helpers.ALL)
 def test_same_outputs_as_peft_with_same_weights(kind, tmp_path):
-    base = tiny.make(kind)
-    kw = tiny.batch(kind)
-    model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5))).eval()
+    base = helpers.make(kind)
+    kw = helpers.batch(kind)
+    model = randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=5))).eval()
     ours = model(**kw)
     model.save_adapter(tmp_path / "a")
     ref = PeftModel.from_pretrained(base, tmp_path / "a").eval()
     if kind == "bert":  # peft's forward for encoders, restated where peft refuses them (tests/helpers.py)
-        torch.testing.assert_close(ours.logits, tiny.peft_logits(ref, **kw), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.logits, helpers.peft_logits(ref, **kw), atol=1e-5, rtol=0)
     else:
         theirs = ref(**kw)
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
@@ -47,29 +39,29 @@ def test_same_outputs_as_peft_with_same_weights(kind, tmp_path):
         ids, mask = kw["input_ids"], kw["attention_mask"]
         g1 = model.generate(input_ids=ids, attention_mask=mask, **_gen_kwargs(kind))
         # peft's forward stepped greedily: peft's own generate() no longer follows it on transformers >= 5.24
-        g2 = tiny.greedy_by_forward(ref, ids, mask, _gen_kwargs(kind)["max_new_tokens"], seq2seq=kind in tiny.SEQ2SEQ)
+        g2 = helpers.greedy_by_forward(ref, ids, mask, _gen_kwargs(kind)["max_new_tokens"], seq2seq=kind in helpers.SEQ2SEQ)
         assert torch.equal(g1, g2)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bert"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_peft_saved_adapter_loads_in_ours(kind, projection, tmp_path):
-    base = tiny.make(kind)
-    kw = tiny.batch(kind)
+    base = helpers.make(kind)
+    kw = helpers.batch(kind)
     task = {"t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}.get(kind, "CAUSAL_LM")
     torch.manual_seed(3)
     ref = get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=4, prefix_projection=projection,
                                                   encoder_hidden_size=32))
     ref.eval()
-    expected = tiny.peft_logits(ref, **kw)
+    expected = helpers.peft_logits(ref, **kw)
     ref.save_pretrained(tmp_path / "peft")
-    ours = pt.load_adapter(tiny.make(kind), tmp_path / "peft").eval()  # same seed: same base weights
+    ours = pt.load_adapter(helpers.make(kind), tmp_path / "peft").eval()  # same seed: same base weights
     torch.testing.assert_close(ours(**kw).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_projection_folds_on_save_and_keep_projection_resumes(tmp_path):
-    base = tiny.make("llama")
-    kw = tiny.batch("llama")
+    base = helpers.make("llama")
+    kw = helpers.batch("llama")
     model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16, init="peft")).eval()
     expected = model(**kw).logits
     model.save_adapter(tmp_path / "folded")
@@ -88,7 +80,7 @@ def test_projection_folds_on_save_and_keep_projection_resumes(tmp_path):
 
 
 def test_saved_config_is_peft_shaped(tmp_path):
-    model = pt.attach(tiny.make("qwen3"), pt.PrefixConfig(num_virtual_tokens=3))
+    model = pt.attach(helpers.make("qwen3"), pt.PrefixConfig(num_virtual_tokens=3))
     model.save_adapter(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["task_type"] == "CAUSAL_LM"
@@ -98,16 +90,10 @@ def test_saved_config_is_peft_shaped(tmp_path):
 
 
 # ---- several prefixes, one batch --------------------------------------------------------------------------
-def _two_adapters(kind, p_a=5, p_b=3):
-    model = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=p_a), name="a")
-    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=p_b))
-    return _randomise(model).eval()
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3", "mistral", "bloom", "t5", "bart", "bert"])
 def test_mixed_batch_rows_equal_rows_run_alone(kind):
-    model = _two_adapters(kind)
-    kw = tiny.batch(kind, b=4)
+    model = two_adapters(kind)
+    kw = helpers.batch(kind, b=4)
     names = ["a", "b", None, "a"]
     mixed = model(**kw, adapter_names=names).logits
     for i, name in enumerate(names):
@@ -119,9 +105,9 @@ def test_mixed_batch_rows_equal_rows_run_alone(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom", "t5", "bart"])
 def test_mixed_batch_generate_with_left_padding(kind):
-    model = _two_adapters(kind)
+    model = two_adapters(kind)
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
+    prompts = [torch.randint(3, helpers.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
     names = ["a", None, "b"]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(3, width, dtype=torch.long)
@@ -139,7 +125,7 @@ def test_mixed_batch_generate_with_left_padding(kind):
 
 
 def test_single_adapter_prefix_is_expanded_not_copied():
-    model = _two_adapters("llama")
+    model = two_adapters("llama")
     layers, mask = model.prefix_batch(["a"] * 8)
     k, v = layers[0]
     assert k.shape[0] == 8 and k.stride(0) == 0 and v.stride(0) == 0
@@ -148,10 +134,10 @@ def test_single_adapter_prefix_is_expanded_not_copied():
 
 
 def test_eval_mode_computes_projected_prefix_once():
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16)).eval()
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16)).eval()
     calls = []
     model.prefixes["default"].transform.register_forward_hook(lambda *a: calls.append(1))
-    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    ids = torch.randint(3, helpers.VOCAB, (2, 5))
     model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert len(calls) == 1
@@ -168,10 +154,10 @@ def test_eval_mode_computes_projected_prefix_once():
 # ---- training paths ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bloom", "t5", "bert"])
 def test_gradient_checkpointing_same_loss_and_grads(kind):
-    kw = tiny.batch(kind)
+    kw = helpers.batch(kind)
     results = []
     for checkpointing in (False, True):
-        model = _randomise(pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=8)))
+        model = randomise(pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=8)))
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
@@ -196,7 +182,7 @@ def test_gradient_checkpointing_same_loss_and_grads(kind):
 
 
 def test_only_prefix_is_trainable_and_summary():
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=10))
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=10))
     trainable, total = model.trainable_parameters()
     assert trainable == 10 * 2 * 2 * (2 * 16)  # P * layers * (k,v) * kv_heads*head_dim
     assert all(not p.requires_grad for p in model.base_model.parameters())
@@ -204,10 +190,10 @@ def test_only_prefix_is_trainable_and_summary():
 
 
 def test_training_step_changes_only_the_prefix():
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).train()
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).train()
     before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
-    kw = tiny.batch("llama")
+    kw = helpers.batch("llama")
     first = model(**kw).loss.item()
     for _ in range(30):
         opt.zero_grad()
@@ -221,8 +207,8 @@ def test_training_step_changes_only_the_prefix():
 # ---- generation modes ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_static_cache_generation_matches_dynamic(kind):
-    model = _two_adapters(kind)
-    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    model = two_adapters(kind)
+    ids = torch.randint(3, helpers.VOCAB, (2, 5))
     dyn = model.generate(input_ids=ids, adapter_names=["a", "b"], **_gen_kwargs(kind))
     static = model.generate(input_ids=ids, adapter_names=["a", "b"], cache_implementation="static", **_gen_kwargs(kind))
     assert torch.equal(dyn, static)
@@ -230,8 +216,8 @@ def test_static_cache_generation_matches_dynamic(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_beam_search_sampling_and_multiple_returns(kind):
-    model = _two_adapters(kind)
-    ids = torch.randint(3, tiny.VOCAB, (2, 5))
+    model = two_adapters(kind)
+    ids = torch.randint(3, helpers.VOCAB, (2, 5))
     beams = model.generate(input_ids=ids, adapter_names=["a", None], num_beams=3, max_new_tokens=5, pad_token_id=0)
     assert beams.shape[0] == 2
     # beam search with one beam is greedy
@@ -245,10 +231,10 @@ def test_beam_search_sampling_and_multiple_returns(kind):
 
 
 def test_bf16_base_model_runs_with_fp32_prefix_params():
-    base = tiny.make("llama").to(torch.bfloat16)
+    base = helpers.make("llama").to(torch.bfloat16)
     model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=4))
     assert model.prefixes["default"].embedding.weight.dtype == torch.float32  # master weights stay fp32
-    out = model(**tiny.batch("llama"))
+    out = model(**helpers.batch("llama"))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.prefixes["default"].embedding.weight.grad is not None
@@ -257,10 +243,10 @@ def test_bf16_base_model_runs_with_fp32_prefix_params():
 # ---- initialisation ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "t5", "bert"])
 def test_vocab_init_uses_real_key_values(kind):
-    model = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="vocab"))
+    model = pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="vocab"))
     table = model.prefixes["default"].embedding.weight
     assert table.abs().sum() > 0 and table.std() < 5
-    zero = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="zero"))
+    zero = pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=4, init="zero"))
     assert zero.prefixes["default"].embedding.weight.abs().sum() == 0
 
 
@@ -270,7 +256,7 @@ def test_bad_config_values():
         pt.PrefixConfig(num_virtual_tokens=0)
     for bad in ["../x", "a/b", "", "with space", "..", "x" * 65]:
         with pytest.raises(pt.ConfigError, match="not a plain name"):
-            pt.attach(tiny.make("gpt2"), pt.PrefixConfig(), name=bad)
+            pt.attach(helpers.make("gpt2"), pt.PrefixConfig(), name=bad)
 
 
 def test_unsupported_architecture_lists_supported():
@@ -282,15 +268,15 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_adapter_for_another_model_says_which_shapes_differ(tmp_path):
-    pt.attach(tiny.make("llama", layers=2), pt.PrefixConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
+    pt.attach(helpers.make("llama", layers=2), pt.PrefixConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
     with pytest.raises(pt.ConfigError, match="num_layers: adapter 2 vs model 3"):
-        pt.load_adapter(tiny.make("llama", layers=3), tmp_path / "a")
+        pt.load_adapter(helpers.make("llama", layers=3), tmp_path / "a")
     with pytest.raises(pt.ConfigError, match="token_dim: adapter 32 vs model 64"):
-        pt.load_adapter(tiny.make("gpt2"), tmp_path / "a")
+        pt.load_adapter(helpers.make("gpt2"), tmp_path / "a")
 
 
 def test_missing_corrupt_and_non_prefix_adapters(tmp_path):
-    base = tiny.make("llama")
+    base = helpers.make("llama")
     with pytest.raises(pt.ConfigError, match="does not exist"):
         pt.load_adapter(base, tmp_path / "nope")
     pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
@@ -312,7 +298,7 @@ def test_missing_corrupt_and_non_prefix_adapters(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3))
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=3))
     model.save_adapter(tmp_path / "a")
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     with torch.no_grad():
@@ -331,7 +317,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_unknown_adapter_names_in_batch():
-    model = _two_adapters("llama")
+    model = two_adapters("llama")
     with pytest.raises(pt.ConfigError, match=r"unknown adapter\(s\) \['zz'\]"):
         model(input_ids=torch.ones(2, 3, dtype=torch.long), adapter_names=["a", "zz"])
     with pytest.raises(pt.ConfigError, match="adapter_names has 1 entries but the batch has 2 rows"):
@@ -342,14 +328,14 @@ def test_unknown_adapter_names_in_batch():
 def _full(kind, p=5, seed=0):
     # plain table units, so the tests below perturb key/values directly (layer_scale is tested on its own)
     cfg = pt.PrefixConfig(num_virtual_tokens=p, placement="full", layer_scale=False)
-    model = pt.attach(tiny.make(kind), cfg, name="f")
-    return _randomise(model, seed).eval()
+    model = pt.attach(helpers.make(kind), cfg, name="f")
+    return randomise(model, seed).eval()
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_full_placement_feeds_encoder_cross_and_decoder(kind, tmp_path):
     model = _full(kind)
-    kw = tiny.batch(kind)
+    kw = helpers.batch(kind)
     L, Le = model.arch.num_layers, model.arch.num_encoder_layers
     table = model.prefixes["f"].embedding.weight
     width = 2 * model.arch.token_dim
@@ -365,7 +351,7 @@ def test_full_placement_feeds_encoder_cross_and_decoder(kind, tmp_path):
             table[:, lo * width : hi * width] = saved
     # save / reload round trip
     model.save_adapter(tmp_path / "full")
-    again = pt.load_adapter(tiny.make(kind), tmp_path / "full").eval()
+    again = pt.load_adapter(helpers.make(kind), tmp_path / "full").eval()
     torch.testing.assert_close(again(**kw).logits, ref, atol=1e-6, rtol=0)
 
 
@@ -373,8 +359,8 @@ def test_full_placement_feeds_encoder_cross_and_decoder(kind, tmp_path):
 def test_full_placement_generate_matches_stepwise_forward_and_mixed_rows(kind):
     model = _full(kind)
     model.add_adapter("g", pt.PrefixConfig(num_virtual_tokens=3, placement="full"))
-    _randomise(model, seed=4)
-    kw = tiny.batch(kind, b=3)
+    randomise(model, seed=4)
+    kw = helpers.batch(kind, b=3)
     ids, mask = kw["input_ids"], kw["attention_mask"]
     names = ["f", None, "g"]
     out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False)
@@ -392,7 +378,7 @@ def test_full_placement_generate_matches_stepwise_forward_and_mixed_rows(kind):
 
 
 def test_full_placement_gradient_checkpointing_reaches_encoder_prefix():
-    kw = tiny.batch("t5")
+    kw = helpers.batch("t5")
     grads = []
     for checkpointing in (False, True):
         model = _full("t5").train()
@@ -410,13 +396,13 @@ def test_full_placement_gradient_checkpointing_reaches_encoder_prefix():
 
 def test_full_placement_only_for_seq2seq():
     with pytest.raises(pt.ConfigError, match="only applies to encoder-decoder"):
-        pt.attach(tiny.make("llama"), pt.PrefixConfig(placement="full"))
+        pt.attach(helpers.make("llama"), pt.PrefixConfig(placement="full"))
 
 
 def test_vocab_init_through_projection_reproduces_real_key_values():
     from prefixtune.initialize import _sample_tokens, real_key_values
 
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=6, projection=True, projection_dim=32, init="vocab"))
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=6, projection=True, projection_dim=32, init="vocab"))
     target = real_key_values(model, _sample_tokens(model, 6))
     torch.testing.assert_close(model.prefixes["default"]().detach(), target, atol=1e-5, rtol=0)
 
@@ -425,8 +411,8 @@ def test_text_init_needs_tokenizer_and_uses_its_tokens(tiny_tokenizer):
     tok = tiny_tokenizer()
     cfg = pt.PrefixConfig(num_virtual_tokens=4, init="text", init_text="classify the sentiment")
     with pytest.raises(pt.ConfigError, match="needs the tokenizer"):
-        pt.attach(tiny.make("llama", vocab=len(tok)), cfg)
-    model = pt.attach(tiny.make("llama", vocab=len(tok)), cfg, tokenizer=tok)
+        pt.attach(helpers.make("llama", vocab=len(tok)), cfg)
+    model = pt.attach(helpers.make("llama", vocab=len(tok)), cfg, tokenizer=tok)
     ids = model.configs["default"].extra["init_token_ids"]
     assert len(ids) == 3
     from prefixtune.initialize import real_key_values
@@ -452,42 +438,8 @@ def test_prefix_groups_follow_a_multi_device_map(monkeypatch):
     assert sum(isinstance(d, torch.device) for d in moved) == 2 * len(layers)  # every k and v placed
 
 
-def test_param_groups_give_the_projection_mlp_its_own_learning_rate():
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, projection=True, projection_dim=16))
-    enc = model.prefixes["default"]
-    groups = model.param_groups(1e-2, 1e-5)
-    assert [g["lr"] for g in groups] == [1e-2, 1e-5]
-    assert [id(p) for p in groups[0]["params"]] == [id(enc.embedding.weight)]
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in enc.transform.parameters()}
-    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    ids = torch.randint(3, 100, (2, 6))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in enc.named_parameters()}
-    assert moved["embedding.weight"] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step is lr * sign(grad)
-    assert moved["transform.0.weight"] == pytest.approx(1e-5, rel=1e-3)
-    assert len(pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4)).param_groups(1e-2, 1e-5)) == 1
-
-
-def test_head_lr_moves_an_encoder_classifiers_head_at_its_own_rate():
-    model = pt.attach(tiny.make("bert"), pt.PrefixConfig(num_virtual_tokens=4))
-    assert len(model.param_groups(1e-2)) == 1  # no head_lr: one group, as older checkpoints' optimizer state holds
-    groups = model.param_groups(1e-2, head_lr=1e-4)
-    head = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prefixes.")]
-    assert head and all("classifier" in n for n in head)
-    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and len(groups[1]["params"]) == len(head)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.tensor([0, 2])).loss.backward()
-    opt.step()
-    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
-    assert moved[head[0]] == pytest.approx(1e-4, rel=1e-3)
-    assert moved["prefixes.default.embedding.weight"] == pytest.approx(1e-2, rel=1e-2)  # tiny grads: Adam eps
-
-
 def test_random_init_scale_is_relative_to_the_models_own_key_values():
-    base = tiny.make("llama")
+    base = helpers.make("llama")
     small = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=6, init="random", init_scale=0.1)).prefixes["default"]
     full = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=6, init="random", init_scale=1.0)).prefixes["default"]
     ratio = small.embedding.weight.std() / full.embedding.weight.std()
@@ -497,7 +449,7 @@ def test_random_init_scale_is_relative_to_the_models_own_key_values():
 
 
 def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale(tmp_path):
-    base = tiny.make("llama")
+    base = helpers.make("llama")
     with torch.no_grad():  # give the layers different key/value scales, as real models have
         base.model.layers[1].self_attn.v_proj.weight *= 10
         base.model.layers[1].self_attn.k_proj.weight *= 3
@@ -521,48 +473,35 @@ def test_layer_scale_makes_one_adam_step_relative_to_each_layers_key_value_scale
     torch.testing.assert_close(moved["s"], 1e-3 * group_std, rtol=1e-2, atol=0)  # scaled: lr x that layer's scale
     # saved folded (peft format), reloaded as a plain table with the same key/values
     scaled.save_adapter(tmp_path / "s", "s")
-    again = pt.load_adapter(tiny.make("llama"), tmp_path / "s")
+    again = pt.load_adapter(helpers.make("llama"), tmp_path / "s")
     assert again.configs[again.active_adapter].layer_scale is False
     torch.testing.assert_close(again.prefixes[again.active_adapter].folded(), enc_s.folded(), atol=0, rtol=0)
     # a checkpoint (keep_projection) keeps the scaled form, so training resumes in the same units exactly
     scaled.save_adapter(tmp_path / "ckpt", "s", keep_projection=True)
-    fresh = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, layer_scale=True, init="zero"), name="s")
+    fresh = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=4, layer_scale=True, init="zero"), name="s")
     fresh.load_adapter_weights(tmp_path / "ckpt", "s")
     for k, v in enc_s.state_dict().items():
         assert torch.equal(fresh.prefixes["s"].state_dict()[k], v), k
 
 
 # ---- a row's result depends neither on its batch-mates nor on its padding ----------------------------------
-def _pad(prompts, side):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
-        ids[i, span], mask[i, span] = p, 1
-    return ids, mask
-
-
-# Decoder-only models are left-padded (as for generation); BERT pools its first slot and BART numbers encoder
-# positions 0..L-1 whatever the mask says, so those two are right-padded, as their tokenizers do.
-PAD_SIDE = {"bert": "right", "bart": "right"}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3", "mistral", "bloom", "t5", "bart", "bert"])
 def test_row_alone_equals_row_in_any_padded_batch(kind):
     """Row i alone (unpadded) == row i in a padded batch, whatever the other rows run: the bare model (None)
     or a prefix, in a uniform or a mixed batch; forward logits at real tokens and generated tokens."""
-    model = _two_adapters(kind)
+    model = two_adapters(kind)
     g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, tiny.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
+    prompts = [torch.randint(3, helpers.VOCAB, (n,), generator=g) for n in (6, 3, 5)]
     side = PAD_SIDE.get(kind, "left")
-    ids, mask = _pad(prompts, side)
+    ids, mask = pad_prompts(prompts, side)
     width = ids.shape[1]
-    extra = {"labels": torch.randint(3, tiny.VOCAB, (3, 4), generator=g)} if kind in tiny.SEQ2SEQ else {}
+    extra = {"labels": torch.randint(3, helpers.VOCAB, (3, 4), generator=g)} if kind in helpers.SEQ2SEQ else {}
     batches = [[n] * 3 for n in (None, "a", "b")] + [["a", None, "b"], [None, "b", "a"], ["b", "a", None]]
 
     def real(i, logits):  # row i's logits at its real tokens (decoder positions for seq2seq, one row for BERT)
-        if kind in tiny.SEQ2SEQ or kind == "bert":
+        if kind in helpers.SEQ2SEQ or kind == "bert":
             return logits
         n = len(prompts[i])
         return logits[:, width - n :] if side == "left" else logits[:, :n]
@@ -585,7 +524,7 @@ def test_row_alone_equals_row_in_any_padded_batch(kind):
         out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen)
         for i, name in enumerate(names):
             solo = alone(i, name, lambda **kw: model.generate(**kw, **gen))[0]
-            new, got = (solo, out[i]) if kind in tiny.SEQ2SEQ else (solo[len(prompts[i]) :], out[i, width:])
+            new, got = (solo, out[i]) if kind in helpers.SEQ2SEQ else (solo[len(prompts[i]) :], out[i, width:])
             assert torch.equal(got[: len(new)], new), (i, name, names)
             assert bool((got[len(new) :] == 0).all()), (i, name, names)  # the batch ran on only as padding
 
@@ -593,8 +532,8 @@ def test_row_alone_equals_row_in_any_padded_batch(kind):
 def test_eval_memo_follows_moves_casts_and_swapped_weights():
     """The memoised eval-mode prefix is recomputed when the model is cast or moved (a model used on the CPU,
     then sent to a GPU) or an adapter's weights are replaced without an in-place op."""
-    model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
-    kw = {k: v for k, v in tiny.batch("llama").items() if k != "labels"}
+    model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
+    kw = {k: v for k, v in helpers.batch("llama").items() if k != "labels"}
     before = model(**kw).logits
     model.double()
     assert model.prefix_layers("default")[0][0].dtype == torch.float64
@@ -602,7 +541,7 @@ def test_eval_memo_follows_moves_casts_and_swapped_weights():
     p = next(model.prefixes["default"].parameters())
     p.data = p.data * 3 + 1  # a new tensor: no version bump
     after = model(**kw).logits
-    fresh = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
+    fresh = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
     with torch.no_grad():
         next(fresh.prefixes["default"].parameters()).copy_(p)
     torch.testing.assert_close(after, fresh(**kw).logits, atol=1e-6, rtol=0)
@@ -616,11 +555,11 @@ def test_eval_memo_follows_moves_casts_and_swapped_weights():
 ])
 @pytest.mark.parametrize("keep_projection", [False, True])
 def test_loading_an_adapter_never_runs_the_base_model(kind, cfg, keep_projection, tmp_path):
-    saved = _randomise(pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))).eval()
+    saved = randomise(pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))).eval()
     saved.save_adapter(tmp_path / "a", keep_projection=keep_projection)
-    kw = tiny.batch(kind)
+    kw = helpers.batch(kind)
     expected = saved(**kw).logits
-    base = tiny.make(kind)
+    base = helpers.make(kind)
     calls = []
     handle = base.register_forward_pre_hook(lambda *a: calls.append(1))
     model = pt.PrefixModel(base)
@@ -633,20 +572,20 @@ def test_loading_an_adapter_never_runs_the_base_model(kind, cfg, keep_projection
     torch.testing.assert_close(model(**kw, adapter_names="again").logits, expected, atol=1e-5, rtol=0)
     # the loaded prefix is the saved one, not what initialising would give (vocab init differs from it)
     torch.testing.assert_close(model.prefixes["again"].folded(), saved.prefixes["default"].folded())
-    fresh = pt.attach(tiny.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))
+    fresh = pt.attach(helpers.make(kind), pt.PrefixConfig(num_virtual_tokens=4, **cfg))
     assert (fresh.prefixes["default"].folded() - saved.prefixes["default"].folded()).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("kind", tiny.ALL)
+@pytest.mark.parametrize("kind", helpers.ALL)
 def test_cache_goes_in_by_the_name_the_installed_transformers_takes(kind):
     """transformers 5.24 renamed `past_key_values` to `cache`; an attention module handed the old name ignores it
     (a T5 encoder prefix then silently did nothing). No deprecated name may leave our code, and the prefix counts."""
     import warnings
 
-    base = tiny.make(kind)
-    kw = tiny.batch(kind)
-    placement = "full" if kind in tiny.SEQ2SEQ else "decoder"
-    model = _randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3, placement=placement))).eval()
+    base = helpers.make(kind)
+    kw = helpers.batch(kind)
+    placement = "full" if kind in helpers.SEQ2SEQ else "decoder"
+    model = randomise(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=3, placement=placement))).eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*deprecated", category=FutureWarning)
         ours = model(**kw)
