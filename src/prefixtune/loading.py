@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .inject import kind_of_config
+from .inject import CLASSIFIER_HEADS, kind_of_config
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,65 @@ def _head_kwargs(config, label_names) -> dict:
     return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
+def _checkpoint_labels(config) -> list[str] | None:
+    """The label names a checkpoint's head was trained for; None where they are transformers' LABEL_i defaults."""
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def _reorder_head(model, order: list[int]) -> None:
+    """Permute the outputs of the head's last linear layer: output j becomes the checkpoint's output order[j]."""
+    from torch import nn
+
+    from .inject import head_name
+
+    name = head_name(model)
+    layers = [m for m in getattr(model, name).modules() if isinstance(m, nn.Linear)] if name else []
+    if not layers or layers[-1].out_features != len(order):
+        raise ModelLoadError(f"{type(model).__name__}: cannot find the classification head's output layer to put its "
+                             "labels in the data's order; pass --new-head to start a new head")
+    last = layers[-1]
+    with torch.no_grad():
+        last.weight.copy_(last.weight[order].clone())
+        if last.bias is not None:
+            last.bias.copy_(last.bias[order].clone())
+
+
+def _say_head(path: str, model, config, label_names, order: list[int] | None, info: dict) -> None:
+    """Put a reused head's outputs in the data's order, and log what became of the checkpoint's head."""
+    names, have = ", ".join(map(str, label_names)), _checkpoint_labels(config)
+    head_keys = [k for k in info.get("missing_keys", []) if k.split(".")[0] in CLASSIFIER_HEADS]
+    if order is not None:
+        _reorder_head(model, order)
+        model.config.update(_head_kwargs(model.config, label_names))
+        log.warning("reusing the classification head of %s: its labels are the data's, its outputs put in the data's "
+                    "order (%s)", path, names)
+    elif info.get("mismatched_keys"):
+        log.warning("--new-head: the %d-way classification head of %s is replaced by a new %d-way head (randomly "
+                    "initialised)", config.num_labels, path, len(label_names))
+    elif have and not head_keys and have != [str(n) for n in label_names]:
+        log.warning("reusing the classification head of %s, trained for labels %s, for the data's labels %s by position",
+                    path, ", ".join(have), names)
+
+
+def _mismatch(path: str, config, names: list[str]) -> ModelLoadError:
+    have = _checkpoint_labels(config)
+    said = f" ({', '.join(have)})" if have else ""
+    return ModelLoadError(
+        f"--model {path}: its classification head has {config.num_labels} outputs{said}, the data has {len(names)} "
+        f"labels ({', '.join(names)}); pass --new-head to replace the head with a new {len(names)}-way one (its "
+        "trained weights are dropped), or train on data with the head's labels")
+
+
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None, task: str | None = None,
-               label_names: list[str] | None = None):
+               label_names: list[str] | None = None, new_head: bool = False):
     """-> (model in eval mode on `device`, tokenizer).
 
     The head follows `inject.kind_of_config`: encoders (BERT family) get AutoModelForSequenceClassification with one
     output per entry of `label_names` (default: the config's labels), encoder-decoders AutoModelForSeq2SeqLM,
     others AutoModelForCausalLM. With `task`, a model/task pair the CLI cannot train correctly is refused.
+    An encoder checkpoint's own head is reused when its labels are the data's (in the data's order); a head of another
+    size is an error unless `new_head` (transformers' ignore_mismatched_sizes: a new head, said in the log).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
@@ -113,14 +165,27 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
     config = load_config(path)
     kind = kind_of_config(config, task)
     cls = {"encoder": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModelForCausalLM)
-    if kind == "encoder":
-        kw.update(_head_kwargs(config, label_names))
+    order = None
+    if kind == "encoder" and label_names is not None:
+        names, have = [str(n) for n in label_names], _checkpoint_labels(config)
+        if have and sorted(have) == sorted(names) and have != names:  # same labels, another order: reuse, reordered
+            order = [have.index(n) for n in names]
+        else:
+            kw.update(_head_kwargs(config, label_names))
+        if new_head:
+            kw["ignore_mismatched_sizes"] = True
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    head = kind == "encoder" and label_names is not None
     try:
-        model = cls.from_pretrained(src, dtype=torch_dtype, **kw)
+        model = cls.from_pretrained(src, dtype=torch_dtype, output_loading_info=head, **kw)
     except Exception as e:
+        if head and "ignore_mismatched_sizes" in str(e):
+            raise _mismatch(path, config, [str(n) for n in label_names]) from None
         raise ModelLoadError(f"--model {path}: loading the weights failed ({type(e).__name__}: {str(e)[:300]})") from None
+    if head:
+        model, info = model
+        _say_head(path, model, config, label_names, order, info)
     tok = load_tokenizer(path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -131,8 +196,6 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
 
 def check_classifier(model, label_names) -> None:
     """An encoder given to `train` must carry a sequence-classification head with one output per label."""
-    from .inject import CLASSIFIER_HEADS
-
     has_head = any(hasattr(model, n) for n in CLASSIFIER_HEADS)
     n = getattr(model.config, "num_labels", None)
     if not has_head or n != len(label_names):

@@ -30,7 +30,7 @@ def _known_errors() -> tuple[type, ...]:
 
 # Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
 NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
-TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib")
+TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib", "ftfy")
 
 
 def _missing_train_extra() -> list[str]:
@@ -116,6 +116,7 @@ def cmd_eval(args) -> int:
     from ..inject import kind_of_config
     from ..loading import load_config, load_model
     from ..model import load_adapter
+    from ..paths import writable_dir
     from ..training import evaluate as E
     from ..training.config import EvalConfig
     from ..training.data import DataError
@@ -124,6 +125,7 @@ def cmd_eval(args) -> int:
 
     cfg = config_from_flags(args, EvalConfig).validate()
     adapter = resolve_adapter(args)
+    out = writable_dir(cfg.output or (Path(adapter) / "eval" if adapter else "eval"), "--output")
     info = read_task_info(adapter)
     if info.get("task") not in (None, cfg.task):
         print(f"note: the adapter was trained for task {info['task']!r}, evaluating as {cfg.task!r}", file=sys.stderr)
@@ -134,10 +136,14 @@ def cmd_eval(args) -> int:
     if head and not fields["label_words"]:
         raise DataError("an encoder classifier needs its label set in training order: evaluate an adapter saved by "
                         "`prefixtune train` (task.json) or pass --label-words")
-    base, tok = load_model(cfg.model, task=cfg.task, label_names=fields["label_words"] if head else None)
+    # an adapter trained with a head brings its own (loaded over the base's), so the base's head size does not matter
+    base, tok = load_model(cfg.model, task=cfg.task, label_names=fields["label_words"] if head else None,
+                           new_head=bool(head and info.get("head")))
     model = load_adapter(base, adapter) if adapter else base
     # the training loop's data path: the same reading, columns, template and truncation rules
-    data = load_eval_data(cfg.data, tok, cfg.task, kind, fields, max_length=max_length, max_examples=cfg.max_examples)
+    data = load_eval_data(cfg.data, tok, cfg.task, kind, fields, max_length=max_length, max_examples=cfg.max_examples,
+                          drop_incomplete=cfg.drop_incomplete, fix_text=cfg.fix_text,
+                          say=lambda m: print(m, file=sys.stderr))
     if cfg.task == "classify":
         result, preds = E.evaluate_classify(model, tok, data.eval_raw, data.task_info, method=cfg.method,
                                             batch_size=cfg.batch_size, max_length=max_length)
@@ -148,7 +154,6 @@ def cmd_eval(args) -> int:
             result["single_class_warning"] = warning
     else:
         result, preds = {"task": cfg.task, **E.evaluate_loss(model, tok, data.eval, batch_size=cfg.batch_size)}, None
-    out = Path(cfg.output or (Path(adapter) / "eval" if adapter else "eval"))
     E.write_results(out, result, preds)
     print(E.format_report(result))
     print(f"wrote {out / 'eval.json'}" + (f" and {out / 'predictions.jsonl'}" if preds is not None else ""))
@@ -191,12 +196,11 @@ def cmd_generate(args) -> int:
     from .. import inject
     from ..loading import load_model
     from ..model import load_adapter
+    from ..paths import existing_file
     from ..training import data as D
 
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise D.DataError(f"--prompts {path}: file not found")
+        path = existing_file(args.prompts, "--prompts", "a text file with one prompt per line")
         prompts = [l for l in path.read_text().splitlines() if l.strip()]
         if not prompts:
             raise D.DataError(f"--prompts {path} has no non-empty lines")
@@ -236,13 +240,19 @@ def cmd_generate(args) -> int:
 # ----------------------------------------------------------------------------- demo, hooks, main
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="train a tweet-sentiment prefix on SmolLM2-135M (~10 min on 2 CPU cores)")
+    from .demo import DEFAULTS, EVALS
+
+    p = sub.add_parser("demo", help="train a tweet-sentiment prefix on SmolLM2-135M on CPU (README: how long it takes)")
     p.add_argument("--model", help="model dir / Hub id / .gguf (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--data", help="CSV/JSONL with text + sentiment columns (default: a tweet sentiment corpus)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--output", default="prefixtune-demo")
-    p.add_argument("--train-examples", type=int)
-    p.add_argument("--eval-examples", type=int)
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULTS['max_steps']})")
+    p.add_argument("--output", default="prefixtune-demo", help="where the data subset and the run go (default: "
+                   "prefixtune-demo)")
+    p.add_argument("--train-examples", type=int, help=f"balanced training sample (default: {DEFAULTS['train_examples']})")
+    p.add_argument("--eval-examples", type=int, help="balanced held-out sample, scored at step 0 (zero-shot) and "
+                   f"{EVALS} times while training (default: {DEFAULTS['eval_examples']})")
+    p.add_argument("--fix-text", action="store_true", help="with --data: repair mojibake with ftfy first (the "
+                   "built-in corpus is always repaired) (default: the text as read)")
     p.set_defaults(fn=lambda a: importlib.import_module("prefixtune.cli.demo").run(a))
 
 
@@ -281,12 +291,28 @@ def _quiet_libraries() -> None:
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
 
 
+def _check_serve_paths(rest: list[str]) -> None:
+    """`serve --adapters DIR`: a missing directory or a file is a one-line error here, before the model loads."""
+    from ..paths import existing_dir
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--adapters")
+    known, _ = p.parse_known_args(rest)
+    if known.adapters:
+        existing_dir(known.adapters, "--adapters", "adapters (one subdirectory per adapter or training run)")
+
+
+PRECHECKS = {"serve": _check_serve_paths}  # hooked commands: path checks that run inside main's error handling
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
-        fn = lambda: importlib.import_module(HOOKS[command]).main(rest) or 0  # noqa: E731
+        def fn():
+            PRECHECKS.get(command, lambda _: None)(rest)
+            return importlib.import_module(HOOKS[command]).main(rest) or 0
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731

@@ -19,6 +19,7 @@ import torch
 
 from ..adapter_io import atomic_dir, write_text_atomic
 from ..config import ConfigError
+from ..paths import writable_dir
 
 CKPT_PREFIX = "checkpoint-"
 
@@ -33,11 +34,13 @@ def jsonable(d: dict) -> dict:
 
 def check_output_dir(cfg) -> bool:
     """Decide what to do with cfg.output (a resolved TrainConfig); -> True if there is a run here to resume. Reads only."""
-    out = Path(cfg.output)
+    out = writable_dir(cfg.output, "--output")
     if not out.exists() or not any(out.iterdir()):
+        if cfg.resume:  # asked to continue: starting afresh instead would be a silent surprise (transformers' Trainer too)
+            why = "it does not exist" if not out.exists() else "it is empty"
+            raise TrainingError(f"--resume: no checkpoint found in --output {out} ({why}); pass the --output of the run to "
+                                "continue, or drop --resume to start a new run")
         return False
-    if out.is_file():
-        raise TrainingError(f"--output {out} is a file; pass a directory")
     marker = out / "run.json"
     if not marker.is_file():
         raise TrainingError(f"--output {out} is not empty and holds no prefixtune run; choose an empty or new directory")
@@ -51,6 +54,10 @@ def check_output_dir(cfg) -> bool:
     if diff:
         raise TrainingError(f"--output {out} holds a different run (differs in {', '.join(diff)}), so --resume cannot "
                             "continue it; use the same settings, another --output, or --overwrite")
+    if latest_checkpoint(out) is None:
+        when = f"written every --save-every {cfg.save_every} steps" if cfg.save_every else "--save-every was off"
+        raise TrainingError(f"--resume: no checkpoint found in --output {out}: the run stopped before its first one "
+                            f"({when}); start it over with --overwrite")
     return True
 
 

@@ -84,6 +84,11 @@ class TrainConfig:
     # The split taken from --train can be thousands of rows; scoring them all can outlast the training itself.
     max_auto_eval_examples: int = _f(500, "data", "without --eval (and --max-eval-examples), evaluate at most this "
                                      "many of the rows split off --train; 0 = all")
+    # An empty label would train as a class of its own, an empty output teaches stopping at once (training/clean.py).
+    drop_incomplete: bool = _f(False, "data", "skip rows with an empty text or label (classify) or instruction or output "
+                               "(instruct), counted in the log; without it such rows are an error")
+    fix_text: bool = _f(False, "data", "repair mojibake (UTF-8 read as Latin-1, e.g. \"Ã©\" for \"é\") in the text "
+                        "columns with ftfy; the log says how many rows changed")
     # the prefix: PrefixConfig's own fields (flags --num-virtual-tokens, --projection, ...; recipe keys flat or
     # under `prefix:`). A dict holds the fields a recipe or flag gave, the task's defaults fill the rest (`resolve`);
     # None is an empty dict; a PrefixConfig is taken whole, as the caller's.
@@ -98,6 +103,8 @@ class TrainConfig:
                           default_text="per task: TASK_DEFAULTS, " + ", ".join(
                               f"{t} {v['lr']:g}" for t, v in TASK_DEFAULTS.items()))
     projection_lr: float | None = _f(None, "optimisation", "learning rate of the projection MLP", default_text="--lr")
+    new_head: bool = _f(False, "optimisation", "encoder classifiers: start a new classification head when the model's "
+                        "own head has another number of labels than the data (its head is reused when they match)")
     head_lr: float | None = _f(None, "optimisation", "learning rate of an encoder classifier's head", default_text="--lr")
     weight_decay: float = _f(0.0, "optimisation", "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "optimisation", "share of the steps spent warming the learning rate up")
@@ -187,6 +194,9 @@ class TrainConfig:
             ident["ema"] = self.ema
         if self.base_dropout is False:
             ident["base_dropout"] = False
+        for key in ("drop_incomplete", "fix_text"):  # they change the rows trained on; absent from older runs
+            if getattr(self, key):
+                ident[key] = True
         return ident
 
     def to_dict(self) -> dict:
@@ -258,6 +268,9 @@ class EvalConfig:
     max_length: int | None = _f(None, "eval", "longest tokenized example", default_text="the training run's, else 256")
     batch_size: int = _f(16, "eval", "examples per batch")
     max_examples: int | None = _f(None, "eval", "evaluate at most this many rows", default_text="all")
+    drop_incomplete: bool = _f(False, "eval", "skip rows with an empty text or label (classify) or instruction or output "
+                               "(instruct), counted in the log; without it such rows are an error")
+    fix_text: bool = _f(False, "eval", "repair mojibake in the text columns with ftfy, as train --fix-text does")
 
     def validate(self) -> EvalConfig:
         for name in ("model", "data", "task"):
@@ -330,6 +343,8 @@ def load_recipe(path: str | Path) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"--config {p} is a directory; pass a YAML recipe file")
     if not p.is_file():
         raise RecipeError(f"--config {p}: recipe file not found")
     try:

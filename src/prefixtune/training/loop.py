@@ -200,7 +200,7 @@ def _attach(cfg: TrainConfig, kind: str, model, tokenizer, data: RunData, acc, r
     labels = data.task_info["label_words"]
     if model is None:
         model, _ = load_model(cfg.model, dtype=precision_plan(cfg.precision)[0], device=str(acc.device), task=cfg.task,
-                              label_names=labels if head else None)
+                              label_names=labels if head else None, new_head=cfg.new_head)
     if head:
         check_classifier(model, labels)
         report.say(f"encoder classifier: training the prefix and the {len(labels)}-way classification "
@@ -290,9 +290,10 @@ def _optimizer_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
 
 def _evaluate(run: Run, step: int, epochs: float) -> None:
     """Evaluate (the EMA average if any), keep best/ if it is the best so far, log."""
-    state = run.state
+    state, t_eval = run.state, time.perf_counter()
     with run.ema.applied():
         ev, run.last_preds = run_eval(run.model, run.tokenizer, run.data, run.cfg)
+        ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)  # what evaluating costs the run
         better = state["best"] is None or _score(ev) > state["best"]
         if better and run.report.main:
             run.model.save_adapter(run.out / "best")
@@ -300,7 +301,7 @@ def _evaluate(run: Run, step: int, epochs: float) -> None:
     run.last_eval = ev
     run.model.train()
     if better:
-        state["best"], state["bad_evals"] = _score(ev), 0
+        state["best"], state["best_step"], state["bad_evals"] = _score(ev), step, 0
     else:
         state["bad_evals"] += 1
     run.report.eval(step, epochs, {k: v for k, v in ev.items() if k != "report"}, better)
@@ -321,6 +322,14 @@ def run_eval(model, tokenizer, data: RunData, cfg: TrainConfig) -> tuple[dict, l
 
 def _score(ev: dict) -> float:
     return ev["eval_accuracy"] if "eval_accuracy" in ev else -ev["eval_loss"]
+
+
+def best_message(state: dict, task: str) -> str:
+    """The best evaluation as the user knows the metric: accuracy, or the loss (the score is its negative)."""
+    at = f" at step {state['best_step']}" if state.get("best_step") is not None else ""  # not in older checkpoints
+    if task == "classify":
+        return f"best eval accuracy {state['best']:.4f}{at}"
+    return f"best eval loss {-state['best']:.4f}{at}"
 
 
 # ----------------------------------------------------------------------------- finish
@@ -345,11 +354,12 @@ def finish(run: Run, stopped_early: bool) -> dict:
         plot_curves(out)
         report.say(pm.parameter_summary())
         report.say(f"adapter saved to {out / 'adapter'} ({human_bytes(dir_bytes(out / 'adapter'))} on disk); "
-                   f"best eval {'accuracy' if cfg.task == 'classify' else '-loss'} {run.state['best']:.4f} in {out / 'best'}")
+                   f"{best_message(run.state, cfg.task)} in {out / 'best'}")
     report.end()
     run.acc.wait_for_everyone()
     last = run.last_eval or {}
-    return {"steps": run.state["step"], "best": run.state["best"], "stopped_early": stopped_early, "output": str(out),
+    return {"steps": run.state["step"], "best": run.state["best"], "best_step": run.state.get("best_step"),
+            "stopped_early": stopped_early, "output": str(out),
             "last_eval": {k: v for k, v in last.items() if k != "report"}, "report": last.get("report")}
 
 

@@ -137,7 +137,9 @@ class Reporter:
         if self.main:
             log_metrics(self.out, {"step": step, "epoch": epoch, **record}, self.acc)
             plot_curves(self.out)
-        self.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items()) + ("  (best)" if better else ""))
+        took = f"  ({record['eval_seconds']:.0f}s)" if "eval_seconds" in record else ""
+        self.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "eval_seconds") + took
+                   + ("  (best)" if better else ""))
 
     def close_bar(self) -> None:
         if self.bar is not None:

@@ -31,6 +31,8 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
+        if not any(path.iterdir()):
+            raise DataError(f"{path} is an empty directory; pass a data file or the directory save_to_disk wrote")
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
@@ -41,6 +43,9 @@ def load_records(source: str, split: str | None = None) -> DatasetDict | Dataset
             raise DataError(f"data file {path} does not exist; check the path")
         ds = _read_file(path, suffix)
         ds.info.dataset_name = path.name  # so column errors can say which file
+    elif path.is_file():
+        raise DataError(f"{path} is a {suffix or 'suffix-less'} file; pass a .csv, .jsonl, .json or .parquet file (or "
+                        "a save_to_disk directory)")
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
@@ -230,8 +235,14 @@ def tokenize_rows(ds: Dataset, tokenizer, task: str, kind: str, fields: dict, *,
 
 def load_run_data(cfg, tokenizer, kind: str, say=print) -> RunData:
     """A training run's rows (`cfg`: a TrainConfig): read --train, split off (or read --eval), cap, tokenize."""
-    raw = load_source(cfg.train, cfg.data_config)
-    train_raw, eval_raw = split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=cfg.eval)
+    from .clean import prepare
+
+    # --fix-text and the incomplete-row check see the files' own row order (messages give the files' row numbers)
+    kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, drop_incomplete=cfg.drop_incomplete,
+              repair_text=cfg.fix_text, say=say)
+    raw = prepare(load_source(cfg.train, cfg.data_config), cfg.task, where=f"--train {cfg.train}", **kw)
+    eval_source = prepare(load_source(cfg.eval), cfg.task, where=f"--eval {cfg.eval}", **kw) if cfg.eval else None
+    train_raw, eval_raw = split_train_eval(raw, cfg.eval_fraction, cfg.seed, eval_source=eval_source)
     if cfg.max_train_examples and len(train_raw) > cfg.max_train_examples:
         train_raw = train_raw.shuffle(seed=cfg.seed).select(range(cfg.max_train_examples))
     cap = cfg.max_eval_examples
@@ -251,13 +262,18 @@ def load_run_data(cfg, tokenizer, kind: str, say=print) -> RunData:
 
 
 def load_eval_data(source: str, tokenizer, task: str, kind: str, fields: dict, *, max_length: int,
-                   max_examples: int | None = None) -> RunData:
-    """`prefixtune eval`'s rows: read `source` (a DatasetDict: its eval split), cap, tokenize as training did."""
+                   max_examples: int | None = None, drop_incomplete: bool = False, fix_text: bool = False,
+                   say=print) -> RunData:
+    """`prefixtune eval`'s rows: read `source` (a DatasetDict: its eval split), check, cap, tokenize as training did."""
+    from .clean import prepare
+
     ds = load_source(source)
     if isinstance(ds, DatasetDict):
         ds = ds[next((s for s in (*EVAL_SPLITS, "train") if s in ds), next(iter(ds)))]
     if len(ds) == 0:
         raise DataError(f"--data {source} is empty; nothing to evaluate")
+    ds = prepare(ds, task, text_column=fields.get("text_column"), label_column=fields.get("label_column"),
+                 drop_incomplete=drop_incomplete, repair_text=fix_text, where=f"--data {source}", say=say)
     if max_examples:
         ds = ds.select(range(min(max_examples, len(ds))))
     tok, task_info = tokenize_rows(ds, tokenizer, task, kind, fields, max_length=max_length, on_truncate="warn",
