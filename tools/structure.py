@@ -21,9 +21,13 @@ LIMITS = {"module": 450, "function": 80, "class": 300}
 # package -> the prefixtune packages it must not import; "core" is every module outside the sub-packages
 FORBIDDEN = {"core": ("training", "serving", "cli"), "training": ("serving", "cli")}
 SUBPACKAGES = ("training", "serving", "cli")
+# Top-level entries for notebooks (`import prefixtune.llamacpp as ptl`): a name for a serving backend, no code of their own.
+ENTRIES = ("prefixtune.llamacpp", "prefixtune.vllm")
 
 
 def layer(module: str) -> str:
+    if module in ENTRIES:
+        return "entry"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else "core"
 

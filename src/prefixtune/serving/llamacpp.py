@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from .. import inject
-from ..config import ConfigError
 from . import llamacpp_cache
-from .llamacpp_modes import PerSequenceCache, UnifiedCache
+from .llamacpp_modes import LlamaCppError, PerSequenceCache, UnifiedCache
 
 log = logging.getLogger("prefixtune.llamacpp")
 
@@ -34,10 +33,6 @@ INSTALL_HINT = 'pip install "prefixtune[llamacpp]"'
 SUPPORTED_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids for the cache
 LLAMA_ROPE_TYPE_NORM = 0
-
-
-class LlamaCppError(ConfigError):
-    """Bad input for the llama.cpp backend (file, adapter, sizes): one line naming what and the fix."""
 
 
 def import_llama_cpp():

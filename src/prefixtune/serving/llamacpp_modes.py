@@ -18,8 +18,15 @@ import ctypes
 
 import torch
 
+from ..config import ConfigError
+from .errors import InvalidRequest
+
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 KV_BYTES = {"f32": 4, "f16": 2}
+
+
+class LlamaCppError(ConfigError):
+    """Bad input for the llama.cpp backend (file, adapter, sizes): one line naming what and the fix."""
 
 
 class PerSequenceCache:
@@ -45,8 +52,6 @@ class PerSequenceCache:
         self.layers[name] = [(k.to(dtype), v.to(dtype)) for k, v in layers]
 
     def _check_room(self, name, P: int) -> None:
-        from .llamacpp import LlamaCppError
-
         if P >= self.m.seq_cells:
             raise LlamaCppError(
                 f"prefix {name!r} has {P} virtual tokens, but a llama.cpp sequence has {self.m.seq_cells} cells; "
@@ -111,8 +116,6 @@ class UnifiedCache:
         return self.m.prefixes[name][1] * a.num_layers * 2 * a.token_dim * KV_BYTES[self.m.kv_type]
 
     def load(self, name: str, layers: Layers, P: int) -> int:
-        from .llamacpp import LlamaCppError
-
         m = self.m
         if self.used_cells + P >= m.n_ctx:
             raise LlamaCppError(
@@ -146,8 +149,6 @@ class UnifiedCache:
 
     def open(self, seq: int, names: tuple[str, ...]) -> int:
         if len(names) > 1:
-            from .errors import InvalidRequest
-
             raise InvalidRequest("composing prefixes is not available with the unified llama.cpp cache (kv_unified); "
                                  "serve with the default per-sequence cache")
         pseq, P = self.m.prefixes[names[0]]
