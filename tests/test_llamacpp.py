@@ -543,3 +543,37 @@ def test_quantized_gguf_decodes_with_prefixes(tiny, tmp_path, wtype, min_corr):
     want = np.stack([reference(tiny["model"], "mid", ids, 1)[0] for ids in rows])
     assert got.shape == want.shape
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > min_corr  # quantization moves logits, the prefix still counts
+
+
+def test_composed_prefixes_equal_one_adapter_holding_both(tiny, tmp_path):
+    """A request for ("short", "mid") on llama.cpp gets short's cells then mid's: the same greedy tokens as one
+    adapter whose table is the two tables stacked, alone and beside other rows; the unified cache refuses it."""
+    import prefixtune.llamacpp as ptl
+
+    model = tiny["model"]
+    stacked = pt.attach(model.base_model, pt.PrefixConfig(num_virtual_tokens=ADAPTERS["short"] + ADAPTERS["mid"],
+                                                          layer_scale=False), "both")
+    with torch.no_grad():
+        stacked.prefixes["both"].embedding.weight.copy_(torch.cat([model.prefixes["short"].folded(),
+                                                                    model.prefixes["mid"].folded()]))
+    stacked.save_adapter(tmp_path / "both", "both")
+    stacked.delete_adapter("both")
+    gen = ptl.load(tiny["gguf"], {**{n: tiny["root"] / "adapters" / n for n in ADAPTERS}, "both": tmp_path / "both"},
+                   kv_type="f32", n_threads=1)
+    try:
+        prompts = tiny["prompts"][:6]
+        composed = gen.generate(prompts, [("short", "mid")] * 6, max_tokens=6, return_tokens=True)
+        assert composed == gen.generate(prompts, "both", max_tokens=6, return_tokens=True)
+        mixed = gen.generate(prompts, [("short", "mid"), None, "long", ("short", "mid"), "mid", ("short", "mid")],
+                             max_tokens=6, return_tokens=True)
+        assert [mixed[i] for i in (0, 3, 5)] == [composed[i] for i in (0, 3, 5)]
+        assert composed != gen.generate(prompts, "mid", max_tokens=6, return_tokens=True)
+    finally:
+        gen.close()
+    uni = ptl.load(tiny["gguf"], {n: tiny["root"] / "adapters" / n for n in ADAPTERS}, kv_type="f32", n_threads=1,
+                   kv_unified=True)
+    try:
+        with pytest.raises(pt.ConfigError, match="composing prefixes is not available with the unified"):
+            uni.generate(prompts[:1], [("short", "mid")], max_tokens=2)
+    finally:
+        uni.close()

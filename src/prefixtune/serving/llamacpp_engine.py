@@ -90,7 +90,8 @@ class LlamaCppEngine(Engine):
     # ---- limits and admission -----------------------------------------------------------------------
     def check_limits(self, prompt_len: int, max_tokens: int, adapter=None) -> None:
         super().check_limits(prompt_len, max_tokens, adapter)
-        problem = self.model.mode.check_request(prompt_len, max_tokens, self.prefix_length(adapter))
+        parts = 1 if adapter is None or isinstance(adapter, str) else len(adapter)
+        problem = self.model.mode.check_request(prompt_len, max_tokens, self.prefix_length(adapter), parts)
         if problem:
             raise InvalidRequest(problem)
 

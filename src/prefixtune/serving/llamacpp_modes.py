@@ -19,7 +19,6 @@ import ctypes
 import torch
 
 from ..config import ConfigError
-from .errors import InvalidRequest
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 KV_BYTES = {"f32": 4, "f16": 2}
@@ -86,7 +85,7 @@ class PerSequenceCache:
     def request_cells(self, prompt_len: int, max_tokens: int) -> int:
         return 0  # a request's own stream: checked once, in check_request
 
-    def check_request(self, prompt_len: int, max_tokens: int, prefix: int) -> str | None:
+    def check_request(self, prompt_len: int, max_tokens: int, prefix: int, parts: int = 1) -> str | None:
         cells = self.m.seq_cells - prefix
         if prompt_len + max_tokens > cells:
             return (f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than a llama.cpp sequence "
@@ -148,9 +147,6 @@ class UnifiedCache:
         self.plen.pop(seq, None)
 
     def open(self, seq: int, names: tuple[str, ...]) -> int:
-        if len(names) > 1:
-            raise InvalidRequest("composing prefixes is not available with the unified llama.cpp cache (kv_unified); "
-                                 "serve with the default per-sequence cache")
         pseq, P = self.m.prefixes[names[0]]
         self.m.lib.llama_memory_seq_cp(self.m.mem, pseq, seq, -1, -1)
         self.users[pseq] += 1
@@ -167,7 +163,10 @@ class UnifiedCache:
     def request_cells(self, prompt_len: int, max_tokens: int) -> int:
         return prompt_len + max_tokens
 
-    def check_request(self, prompt_len: int, max_tokens: int, prefix: int) -> str | None:
+    def check_request(self, prompt_len: int, max_tokens: int, prefix: int, parts: int = 1) -> str | None:
+        if parts > 1:
+            return ("composing prefixes is not available with the unified llama.cpp cache (kv_unified); serve with "
+                    "the default per-sequence cache")
         cells = self.m.n_ctx - self.used_cells
         if prompt_len + max_tokens > cells:
             return (f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than the llama.cpp context has "
