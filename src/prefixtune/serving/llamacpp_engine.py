@@ -29,7 +29,7 @@ log = logging.getLogger("prefixtune.serve")
 
 class LlamaCppEngine(Engine):
     backend = "llamacpp"
-    # Every optional feature is honoured: sampling runs on llama.cpp's logits through the shared code in base.py.
+    # Every optional feature is honoured: sampling runs on llama.cpp's logits through the shared sampler (sampler.py).
     capabilities = FEATURES
 
     def __init__(
