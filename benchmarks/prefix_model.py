@@ -1,4 +1,4 @@
-"""Engine benchmark: prefixtune vs peft prefix tuning, side by side in one run.
+"""PrefixModel benchmark: prefixtune vs peft prefix tuning, side by side in one run.
 
     python benchmarks/prefix_model.py [--layers 12 --hidden 768 --batch 8 --seq 128 --steps 5] [--device cuda --dtype bfloat16]
 
