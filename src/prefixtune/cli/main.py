@@ -291,27 +291,12 @@ def _quiet_libraries() -> None:
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
 
 
-def _check_serve_paths(rest: list[str]) -> None:
-    """`serve --adapters DIR`: a missing directory or a file is a one-line error here, before the model loads."""
-    from ..paths import existing_dir
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--adapters")
-    known, _ = p.parse_known_args(rest)
-    if known.adapters:
-        existing_dir(known.adapters, "--adapters", "adapters (one subdirectory per adapter or training run)")
-
-
-PRECHECKS = {"serve": _check_serve_paths}  # hooked commands: path checks that run inside main's error handling
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
         def fn():
-            PRECHECKS.get(command, lambda _: None)(rest)
             return importlib.import_module(HOOKS[command]).main(rest) or 0
     else:
         args = build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError
+from ..paths import existing_dir
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -24,14 +25,9 @@ def model_id(model_path: str) -> str:
 
 
 def check_adapters_dir(adapters_dir) -> None:
-    if adapters_dir is None:
-        return
-    d = Path(adapters_dir)
-    if not d.exists():
-        raise ConfigError(f"--adapters {d}: no such directory; pass the directory that holds your adapter "
-                          "directories (each with adapter_config.json), or create it and add adapters later")
-    if not d.is_dir():
-        raise ConfigError(f"--adapters {d} is a file; pass the directory that holds adapter directories")
+    """A missing directory or a file is a one-line error before the model loads."""
+    if adapters_dir is not None:
+        existing_dir(adapters_dir, "--adapters", "adapters (one subdirectory per adapter or training run)")
 
 
 def build_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto", device: str | None = None,
