@@ -100,13 +100,13 @@ def test_eviction_never_drops_an_adapter_a_request_holds(adapters):
 
 
 def test_byte_budget_pin_and_serving_dtype(adapters):
-    eng = engine(adapters, adapter_memory="16KB")
+    eng = engine(adapters, adapter_memory="8KB")
     eng.index(pin=("a5",))
     assert eng.registry.resident_names() == ["a5"]
     with eng.lock:
         for i in range(N - 1):
             assert eng.registry.ensure([f"a{i}"])
-            assert eng.registry.resident_bytes() <= 16000 and "a5" in eng.registry.resident_names()
+            assert eng.registry.resident_bytes() <= 8000 and "a5" in eng.registry.resident_names()
     assert eng.registry.stats["evictions"] > 0
     half = TorchEngine(pt.PrefixModel(make("llama").to(torch.bfloat16)), id_tokenizer(), adapters_dir=adapters["root"] / "adapters")
     with half.lock:

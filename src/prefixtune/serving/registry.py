@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,13 +47,20 @@ class AdapterEntry:
 
 
 def read_entry(name: str, directory: Path) -> AdapterEntry:
-    """Index one adapter directory from its config alone (no weights read)."""
+    """Index one adapter directory from its config alone (no weights read): one open and one stat in the common
+    case (a training run directory is resolved to its adapter/ first)."""
     try:
-        target, _ = resolve_adapter_dir(directory)
-        cfg = json.loads((target / CONFIG_NAME).read_text())
+        try:
+            text, target = (directory / CONFIG_NAME).read_text(), directory
+        except FileNotFoundError:
+            target, _ = resolve_adapter_dir(directory)
+            text = (target / CONFIG_NAME).read_text()
+        cfg = json.loads(text)
         p = int(cfg["num_virtual_tokens"])
-        weights = target / WEIGHTS_NAME
-        size = weights.stat().st_size if weights.is_file() else 0
+        try:
+            size = os.stat(target / WEIGHTS_NAME).st_size
+        except FileNotFoundError:
+            size = 0  # read_adapter names what is missing when the adapter is loaded
         return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size)
     except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
         why = str(e) if isinstance(e, ConfigError) else f"{directory / CONFIG_NAME} is unreadable ({type(e).__name__}: {e})"
@@ -90,15 +98,22 @@ class AdapterRegistry:
         if not self.root.is_dir():
             raise ConfigError(f"--adapters {self.root}: not a directory; pass the directory that holds adapter "
                               "directories (each with adapter_config.json)")
-        found = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and is_adapter_dir(p)}
+        with os.scandir(self.root) as it:  # directory entries know their type: no stat per entry
+            found = {d.name: self.root / d.name for d in it if d.is_dir()}
         with self._lock:
             ours = {n for n, e in self._entries.items() if self._under_root(e.directory)}
             removed = sorted(n for n in ours if n not in found)
             for n in removed:
                 self._forget(n)
-            added = [n for n in found if n not in self._entries and n not in self.reserved]
-            for n in added:
-                self._entries[n] = read_entry(n, found[n])
+            added = []
+            for n in sorted(found):
+                if n in self._entries or n in self.reserved:
+                    continue
+                e = read_entry(n, found[n])
+                if e.problem and not is_adapter_dir(found[n]):
+                    continue  # not an adapter at all (a stray directory), rather than a broken one
+                self._entries[n] = e
+                added.append(n)
         return added, removed
 
     def _under_root(self, path: Path) -> bool:

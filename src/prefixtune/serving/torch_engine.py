@@ -92,10 +92,11 @@ class TorchEngine(Engine):
         return self._resident_bytes(name)
 
     def _resident_bytes(self, name: str) -> int:
-        """The adapter's parameters plus the per-layer key/values computed from them (kept for reuse)."""
-        table = sum(p.numel() * p.element_size() for p in self.model.prefixes[name].parameters())
-        layers = sum(t.numel() * t.element_size() for kv in self.model.prefix_layers(name) for t in kv)
-        return table + layers
+        """The adapter's parameters plus the per-layer key/values computed from them (kept for reuse), each storage
+        once: a plain table's key/values are views of it."""
+        tensors = [*self.model.prefixes[name].parameters(), *(t for kv in self.model.prefix_layers(name) for t in kv)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     def _unload_prefix(self, name: str) -> None:
         self.model.delete_adapter(name)
