@@ -165,6 +165,15 @@ def instruct_rows(n: int = 24, seed: int = 0) -> list[dict]:
              "output": f"the sum is {rng.choice(nums)}"} for _ in range(n)]
 
 
+# metrics.jsonl fields that time the run (training/loop.py): they differ between runs that otherwise match
+WALL_CLOCK = ("tokens_per_s", "eval_seconds")
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without their wall-clock fields, for comparing two runs."""
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
