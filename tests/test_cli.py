@@ -211,6 +211,8 @@ def test_run_identity_matches_a_run_json_from_before_the_nested_prefix(tmp_path)
     out = tmp_path / "o"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"identity": old_identity}))
+    (out / "checkpoint-000001").mkdir()  # --resume needs a checkpoint to continue from
+    (out / "checkpoint-000001" / "state.pt").write_bytes(b"")
     over = {"model": "m", "train": "t", "task": "lm", "output": str(out), "max_steps": 3, "resume": True}
     assert check_output_dir(resolve(TrainConfig.from_sources(None, over)).config) is True
     for changed, words in (({"placement": "full"}, "placement"), ({"num_virtual_tokens": 10}, "num_virtual_tokens")):
