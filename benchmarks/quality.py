@@ -37,6 +37,7 @@ from prefixtune.initialize import example_token_ids
 from prefixtune.training import data
 from prefixtune.training.config import task_defaults
 from prefixtune.training.ema import ParamEMA
+from prefixtune.training.optim import param_groups
 from prefixtune.training.sources import load_records
 
 TEMPLATE = "Tweet: {text}\nSentiment (negative, neutral or positive): "  # the demo's; the space joins the label
@@ -172,7 +173,7 @@ def rank_acc(model, tok, eval_ds) -> float:
 def optimizer(model, params, lr, projection_lr=None, weight_decay=0.0):
     """AdamW; our models give the projection MLP its own rate (param_groups)."""
     if isinstance(model, pt.PrefixModel):
-        return torch.optim.AdamW(model.param_groups(lr, projection_lr, weight_decay), lr=lr)
+        return torch.optim.AdamW(param_groups(model, lr, projection_lr, weight_decay), lr=lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 

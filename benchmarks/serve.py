@@ -10,6 +10,10 @@ Same load three ways on one random-init Llama (CPU is fine), greedy, fixed lengt
   single       the same number of requests, all on one adapter (the ceiling for mixing)
 Targets from the issue: mixed >= 4x per-adapter, mixed >= 0.8x single.
 
+    python benchmarks/serve.py --num-adapters 1000 [--startup 10000] [--pressure 2000]
+
+Thousands of adapters on one engine (lazy loading, memory budget, flat latency): see many_adapters.py.
+
     python benchmarks/serve.py --backends torch,llamacpp-q4_1,llamacpp-f16 [--gguf model.gguf] [--threads 2]
 
 The backend column: the same load on real GGUF weights (default: the demo's SmolLM2-135M-Instruct Q4_1; F16 is
@@ -33,7 +37,8 @@ from common import add_device_args, check_device_args, sync
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefixtune as pt
-from prefixtune.serving.engine import Engine, Request, SamplingParams
+from prefixtune.serving.request import Request, SamplingParams
+from prefixtune.serving.torch_engine import TorchEngine as Engine
 
 
 def build(args):
@@ -97,6 +102,11 @@ def main():
     ap.add_argument("--lcpp-threads-batch", type=int, default=None, help="llama.cpp n_threads_batch (default: n_threads)")
     ap.add_argument("--n-batch", type=int, default=512, help="llama.cpp n_batch")
     ap.add_argument("--n-ubatch", type=int, default=None, help="llama.cpp n_ubatch (default: n_batch)")
+    ap.add_argument("--num-adapters", type=int, default=None, help="many-adapter benchmark on SmolLM2 (many_adapters.py)")
+    ap.add_argument("--startup", type=int, default=10000, help="--num-adapters: adapters on disk for the start-up test")
+    ap.add_argument("--pressure", type=int, default=2000, help="--num-adapters: adapters for the eviction test")
+    ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters for tests 2 and 3")
+    ap.add_argument("--save", default=None, help="--num-adapters: write the results as JSON here")
     ap.add_argument("--backend-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     add_device_args(ap)
@@ -106,6 +116,10 @@ def main():
         return _backend_prep(args) if args.backend_child == "prep" else _backend_child(args)
     if args.backends:
         return backend_table(args)
+    if args.num_adapters:
+        import many_adapters
+
+        return many_adapters.run(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)

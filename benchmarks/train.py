@@ -335,7 +335,7 @@ def main():
         print(f"prefixtune trainer path step time = {x:.2f}x the floor (f), paired step by step (median of "
               f"{', '.join(f'{r:.2f}' for r in paired['ratios'])}; target <= 1.15x: {'met' if x <= 1.15 else 'NOT met'})")
     if "c" in results and ref:
-        print(f"prefixtune engine alone (same seed-style data path) = {results['c']['s_per_step'] / ref['s_per_step']:.2f}x peft")
+        print(f"PrefixModel alone (same seed-style data path) = {results['c']['s_per_step'] / ref['s_per_step']:.2f}x peft")
     print(f"total {time.perf_counter() - t_all:.0f}s")
 
 

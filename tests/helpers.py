@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from prefixtune import PrefixConfig, attach
+import prefixtune as pt
 
 VOCAB = 128
 # One set of special ids for the models and the tokenizers below: <pad>=0, <unk>=1, <eos>=2, <bos>=3.
@@ -233,8 +234,8 @@ def randomise(model, seed=0):
 
 
 def two_adapters(kind, p_a=5, p_b=3):
-    model = attach(make(kind), PrefixConfig(num_virtual_tokens=p_a), name="a")
-    model.add_adapter("b", PrefixConfig(num_virtual_tokens=p_b))
+    model = pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=p_a), name="a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=p_b))
     return randomise(model).eval()
 
 
@@ -251,3 +252,69 @@ def pad_prompts(prompts, side):
 # Decoder-only models are left-padded (as for generation); BERT pools its first slot and BART numbers encoder
 # positions 0..L-1 whatever the mask says, so those two are right-padded, as their tokenizers do.
 PAD_SIDE = {"bert": "right", "bart": "right"}
+
+
+# ---- serving engines: adapters, offline references, event collectors --------------------------------------
+def three_adapters(kind="llama"):
+    model = pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=5), "a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=9))
+    model.add_adapter("c", pt.PrefixConfig(num_virtual_tokens=3, projection=True, projection_dim=32))
+    return model.eval()
+
+
+def offline(model, prompt, name, max_new):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         adapter_names=[name], do_sample=False, max_new_tokens=max_new)
+    toks = out[0, len(prompt):].tolist()
+    eos = model.base_model.generation_config.eos_token_id
+    return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+class Collector:
+    """on_event callbacks that gather tokens/text per request and signal when all are done."""
+
+    def __init__(self, n):
+        self.n, self.tokens, self.text, self.final = n, {}, {}, {}
+        self.done = threading.Event()
+
+    def __call__(self, key):
+        def on_event(ev):
+            self.tokens.setdefault(key, []).extend(ev.token_ids)
+            self.text[key] = self.text.get(key, "") + ev.text
+            if ev.finish_reason:
+                self.final[key] = ev
+                if len(self.final) == self.n:
+                    self.done.set()
+        return on_event
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), f"only {len(self.final)}/{self.n} requests finished"
+        return self
+
+
+def random_workload(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 128, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    names = [["a", "b", "c", None][i % 4] for i in range(n)]
+    max_new = [int(x) for x in torch.randint(1, 16, (n,), generator=g)]
+    return prompts, names, max_new
+
+
+def lively(model, seed=0):
+    """Tiny random BART repeats one token whatever the input; noise on the weights and N(0,1) prefixes make
+    outputs depend on prompt and adapter, so equality below means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.base_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for p in model.prefixes.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def offline_seq2seq(model, prompt, name, max_new):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         adapter_names=[name], do_sample=False, num_beams=1, max_new_tokens=max_new)
+    toks = out[0, 1:].tolist()  # after the decoder start token
+    eos = model.base_model.generation_config.eos_token_id
+    return toks[: toks.index(eos) + 1] if eos in toks else toks

@@ -306,7 +306,7 @@ def test_serve_adapters_dir_takes_a_run_dir(tmp_path):
     from helpers import make
 
     import prefixtune as pt
-    from prefixtune.serving.engine import Engine
+    from prefixtune.serving.torch_engine import TorchEngine as Engine
 
     src = pt.attach(make("llama"), pt.PrefixConfig(num_virtual_tokens=2, init="random", layer_scale=False))
     d = tmp_path / "adapters"

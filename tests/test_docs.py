@@ -25,14 +25,14 @@ def cli_flags() -> dict[str, set[str]]:
     """subcommand -> its option strings, from the parsers the CLI itself runs."""
     cli = importlib.import_module("prefixtune.cli.main")  # `prefixtune.cli.main` the attribute is the function
     info = importlib.import_module("prefixtune.cli.info")
-    api = importlib.import_module("prefixtune.serving.api")
+    serve_cli = importlib.import_module("prefixtune.cli.serve")
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     flags = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
     flags["info"] = set(info.build_parser()._option_string_actions)
     serve = argparse.ArgumentParser()
-    api.add_serve_args(serve)
+    serve_cli.add_serve_args(serve)
     flags["serve"] = set(serve._option_string_actions)
     return flags
 

@@ -68,3 +68,28 @@ def test_evaluate_classify_both_methods(kind):
     bad = Dataset.from_dict({"text": ["x"], "label": ["meh"]})
     with pytest.raises(E.D.DataError, match="'meh'"):
         E.evaluate_classify(pm, tok, bad, info)
+
+
+def test_label_logits_of_a_soft_capping_model_come_from_its_full_forward():
+    """Gemma-2 caps its logits after the LM head (inject.LOGIT_POSTPROCESSING): label-position logits must be the
+    model's own, capped ones, not the head's raw output."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from prefixtune.inject import lm_head_gives_logits
+    from prefixtune.training.evaluate import selected_logits
+
+    cap = 0.05  # far below the raw logits of a random model, so an uncapped answer cannot pass
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                           final_logit_softcapping=cap)).eval()
+    assert not lm_head_gives_logits(model.config) and lm_head_gives_logits(helpers.make("llama").config)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        logits, targets, _ = selected_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        full = model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
+        raw = model.get_output_embeddings()(model.model(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(logits, full.float())
+    assert logits.abs().max() <= cap and raw.abs().max() > cap
+    assert torch.equal(targets, labels[:, 1:][labels[:, 1:] != -100])

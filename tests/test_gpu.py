@@ -12,11 +12,11 @@ import time
 import helpers
 import pytest
 import torch
-from helpers import PAD_SIDE, pad_prompts, randomise, two_adapters
-from test_scheduler import Collector, random_workload, three_adapters
+from helpers import PAD_SIDE, Collector, pad_prompts, random_workload, randomise, three_adapters, two_adapters
 
 import prefixtune as pt
-from prefixtune.serving.engine import Engine, Request, SamplingParams
+from prefixtune.serving.request import Request, SamplingParams
+from prefixtune.serving.torch_engine import TorchEngine as Engine
 from prefixtune.training.loop import LossModule
 
 pytestmark = pytest.mark.gpu

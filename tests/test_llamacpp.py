@@ -184,7 +184,7 @@ def test_f16_cache_and_both_v_layouts(tiny, flash_attn, mode):
         buf = (__import__("ctypes").c_uint8 * size)()
         m.lib.llama_state_seq_get_data(m.ctx, buf, size, seq)
     else:
-        buf = m._blobs["mid"]  # the blob every request's sequence receives (one stream per sequence listed)
+        buf = m.mode.blobs["mid"]  # the blob every request's sequence receives (one stream per sequence listed)
     blob = llamacpp_cache.parse(bytes(buf), m.arch.num_layers, m.arch.token_dim)
     assert blob.v_trans is (not flash_attn) and blob.keys[0].dtype is np.float16
     ids = tiny["prompts"][1]
@@ -334,6 +334,7 @@ def server(tiny):
 
     eng = build_llamacpp_engine(str(tiny["gguf"]), str(tiny["root"] / "adapters"), kv_type="f32", n_threads=1,
                                 max_batch_size=16, max_prompt_tokens=64, max_total_tokens=128)
+    assert eng.load_dir() == sorted(ADAPTERS)  # eagerly (the default indexes and loads on first use)
     eng.start()
     yield eng
     eng.close()
@@ -415,7 +416,7 @@ def test_server_hot_load_unload_and_bad_adapters(server, tiny, tmp_path):
     assert out["wrong"].status_code == 422 and "layers: adapter 3 vs model 2" in out["wrong"].json()["error"]["message"]
     assert out["too_long"].status_code == 400 and "max_tokens" in out["too_long"].json()["error"]["message"]
     assert out["health"].json()["status"] == "ok" and "prefixtune_adapters_loaded 3" in out["metrics"].text
-    assert server.model.used_cells == 0 and sorted(server.model._blobs) == sorted(ADAPTERS)  # per-sequence: no shared
+    assert server.model.used_cells == 0 and sorted(server.model.mode.blobs) == sorted(ADAPTERS)  # per-sequence: no shared
     # cells; the unloaded copy's blob is gone and the reloaded one is kept
 
 
@@ -491,7 +492,8 @@ def test_per_sequence_engine_checks_each_requests_cells(tiny, backends):
 
 def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch):
     """`prefixtune serve --backend llamacpp --model X.gguf --adapters DIR` serves every adapter on llama.cpp."""
-    import prefixtune.serving.api as api
+    import prefixtune.cli.serve as serve_cli
+    import prefixtune.serving.backends as backends
     from prefixtune.config import ConfigError
     from prefixtune.serving.llamacpp_engine import LlamaCppEngine
 
@@ -503,16 +505,17 @@ def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch)
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
-    real = api.build_backend
-    monkeypatch.setattr(api, "build_backend", lambda *a, **k: built.setdefault("engine", real(*a, **k, n_threads=1)))
-    assert api.main(["--backend", "llamacpp", "--model", str(tiny["gguf"]), "--adapters", str(tiny["root"] / "adapters")]) == 0
+    real = backends.build_backend
+    monkeypatch.setattr(backends, "build_backend", lambda *a, **k: built.setdefault("engine", real(*a, **k, n_threads=1)))
+    assert serve_cli.main(["--backend", "llamacpp", "--model", str(tiny["gguf"]), "--adapters", str(tiny["root"] / "adapters")]) == 0
     eng = built["engine"]
     try:
-        assert isinstance(eng, LlamaCppEngine) and eng.adapter_names() == sorted(ADAPTERS)
+        assert isinstance(eng, LlamaCppEngine) and set(ADAPTERS) <= set(eng.adapter_names())  # indexed
+        assert eng.registry.resident_names() == [] and eng.load_dir() == sorted(ADAPTERS)  # all load ('wrong-model' not)
     finally:
         eng.close()
     with pytest.raises(ConfigError, match="serves a .gguf file"):
-        api.build_backend("llamacpp", str(tiny["root"]))
+        backends.build_backend("llamacpp", str(tiny["root"]))
 
 
 QUANTIZED_CHILD = """
@@ -540,3 +543,37 @@ def test_quantized_gguf_decodes_with_prefixes(tiny, tmp_path, wtype, min_corr):
     want = np.stack([reference(tiny["model"], "mid", ids, 1)[0] for ids in rows])
     assert got.shape == want.shape
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > min_corr  # quantization moves logits, the prefix still counts
+
+
+def test_composed_prefixes_equal_one_adapter_holding_both(tiny, tmp_path):
+    """A request for ("short", "mid") on llama.cpp gets short's cells then mid's: the same greedy tokens as one
+    adapter whose table is the two tables stacked, alone and beside other rows; the unified cache refuses it."""
+    import prefixtune.llamacpp as ptl
+
+    model = tiny["model"]
+    stacked = pt.attach(model.base_model, pt.PrefixConfig(num_virtual_tokens=ADAPTERS["short"] + ADAPTERS["mid"],
+                                                          layer_scale=False), "both")
+    with torch.no_grad():
+        stacked.prefixes["both"].embedding.weight.copy_(torch.cat([model.prefixes["short"].folded(),
+                                                                    model.prefixes["mid"].folded()]))
+    stacked.save_adapter(tmp_path / "both", "both")
+    stacked.delete_adapter("both")
+    gen = ptl.load(tiny["gguf"], {**{n: tiny["root"] / "adapters" / n for n in ADAPTERS}, "both": tmp_path / "both"},
+                   kv_type="f32", n_threads=1)
+    try:
+        prompts = tiny["prompts"][:6]
+        composed = gen.generate(prompts, [("short", "mid")] * 6, max_tokens=6, return_tokens=True)
+        assert composed == gen.generate(prompts, "both", max_tokens=6, return_tokens=True)
+        mixed = gen.generate(prompts, [("short", "mid"), None, "long", ("short", "mid"), "mid", ("short", "mid")],
+                             max_tokens=6, return_tokens=True)
+        assert [mixed[i] for i in (0, 3, 5)] == [composed[i] for i in (0, 3, 5)]
+        assert composed != gen.generate(prompts, "mid", max_tokens=6, return_tokens=True)
+    finally:
+        gen.close()
+    uni = ptl.load(tiny["gguf"], {n: tiny["root"] / "adapters" / n for n in ADAPTERS}, kv_type="f32", n_threads=1,
+                   kv_unified=True)
+    try:
+        with pytest.raises(pt.ConfigError, match="composing prefixes is not available with the unified"):
+            uni.generate(prompts[:1], [("short", "mid")], max_tokens=2)
+    finally:
+        uni.close()

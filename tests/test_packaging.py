@@ -23,12 +23,12 @@ def _run_without_train_extra(code: str, tmp_path) -> subprocess.CompletedProcess
 def test_core_api_works_without_the_train_extra(tmp_path):
     r = _run_without_train_extra(
         """
-import torch, prefixtune as pt, tiny
-model = pt.attach(tiny.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
-kw = tiny.batch("llama")
+import torch, prefixtune as pt, helpers
+model = pt.attach(helpers.make("llama"), pt.PrefixConfig(num_virtual_tokens=3)).eval()
+kw = helpers.batch("llama")
 out = model(**kw).logits
 model.save_adapter("a")
-again = pt.load_adapter(tiny.make("llama"), "a").eval()
+again = pt.load_adapter(helpers.make("llama"), "a").eval()
 assert torch.allclose(again(**kw).logits, out, atol=1e-5)
 again.generate(input_ids=kw["input_ids"], max_new_tokens=2, do_sample=False, pad_token_id=0)
 assert not {"accelerate", "datasets", "pandas", "matplotlib"} & {m for m, v in sys.modules.items() if v is not None}

@@ -351,3 +351,17 @@ def test_head_lr_moves_an_encoder_classifiers_head_at_its_own_rate():
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
     assert moved[head[0]] == pytest.approx(1e-4, rel=1e-3)
     assert moved["prefixes.default.embedding.weight"] == pytest.approx(1e-2, rel=1e-2)  # tiny grads: Adam eps
+
+
+def test_task_defaults_are_resolved_once_logged_and_recorded(tmp_path, capsys):
+    """What the task's defaults filled in is said before training and kept in run.json; given values are not."""
+    from prefixtune.training.config import TASK_DEFAULTS
+
+    cfg = _cfg(tmp_path, max_steps=2, lr=None, save_every=None)
+    train(cfg, model=_model(), tokenizer=make_tokenizer())
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    lr = TASK_DEFAULTS["classify"]["lr"]
+    assert run["defaults"] == {"lr": lr, "base_dropout": True, "prefix.init": "examples"}  # num_virtual_tokens was given
+    assert run["config"]["lr"] == lr and run["config"]["prefix"]["num_virtual_tokens"] == 4
+    assert f"defaults for classify on a causal model: lr {lr}, base_dropout True, init examples" in capsys.readouterr().out
+    assert cfg.lr is None and cfg.prefix == {"num_virtual_tokens": 4}  # the caller's config is left as given

@@ -3,7 +3,9 @@
     python tools/structure.py [SRC_DIR]        # default: src/prefixtune next to this script's repository
 
 Prints the largest module, function and class, every one over the limits (module 450 lines, function 80,
-class 300), and every import cycle among prefixtune's own modules; exits 1 if anything is over or circular.
+class 300), every import cycle among prefixtune's own modules, and every import that breaks the layering
+(README "Layout": core imports none of training/, serving/, cli/; training/ none of serving/, cli/); exits 1 if
+anything is over, circular or out of its layer.
 A cycle counts every import, also one inside a function (a late import hides a circle, it does not remove it);
 `if TYPE_CHECKING:` imports are left out (they never run). Line counts are physical lines, blank and comments
 included (what `wc -l` and an editor show).
@@ -16,6 +18,18 @@ import sys
 from pathlib import Path
 
 LIMITS = {"module": 450, "function": 80, "class": 300}
+# package -> the prefixtune packages it must not import; "core" is every module outside the sub-packages
+FORBIDDEN = {"core": ("training", "serving", "cli"), "training": ("serving", "cli")}
+SUBPACKAGES = ("training", "serving", "cli")
+# Top-level entries for notebooks (`import prefixtune.llamacpp as ptl`): a name for a serving backend, no code of their own.
+ENTRIES = ("prefixtune.llamacpp", "prefixtune.vllm")
+
+
+def layer(module: str) -> str:
+    if module in ENTRIES:
+        return "entry"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else "core"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -163,7 +177,8 @@ def main(argv: list[str]) -> int:
     bad = 0
     for kind, limit in LIMITS.items():
         mine = sorted((r for r in rows if r[0] == kind), key=lambda r: -r[2])
-        print(f"largest {kind}: {mine[0][1]} ({mine[0][2]} lines; limit {limit})")
+        if mine:
+            print(f"largest {kind}: {mine[0][1]} ({mine[0][2]} lines; limit {limit})")
         for _, what, n in mine:
             if n > limit:
                 print(f"  OVER: {what} {n} lines")
@@ -171,6 +186,12 @@ def main(argv: list[str]) -> int:
     # a package's __init__ importing its own submodules is how packages work, not a circle
     for mod in graph:
         graph[mod] = {m for m in graph[mod] if not (mod and m.startswith(mod + ".") and mod in _packages(names))}
+    for mod in sorted(graph):
+        banned = FORBIDDEN.get(layer(mod), ())
+        for dep in sorted(graph[mod]):
+            if layer(dep) in banned and mod not in ("prefixtune", "prefixtune.__main__"):  # entry points: the public face
+                print(f"layering: {mod} imports {dep} ({layer(mod)} must not import {layer(dep)}/)")
+                bad += 1
     circles = cycles(graph)
     for comp in circles:
         print("import cycle: " + " -> ".join(one_path(graph, comp)) + f"  ({len(comp)} modules)")

@@ -244,6 +244,13 @@ def layer_devices(model, arch: Arch) -> list[torch.device] | None:
     return dec + dec + enc
 
 
+def max_positions(arch: Arch, config) -> int | None:
+    """Positions the model can number (prefix + prompt + output), or None where there is no limit: T5 numbers
+    positions relatively (its n_positions is no limit); BART and decoders have a position table."""
+    return getattr(config, "max_position_embeddings", None) or (
+        getattr(config, "n_positions", None) if arch.kind == "causal" else None)
+
+
 def batch_prefix(per_row: list, batch_size: int):
     """Per-row prefixes -> per-layer (K, V) [B, kv, Pmax, hd], prefix mask [B, Pmax].
 

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .backend import add_backend_arg, generate_on_backend
+
 EXIT_USAGE = 2
 
 
@@ -184,9 +186,7 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling, with --temperature > 0 (default: 50)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
-                   help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp (pip install "
-                   "\"prefixtune[llamacpp]\") (default: torch)")
+    add_backend_arg(p)
     p.set_defaults(fn=cmd_generate)
 
 
@@ -215,10 +215,8 @@ def cmd_generate(args) -> int:
     if template and info.get("task") in ("classify", "instruct"):
         field = "text" if info["task"] == "classify" else "instruction"
         prompts = [template.replace("{" + field + "}", p).replace("{input}", "") for p in prompts]
-    if args.backend == "llamacpp":
-        from ..serving.llamacpp_engine import cli_generate
-
-        return cli_generate(args, prompts)
+    if args.backend != "torch":
+        return generate_on_backend(args, prompts)
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
@@ -290,21 +288,7 @@ def _quiet_libraries() -> None:
 
 
 # Subcommands whose modules parse their own flags: command -> module with main(argv).
-HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.serving.api"}
-
-
-def _check_serve_paths(rest: list[str]) -> None:
-    """`serve --adapters DIR`: a missing directory or a file is a one-line error here, before the model loads."""
-    from ..paths import existing_dir
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--adapters")
-    known, _ = p.parse_known_args(rest)
-    if known.adapters:
-        existing_dir(known.adapters, "--adapters", "adapters (one subdirectory per adapter or training run)")
-
-
-PRECHECKS = {"serve": _check_serve_paths}  # hooked commands: path checks that run inside main's error handling
+HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
         def fn():
-            PRECHECKS.get(command, lambda _: None)(rest)
             return importlib.import_module(HOOKS[command]).main(rest) or 0
     else:
         args = build_parser().parse_args(argv)

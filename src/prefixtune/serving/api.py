@@ -1,10 +1,12 @@
 """OpenAI-compatible HTTP server for one base model and many prefixes: `prefixtune serve`.
 
-The `model` field of a request picks the adapter (or the base model by its own name). All generation
-happens in an engine's worker thread (base.EngineBase: torch_engine or llamacpp_engine); this module only validates, queues and formats.
+The `model` field of a request picks the adapter (or the base model by its own name; "a+b" composes two
+prefixes in that order). All generation happens in an engine's worker thread (engine.Engine: torch_engine,
+llamacpp_engine); this module only validates, queues and formats, and it is the one place that knows HTTP:
+STATUS maps each typed engine error to its status.
 
     GET  /v1/models                 POST /v1/completions      POST /v1/chat/completions
-    POST /v1/adapters {name, path}  DELETE /v1/adapters/{name}
+    POST /v1/adapters {name, path}  DELETE /v1/adapters/{name}  POST /v1/adapters/rescan
     GET  /health                    GET  /metrics (Prometheus text)
 """
 
@@ -17,25 +19,54 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from ..config import ConfigError
-from .base import EngineBase, EngineError, Event, Request, SamplingParams, async_sink
+from . import errors as E
+from .engine import Engine
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
+from .registry import LOAD_SECONDS_BUCKETS
+from .request import Event, Request, SamplingParams
 
 log = logging.getLogger("prefixtune.serve")
 MAX_BODY_BYTES = 4 << 20
 
+# The one table from engine errors to HTTP statuses (the most specific class listed wins).
+STATUS: dict[type, int] = {
+    E.InvalidRequest: 400, E.LoadingDisabled: 403, E.UnknownAdapter: 404, E.RequestTimeout: 408,
+    E.AdapterExists: 409, E.AdapterLoadFailed: 422, E.QueueFull: 429, E.GenerationFailed: 500,
+    E.CapacityUnavailable: 503, E.EngineStopped: 503, E.EngineError: 400,
+}
 
-class ApiError(EngineError):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
-        super().__init__(message, status)
-        self.param, self.headers = param, headers or {}
+
+def status_of(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+class ApiError(Exception):
+    """A request the HTTP layer itself refuses (body, fields, capabilities)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+def async_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+    """An on_event callback that hands events from the engine's worker thread to an asyncio queue."""
+
+    def put(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    return put
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -58,23 +89,31 @@ class Metrics:
                 if seconds <= b:
                     self.latency[i] += 1
 
-    def render(self, engine: EngineBase) -> str:
+    def render(self, engine: Engine) -> str:
         out = ["# HELP prefixtune_requests_total Requests by endpoint and HTTP status.",
                "# TYPE prefixtune_requests_total counter"]
         for (ep, st), v in sorted(self.requests.items()):
             out.append(f'prefixtune_requests_total{{endpoint="{ep}",status="{st}"}} {v}')
-        s = engine.stats
+        s, reg = engine.stats, engine.registry
         for name, help_, val, kind in (
             ("prompt_tokens_total", "Prompt tokens prefilled.", s["prompt_tokens"], "counter"),
             ("generation_tokens_total", "Tokens generated.", s["completion_tokens"], "counter"),
             ("decode_steps_total", "Batched decode forward passes.", s["steps"], "counter"),
             ("queue_depth", "Requests waiting for a batch slot.", engine.queue_depth, "gauge"),
             ("batch_size", "Rows in the running batch now.", engine.running, "gauge"),
-            ("adapters_loaded", "Adapters being served.", len(engine.adapter_names()), "gauge"),
+            ("adapters_known", "Adapters the server can serve (indexed).", len(engine.adapter_names()), "gauge"),
+            ("adapters_loaded", "Adapters resident in memory.", len(reg.resident_names()), "gauge"),
+            ("adapter_bytes", "Bytes the resident adapters hold.", reg.resident_bytes(), "gauge"),
+            ("adapter_hits_total", "Requests whose adapter was resident.", reg.stats["hits"], "counter"),
+            ("adapter_misses_total", "Adapter loads on demand.", reg.stats["misses"], "counter"),
+            ("adapter_evictions_total", "Adapters evicted to stay within the budget.", reg.stats["evictions"], "counter"),
+            ("adapter_load_failures_total", "Adapter loads that failed.", reg.stats["load_failures"], "counter"),
         ):
             out += [f"# HELP prefixtune_{name} {help_}", f"# TYPE prefixtune_{name} {kind}", f"prefixtune_{name} {val}"]
         out += _histogram("prefixtune_request_latency_seconds", "Latency of successful generation requests.",
                           self.LATENCY_BUCKETS, self.latency, self.latency_sum, self.latency_count)
+        out += _histogram("prefixtune_adapter_load_seconds", "Time to load an adapter on demand.", LOAD_SECONDS_BUCKETS,
+                          reg.load_seconds, reg.load_seconds_sum, reg.load_seconds_count)
         hist = dict(engine.batch_hist)
         counts = [sum(c for n, c in hist.items() if n <= b) for b in self.BATCH_BUCKETS]
         out += _histogram("prefixtune_step_batch_size", "Rows per decode step.", self.BATCH_BUCKETS, counts,
@@ -105,7 +144,7 @@ async def _json_body(request: HttpRequest) -> dict:
     return body
 
 
-def _parse(model, body: dict, engine: EngineBase):
+def _parse(model, body: dict, engine: Engine):
     """body -> a protocol model; a validation error becomes a 400 naming the field."""
     try:
         return model.model_validate(body, context={"vocab_size": engine.vocab_size, "max_n": engine.max_n})
@@ -114,7 +153,7 @@ def _parse(model, body: dict, engine: EngineBase):
         raise ApiError(message, param=param) from None
 
 
-def _check_capabilities(params: SamplingParams, echo: bool, engine: EngineBase) -> None:
+def _check_capabilities(params: SamplingParams, echo: bool, engine: Engine) -> None:
     """A feature the engine cannot honour is a 400 naming the field, never a silently different result."""
     asked = {"logprobs": params.logprobs is not None, "logit_bias": bool(params.logit_bias),
              "repetition_penalty": params.repetition_penalty != 1.0, "presence_penalty": bool(params.presence_penalty),
@@ -126,17 +165,17 @@ def _check_capabilities(params: SamplingParams, echo: bool, engine: EngineBase) 
                            "--backend torch", param=feature)
 
 
-def _prompt_ids(req: CompletionRequest, engine: EngineBase) -> list[int]:
+def _prompt_ids(req: CompletionRequest, engine: Engine) -> list[int]:
     return _tokenize(engine, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
 
 
-def _tokenize(engine: EngineBase, text: str, special: bool = True) -> list[int]:
+def _tokenize(engine: Engine, text: str, special: bool = True) -> list[int]:
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer: send 'prompt' as a list of token ids")
     return list(engine.tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_ids(req: ChatCompletionRequest, engine: EngineBase) -> list[int]:
+def _chat_ids(req: ChatCompletionRequest, engine: Engine) -> list[int]:
     clean = req.messages
     tok = engine.tokenizer
     if tok is None:
@@ -155,7 +194,7 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def _prompt_text(req: CompletionRequest, ids: list[int], engine: EngineBase) -> str:
+def _prompt_text(req: CompletionRequest, ids: list[int], engine: Engine) -> str:
     prompt = req.prompt
     if isinstance(prompt, str):
         return prompt
@@ -167,7 +206,7 @@ class _LogprobFormat:
     completions {tokens, token_logprobs, top_logprobs, text_offset}; chat {content: [{token, logprob, bytes,
     top_logprobs}]}. Token strings are each id decoded alone."""
 
-    def __init__(self, engine: EngineBase, chat: bool, offset: int):
+    def __init__(self, engine: Engine, chat: bool, offset: int):
         self.engine, self.chat, self.start = engine, chat, offset
         self.pending: dict[int, list] = {}
         self.offset: dict[int, int] = {}
@@ -201,7 +240,119 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine: EngineBase) -> FastAPI:
+def _model_list(engine: Engine) -> dict:
+    """The base model, then every adapter the server can serve, loaded or not (OpenAI's fields, then ours)."""
+    created = int(time.time())
+    data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
+    data += [{"id": e.name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name,
+              "resident": e.resident, "num_virtual_tokens": e.num_virtual_tokens, "base_model": e.base_model,
+              "pinned": e.pinned, **({"error": e.problem} if e.problem else {})}
+             for e in engine.registry.entries()]
+    return {"object": "list", "data": data}
+
+
+class Completions:
+    """POST /v1/completions and /v1/chat/completions: validate, submit to the engine, collect or stream events."""
+
+    def __init__(self, engine: Engine, metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
+
+    async def __call__(self, request: HttpRequest, chat: bool):
+        engine, metrics = self.engine, self.metrics
+        t0 = time.monotonic()
+        endpoint = request.url.path
+        req = _parse(ChatCompletionRequest if chat else CompletionRequest, await _json_body(request), engine)
+        model_name = req.model
+        adapter = engine.adapter_for(model_name)
+        ids = _chat_ids(req, engine) if chat else _prompt_ids(req, engine)
+        default_max = max(1, min(256, engine.max_total_tokens - len(ids))) if chat else 16
+        params, n, stream = req.sampling(default_max), req.n or 1, bool(req.stream)
+        engine.check_limits(len(ids), params.max_tokens, adapter)
+        echo = "" if chat or not req.echo else _prompt_text(req, ids, engine)
+        _check_capabilities(params, bool(echo), engine)
+        usage_chunk = req.include_usage
+
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        sink = async_sink(asyncio.get_running_loop(), queue)
+        reqs = [Request(adapter, ids, replace(params, seed=None if params.seed is None else params.seed + i), sink, index=i)
+                for i in range(n)]
+        engine.submit(reqs)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        meta = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name}
+        lp = _LogprobFormat(engine, chat, len(echo)) if params.logprobs is not None else None
+        if stream:
+            return StreamingResponse(self._stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            texts, finishes, done = [echo] * n, [None] * n, 0
+            completion_tokens = 0
+            while done < n:
+                ev = await queue.get()
+                texts[ev.index] += ev.text
+                if lp:
+                    lp.add(ev)
+                if ev.finish_reason:
+                    if ev.error:
+                        raise ev.error
+                    finishes[ev.index], done = ev.finish_reason, done + 1
+                    completion_tokens += ev.completion_tokens
+        finally:
+            for r in reqs:
+                r.cancel()  # no-op for finished rows; frees the others if we bailed out
+        logprobs = [lp.take(i) if lp else None for i in range(n)]
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": l}
+                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
+        else:
+            choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": l}
+                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
+        usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
+        metrics.record(endpoint, 200, time.monotonic() - t0)
+        return {**meta, "choices": choices, "usage": usage}
+
+    async def _stream(self, reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
+        metrics = self.metrics
+        meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+        n, done, completion_tokens, status = len(reqs), 0, 0, 200
+
+        def chunk(i, text, finish):
+            logprobs = lp.take(i) if lp else None
+            if chat:
+                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}  # noqa: E501
+            return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+
+        try:
+            for i in range(n):
+                if chat:
+                    yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})  # noqa: E501
+                elif echo:
+                    yield _sse({**meta, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
+            while done < n:
+                ev = await queue.get()
+                if ev.error:  # headers are gone already: report in-band, as OpenAI does
+                    status = status_of(ev.error)
+                    yield _sse(_error_body(str(ev.error), status))
+                    break
+                if lp:
+                    lp.add(ev)  # held-back tokens (a possible stop string) ride on the next chunk that has text
+                if ev.text or ev.finish_reason:
+                    yield _sse(chunk(ev.index, ev.text, ev.finish_reason))
+                if ev.finish_reason:
+                    done += 1
+                    completion_tokens += ev.completion_tokens
+            if usage_chunk:
+                prompt = len(reqs[0].prompt_ids)
+                yield _sse({**meta, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                                                             "total_tokens": prompt + completion_tokens}})
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in reqs:
+                r.cancel()  # client disconnects land here: the rows leave the batch at the next step
+            metrics.record(endpoint, status, time.monotonic() - t0)
+
+
+def create_app(engine: Engine) -> FastAPI:
     """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
     metrics = Metrics()
 
@@ -214,14 +365,20 @@ def create_app(engine: EngineBase) -> FastAPI:
 
     app = FastAPI(title="prefixtune", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    _generate = Completions(engine, metrics)
 
-    @app.exception_handler(EngineError)
-    async def engine_error(request: HttpRequest, exc: EngineError):
-        metrics.record(request.url.path, exc.status)
-        headers = dict(getattr(exc, "headers", {}))
-        if exc.status == 429:
-            headers["Retry-After"] = str(getattr(exc, "retry_after", 1))
-        return JSONResponse(_error_body(str(exc), exc.status, getattr(exc, "param", None)), exc.status, headers=headers)
+    def error_response(request: HttpRequest, exc: Exception, status: int):
+        metrics.record(request.url.path, status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, E.QueueFull) else {}
+        return JSONResponse(_error_body(str(exc), status, getattr(exc, "param", None)), status, headers=headers)
+
+    @app.exception_handler(E.EngineError)
+    async def engine_error(request: HttpRequest, exc: E.EngineError):
+        return error_response(request, exc, status_of(exc))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HttpRequest, exc: ApiError):
+        return error_response(request, exc, exc.status)
 
     @app.get("/health")
     async def health():
@@ -236,11 +393,14 @@ def create_app(engine: EngineBase) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        created = int(time.time())
-        data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "prefixtune", "parent": None}]
-        data += [{"id": n, "object": "model", "created": created, "owned_by": "prefixtune", "parent": engine.model_name}
-                 for n in engine.adapter_names()]
-        return {"object": "list", "data": data}
+        return _model_list(engine)
+
+    @app.post("/v1/adapters/rescan")
+    async def rescan():
+        """Index adapter directories added to (or removed from) --adapters since start-up."""
+        found = await asyncio.to_thread(engine.rescan)
+        metrics.record("/v1/adapters/rescan", 200)
+        return {"object": "list", **found, "adapters": len(engine.adapter_names())}
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(request: HttpRequest):
@@ -266,181 +426,4 @@ def create_app(engine: EngineBase) -> FastAPI:
     async def chat_completions(request: HttpRequest):
         return await _generate(request, chat=True)
 
-    async def _generate(request: HttpRequest, chat: bool):
-        t0 = time.monotonic()
-        endpoint = request.url.path
-        req = _parse(ChatCompletionRequest if chat else CompletionRequest, await _json_body(request), engine)
-        model_name = req.model
-        adapter = engine.adapter_for(model_name)
-        ids = _chat_ids(req, engine) if chat else _prompt_ids(req, engine)
-        default_max = max(1, min(256, engine.max_total_tokens - len(ids))) if chat else 16
-        params, n, stream = req.sampling(default_max), req.n or 1, bool(req.stream)
-        engine.check_limits(len(ids), params.max_tokens, adapter)
-        echo = "" if chat or not req.echo else _prompt_text(req, ids, engine)
-        _check_capabilities(params, bool(echo), engine)
-        usage_chunk = req.include_usage
-
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        sink = async_sink(asyncio.get_running_loop(), queue)
-        reqs = [Request(adapter, ids, replace(params, seed=None if params.seed is None else params.seed + i), sink, index=i)
-                for i in range(n)]
-        engine.submit(reqs)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        meta = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name}
-        lp = _LogprobFormat(engine, chat, len(echo)) if params.logprobs is not None else None
-        if stream:
-            return StreamingResponse(_stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            texts, finishes, done = [echo] * n, [None] * n, 0
-            completion_tokens = 0
-            while done < n:
-                ev = await queue.get()
-                texts[ev.index] += ev.text
-                if lp:
-                    lp.add(ev)
-                if ev.finish_reason:
-                    if ev.error:
-                        raise ApiError(ev.error, ev.status)
-                    finishes[ev.index], done = ev.finish_reason, done + 1
-                    completion_tokens += ev.completion_tokens
-        finally:
-            for r in reqs:
-                r.cancel()  # no-op for finished rows; frees the others if we bailed out
-        logprobs = [lp.take(i) if lp else None for i in range(n)]
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": l}
-                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
-        else:
-            choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": l}
-                       for i, (t, f, l) in enumerate(zip(texts, finishes, logprobs))]
-        usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
-        metrics.record(endpoint, 200, time.monotonic() - t0)
-        return {**meta, "choices": choices, "usage": usage}
-
-    async def _stream(reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
-        meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
-        n, done, completion_tokens, status = len(reqs), 0, 0, 200
-
-        def chunk(i, text, finish):
-            logprobs = lp.take(i) if lp else None
-            if chat:
-                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}  # noqa: E501
-            return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
-
-        try:
-            for i in range(n):
-                if chat:
-                    yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})  # noqa: E501
-                elif echo:
-                    yield _sse({**meta, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
-            while done < n:
-                ev = await queue.get()
-                if ev.error:  # headers are gone already: report in-band, as OpenAI does
-                    status = ev.status
-                    yield _sse(_error_body(ev.error, ev.status))
-                    break
-                if lp:
-                    lp.add(ev)  # held-back tokens (a possible stop string) ride on the next chunk that has text
-                if ev.text or ev.finish_reason:
-                    yield _sse(chunk(ev.index, ev.text, ev.finish_reason))
-                if ev.finish_reason:
-                    done += 1
-                    completion_tokens += ev.completion_tokens
-            if usage_chunk:
-                prompt = len(reqs[0].prompt_ids)
-                yield _sse({**meta, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                                                             "total_tokens": prompt + completion_tokens}})
-            yield "data: [DONE]\n\n"
-        finally:
-            for r in reqs:
-                r.cancel()  # client disconnects land here: the rows leave the batch at the next step
-            metrics.record(endpoint, status, time.monotonic() - t0)
-
     return app
-
-
-# ---- loading and CLI ---------------------------------------------------------------------------------------
-def build_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto", device: str | None = None,
-                 **limits) -> EngineBase:
-    """The PyTorch engine on a model loaded the way `train` loads it (a directory, a Hub id or a .gguf; dtype
-    'auto' = bf16/fp16 on a GPU, fp32 on CPU), with every adapter under adapters_dir."""
-    from ..loading import load_model
-    from ..model import PrefixModel
-    from .torch_engine import TorchEngine
-
-    base, tokenizer = load_model(model_path, dtype, device)
-    engine = TorchEngine(PrefixModel(base), tokenizer, model_name=model_id(model_path), adapters_dir=adapters_dir, **limits)
-    loaded = engine.load_dir()
-    log.info("serving %s (%s, %s) with %d adapter(s): %s", engine.model_name, base.device, base.dtype, len(loaded),
-             ", ".join(loaded) or "-")
-    return engine
-
-
-def model_id(model_path: str) -> str:
-    """The base model's name in the API: the directory's name, or a GGUF file's name without .gguf."""
-    p = Path(str(model_path).rstrip("/"))
-    return p.stem if p.suffix == ".gguf" else p.name
-
-
-def build_backend(backend: str, model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto",
-                  device: str | None = None, **limits) -> EngineBase:
-    """The engine for `--backend`: "torch" (ours, any supported model) or "llamacpp" (a .gguf on llama.cpp)."""
-    if backend == "torch":
-        return build_engine(model_path, adapters_dir, dtype=dtype, device=device, **limits)
-    if backend == "llamacpp":
-        if not str(model_path).lower().endswith(".gguf"):
-            raise ConfigError(f"--backend llamacpp serves a .gguf file; --model {model_path} is not one")
-        from .llamacpp_engine import build_llamacpp_engine  # raises with the pip command if llama-cpp-python is missing
-
-        return build_llamacpp_engine(model_path, adapters_dir, **limits)
-    raise ConfigError(f"unknown --backend {backend!r}: use torch or llamacpp")
-
-
-def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               backend: str = "torch", **limits) -> None:
-    import uvicorn
-
-    logging.basicConfig(level=logging.INFO)
-    graceful = limits.pop("graceful_timeout", None)
-    engine = build_backend(backend, model_path, adapters_dir, **limits)
-    # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
-    uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
-
-
-def add_serve_args(p) -> None:
-    p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
-    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
-                   help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp, quantized, fast on CPUs "
-                   "(pip install \"prefixtune[llamacpp]\") (default: torch)")
-    p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
-    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + max_tokens (default: the model's context)")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    p.add_argument("--graceful-timeout", type=float, default=None, help="seconds to wait for in-flight requests on shutdown")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`prefixtune serve ...` (cli.py hands us the arguments after 'serve')."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
-    add_serve_args(p)
-    return serve_main(p.parse_args(argv))
-
-
-def serve_main(args) -> int:
-    kw = dict(dtype=args.dtype, device=args.device) if args.backend == "torch" else {}
-    run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
-               max_batch_size=args.max_batch_size,
-               max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
-               max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
-               graceful_timeout=args.graceful_timeout)
-    return 0

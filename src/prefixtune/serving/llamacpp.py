@@ -3,16 +3,10 @@
 A prefix is P key/value cache entries per layer, written into llama.cpp's KV cache as P cells at positions
 0..P-1 of a request's sequence (see llamacpp_cache for the state blob). Real tokens start at position P, as
 in our PyTorch engine and peft, so one `llama_decode` can step requests of different adapters together.
-Two cache modes (`kv_unified`):
-
-- per-sequence (default, `kv_unified=False`): every sequence has its own KV stream of `seq_cells` cells, and
-  each request gets its adapter's P cells by `llama_state_seq_set_data` of a blob built once per adapter (a
-  copy of P cells per request). Each token attends only over its own sequence's cells.
-- unified (`kv_unified=True`): one stream of n_ctx cells shared by all sequences; each adapter's P cells are
-  written once into a sequence reserved for it and shared with requests through `llama_memory_seq_cp` (no
-  copy; partial copies need the unified cache). Less memory per prefix, but every token of a step attends,
-  masked, over the used cells of ALL sequences, which makes decoding many rows slower
-  (benchmarks/results/llamacpp.md).
+Two cache modes (`kv_unified`), each a strategy in llamacpp_modes: per-sequence (default: each request's
+sequence gets a copy of its adapter's P cells; each token attends only over its own sequence) and unified (one
+shared stream; each adapter's cells are written once and shared; every token of a step attends, masked, over the
+used cells of all sequences, which makes decoding many rows slower: benchmarks/results/llamacpp.md).
 """
 
 from __future__ import annotations
@@ -28,8 +22,8 @@ import numpy as np
 import torch
 
 from .. import inject
-from ..config import ConfigError
 from . import llamacpp_cache
+from .llamacpp_modes import LlamaCppError, PerSequenceCache, UnifiedCache
 
 log = logging.getLogger("prefixtune.llamacpp")
 
@@ -39,10 +33,6 @@ INSTALL_HINT = 'pip install "prefixtune[llamacpp]"'
 SUPPORTED_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids for the cache
 LLAMA_ROPE_TYPE_NORM = 0
-
-
-class LlamaCppError(ConfigError):
-    """Bad input for the llama.cpp backend (file, adapter, sizes): one line naming what and the fix."""
 
 
 def import_llama_cpp():
@@ -114,6 +104,7 @@ class LlamaCppModel:
         self.path = _check_file(gguf_path)
         if kv_type not in KV_TYPES:
             raise LlamaCppError(f"kv_type {kv_type!r}: use one of {sorted(KV_TYPES)}")
+        self.kv_type = kv_type
         lib.llama_backend_init()
         self.arch = self._read_arch()  # before the weights: an unsupported file is refused cheaply
 
@@ -128,7 +119,7 @@ class LlamaCppModel:
         self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)
 
         self.unified = kv_unified
-        n_seq = (max_adapters if kv_unified else 1) + max_sequences
+        n_seq = (max_adapters if kv_unified else 1) + max_sequences  # prefix sequences / one scratch sequence
         if n_seq > lib.llama_max_parallel_sequences():
             raise LlamaCppError(f"max_adapters + max_sequences = {n_seq} exceeds llama.cpp's "
                                 f"{lib.llama_max_parallel_sequences()} sequences; lower one of them")
@@ -153,14 +144,10 @@ class LlamaCppModel:
         self.max_adapters = max_adapters if kv_unified else 0
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
 
-        self.prefixes: dict[str, tuple[int, int]] = {}  # name -> (sequence id, P); per-sequence: (-1, P)
-        self._blobs: dict[str, ctypes.Array] = {}  # per-sequence: name -> its filled state blob
-        self._users: dict[int, int] = {}  # prefix sequence -> running sequences sharing its cells
-        self._retired: set[int] = set()  # unloaded prefixes whose cells still serve running sequences
+        self.mode = UnifiedCache(self, max_adapters) if kv_unified else PerSequenceCache(self)
+        self.prefixes: dict[str, tuple[int, int]] = {}  # name -> (prefix sequence id, P); per-sequence: (-1, P)
         # a min-heap: the lowest free ids first, so running sequences stay a dense run of ids (see decode)
-        self._free_req = list(range(self.max_adapters if kv_unified else 1, n_seq))
-        self._seq_prefix: dict[int, int | None] = {}  # request sequence -> its prefix sequence
-        self._plen: dict[int, int] = {}  # prefix sequence -> P, until its cells are freed
+        self._free_req = list(range(self.mode.first_request_seq, n_seq))
 
     # ---- model facts --------------------------------------------------------------------------------
     def _read_arch(self) -> inject.Arch:
@@ -196,9 +183,13 @@ class LlamaCppModel:
     def used_cells(self) -> int:
         """Cells of the shared context that prefixes hold (requests' own cells are the engine's to count);
         0 per-sequence, where each request's prefix lives in its own stream."""
-        return sum(self._plen.values())
+        return self.mode.used_cells
 
     # ---- prefixes -----------------------------------------------------------------------------------
+    def prefix_bytes(self, name: str) -> int:
+        """Host memory an adapter holds (per-sequence: its state blob and key/values; unified: its cells)."""
+        return self.mode.nbytes(name)
+
     def check_adapter_fits(self, directory) -> None:
         """Compare an adapter's shapes with this GGUF, naming every field that differs."""
         cfg_path = Path(directory) / "adapter_config.json"
@@ -232,8 +223,7 @@ class LlamaCppModel:
             return [(k.clone(), v.clone()) for k, v in inject.split_layers(enc.eval()(), self.arch)]
 
     def load_prefix(self, name: str, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Prepare one adapter's key/values: unified, as P cells of a sequence reserved for it; per-sequence,
-        as a state blob that open_sequence writes into each request's sequence."""
+        """Prepare one adapter's key/values in the cache mode's way (llamacpp_modes)."""
         a = self.arch
         if len(layers) != a.num_layers or tuple(layers[0][0].shape[::2]) != (a.kv_heads, a.head_dim):
             got = (len(layers),) + tuple(layers[0][0].shape[::2])
@@ -242,28 +232,10 @@ class LlamaCppModel:
         if name in self.prefixes:
             raise LlamaCppError(f"adapter {name!r} is already loaded; unload it first")
         P = layers[0][0].shape[1]
-        if not self.unified:
-            self._load_blob(name, layers, P)
-            return
-        if self.used_cells + P >= self.n_ctx:
-            raise LlamaCppError(
-                f"prefix {name!r} has {P} virtual tokens, but the llama.cpp context has {self.n_ctx - self.used_cells} "
-                f"free cells of {self.n_ctx}; start with a larger context (n_ctx / --ctx-size) or unload adapters")
-        taken = set(s for s, _ in self.prefixes.values()) | self._retired
-        free = [s for s in range(self.max_adapters) if s not in taken]
-        if not free:
-            raise LlamaCppError(f"{self.max_adapters} adapters are loaded (the limit); unload one first")
-        seq = free[0]
-        try:
-            self._write_prefix(seq, layers, P, name)
-        except Exception:
-            self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            raise
-        self.prefixes[name] = (seq, P)
-        self._users[seq] = 0
-        self._plen[seq] = P
+        seq = self.mode.load(name, layers, P)
+        self.prefixes[name] = (-1 if seq is None else seq, P)
 
-    def _write_prefix(self, seq: int, layers, P: int, name: str) -> ctypes.Array:
+    def write_prefix(self, seq: int, layers, P: int, name: str) -> ctypes.Array:
         """Give `seq` the prefix as P cells at positions 0..P-1; returns the blob that did it."""
         lib = self.lib
         lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
@@ -278,75 +250,40 @@ class LlamaCppModel:
             raise llamacpp_cache.BlobLayoutError(f"dummy prefix positions {blob.positions[:4]}..., expected 0..{P - 1}")
         data = llamacpp_cache.fill(blob, layers, self.interleave_rope)
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        self._set_state(seq, src, name)
+        self.set_state(seq, src, name)
         return src
 
-    def _set_state(self, seq: int, blob: ctypes.Array, name: str) -> None:
+    def set_state(self, seq: int, blob: ctypes.Array, name: str) -> None:
         if self.lib.llama_state_seq_set_data(self.ctx, blob, len(blob), seq) != len(blob):
             self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
             raise RuntimeError(f"llama.cpp refused the prefix state of {name!r}")
 
-    def _load_blob(self, name: str, layers, P: int) -> None:
-        """Per-sequence mode: build the adapter's blob once in the scratch sequence (0) and keep it."""
-        if P >= self.seq_cells:
-            raise LlamaCppError(
-                f"prefix {name!r} has {P} virtual tokens, but a llama.cpp sequence has {self.seq_cells} cells; "
-                "start with a larger context (n_ctx / seq_cells) or use a shorter prefix")
-        try:
-            self._blobs[name] = self._write_prefix(0, layers, P, name)  # set_data once: llama.cpp accepts it
-        finally:
-            self.lib.llama_memory_seq_rm(self.mem, 0, -1, -1)
-        self.prefixes[name] = (-1, P)
-
     def unload_prefix(self, name: str) -> None:
-        """Forget `name`; its cells are freed once no running sequence shares them (per-sequence: each
+        """Forget `name`; unified, its cells are freed once no running sequence shares them (per-sequence, each
         running request keeps its own copy)."""
-        if not self.unified:
-            del self.prefixes[name], self._blobs[name]
-            return
-        seq, P = self.prefixes.pop(name)
-        if self._users.get(seq):
-            self._retired.add(seq)
-        else:
-            self._free_prefix(seq)
-
-    def _free_prefix(self, seq: int) -> None:
-        self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        self._users.pop(seq, None)
-        self._retired.discard(seq)
-        self._plen.pop(seq, None)
+        self.mode.unload(name)
+        del self.prefixes[name]
 
     # ---- sequences ----------------------------------------------------------------------------------
-    def open_sequence(self, adapter: str | None) -> tuple[int, int]:
-        """-> (sequence id, first position): the sequence already holds the adapter's prefix cells."""
+    def open_sequence(self, adapter) -> tuple[int, int]:
+        """-> (sequence id, first position): the sequence already holds the adapter's prefix cells (or, for a
+        tuple of adapter names, their cells in that order)."""
         if not self._free_req:
             raise RuntimeError("no free llama.cpp sequence (the engine admits at most max_sequences requests)")
         seq = heapq.heappop(self._free_req)
         self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        if adapter is None:
-            self._seq_prefix[seq] = None
+        names = () if adapter is None else (adapter,) if isinstance(adapter, str) else tuple(adapter)
+        if not names:
             return seq, 0
-        pseq, P = self.prefixes[adapter]
-        if not self.unified:
-            self._seq_prefix[seq] = None
-            try:
-                self._set_state(seq, self._blobs[adapter], adapter)
-            except RuntimeError:
-                heapq.heappush(self._free_req, seq)
-                raise
-            return seq, P
-        self.lib.llama_memory_seq_cp(self.mem, pseq, seq, -1, -1)
-        self._users[pseq] += 1
-        self._seq_prefix[seq] = pseq
-        return seq, P
+        try:
+            return seq, self.mode.open(seq, names)
+        except Exception:
+            heapq.heappush(self._free_req, seq)
+            raise
 
     def close_sequence(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        pseq = self._seq_prefix.pop(seq, None)
-        if pseq is not None:
-            self._users[pseq] -= 1
-            if pseq in self._retired and self._users[pseq] == 0:
-                self._free_prefix(pseq)
+        self.mode.close(seq)
         heapq.heappush(self._free_req, seq)
 
     # ---- compute ------------------------------------------------------------------------------------

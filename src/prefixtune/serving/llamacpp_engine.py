@@ -1,7 +1,7 @@
 """LlamaCppEngine: continuous batching on llama.cpp, behind the same engine surface as the PyTorch engine.
 
-Queueing, sampling (per-request temperature/top_p/seed, penalties, logit_bias, logprobs), stop strings, text
-streaming and timeouts are serving.base.EngineBase's, shared with the PyTorch engine; only the model side differs:
+Queueing, adapters (registry), sampling (per-request temperature/top_p/seed, penalties, logit_bias, logprobs), stop
+strings, text streaming and timeouts are engine.Engine's, shared with the PyTorch engine; only the model side differs:
 - each admitted request gets a llama.cpp sequence that already holds its adapter's prefix cells
   (LlamaCppModel.open_sequence; copied in per-sequence mode, shared in unified mode), its prompt at position P;
 - every step is ONE `llama_decode` over all rows, whatever their adapter: new prompts and one token for each
@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .base import FEATURES, EngineBase, EngineError, Request
+from .engine import Engine
+from .errors import CapacityUnavailable, EngineError, InvalidRequest
 from .llamacpp import LlamaCppModel
+from .request import FEATURES, Request
 
 log = logging.getLogger("prefixtune.serve")
 
 
-class LlamaCppEngine(EngineBase):
+class LlamaCppEngine(Engine):
     backend = "llamacpp"
-    # Every optional feature is honoured: sampling runs on llama.cpp's logits through the shared code in base.py.
+    # Every optional feature is honoured: sampling runs on llama.cpp's logits through the shared sampler (sampler.py).
     capabilities = FEATURES
 
     def __init__(
@@ -68,68 +70,45 @@ class LlamaCppEngine(EngineBase):
                          max_batch_size=max_batch_size, max_total_tokens=max_total_tokens or min(m.n_ctx_train, m.seq_cells),
                          **limits)
         self._reserved = 0  # KV cells promised to running rows (prompt + max_tokens each)
+        if m.unified:  # each resident adapter holds one of the sequences reserved for prefixes
+            self.registry.max_loaded = min(self.registry.max_loaded or max_adapters, max_adapters)
 
     # ---- adapters -----------------------------------------------------------------------------------
-    def adapter_names(self) -> list[str]:
-        return sorted(self.model.prefixes)
-
-    def prefix_length(self, adapter: str | None) -> int:
-        return self.model.prefixes[adapter][1] if adapter in self.model.prefixes else 0
-
-    def _load_adapter(self, name: str, directory: Path) -> None:
+    def _load_prefix(self, name: str, directory: Path) -> int:
         layers = self.model.adapter_layers(directory)  # ConfigError naming what differs from this GGUF
         P = layers[0][0].shape[1]
-        if self.model.unified and self.model.used_cells + self._reserved + P > self.model.n_ctx > self.model.used_cells + P:
-            raise EngineError(f"cannot load adapter {name!r} now: {P} of the context's cells are promised to "
-                              "running requests; retry when they finish", 503)
+        m = self.model  # cells promised to running rows (unified cache; none per-sequence) come first
+        if m.used_cells + self._reserved + P > m.n_ctx > m.used_cells + P:
+            raise CapacityUnavailable(f"cannot load adapter {name!r} now: {P} of the context's cells are promised to "
+                                      "running requests; retry when they finish")
         self.model.load_prefix(name, layers)
+        return self.model.prefix_bytes(name)
 
-    def _unload_adapter(self, name: str) -> None:
+    def _unload_prefix(self, name: str) -> None:
         self.model.unload_prefix(name)  # running rows keep the cells until they finish
 
     # ---- limits and admission -----------------------------------------------------------------------
-    def check_limits(self, prompt_len: int, max_tokens: int, adapter: str | None = None) -> None:
+    def check_limits(self, prompt_len: int, max_tokens: int, adapter=None) -> None:
         super().check_limits(prompt_len, max_tokens, adapter)
-        if not self.model.unified:
-            cells = self.model.seq_cells - self.prefix_length(adapter)
-            if prompt_len + max_tokens > cells:
-                raise EngineError(
-                    f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than a llama.cpp sequence "
-                    f"has beside the adapter's prefix ({cells} of {self.model.seq_cells}); lower max_tokens or start "
-                    "the server with more cells per sequence (seq_cells, or a larger n_ctx)")
-            return
-        cells = self.model.n_ctx - self.model.used_cells
-        if prompt_len + max_tokens > cells:
-            raise EngineError(
-                f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs more KV cells than the llama.cpp context has "
-                f"beside the loaded prefixes ({cells} of {self.model.n_ctx}); lower max_tokens or start the server "
-                "with a larger context (n_ctx)"
-            )
+        parts = 1 if adapter is None or isinstance(adapter, str) else len(adapter)
+        problem = self.model.mode.check_request(prompt_len, max_tokens, self.prefix_length(adapter), parts)
+        if problem:
+            raise InvalidRequest(problem)
 
     def _need(self, r: Request) -> int:
-        """Cells of the shared context a request reserves (unified cache); 0 with per-sequence streams."""
-        return len(r.prompt_ids) + r.params.max_tokens if self.model.unified else 0
+        """Cells of the shared context a request reserves before it starts (0 with per-sequence streams)."""
+        return self.model.mode.request_cells(len(r.prompt_ids), r.params.max_tokens)
 
-    def _take_admissions(self) -> list[Request]:
-        """FIFO up to max_batch_size, and only while the requests' cells are free: the head waits for cells
-        rather than being overtaken forever."""
-        new = []
-        with self.lock:  # adapter loads change the free cells; decide against a settled count
-            free = self.model.n_ctx - self.model.used_cells - self._reserved
-            while self._pending and len(self._rows) + len(new) < self.max_batch_size and self._need(self._pending[0]) <= free:
-                free -= self._need(self._pending[0])
-                new.append(self._pending.popleft())
-            if not new and not self._rows and self._pending:  # nothing runs, yet the head does not fit: adapters
-                r = self._pending.popleft()  # loaded since it was accepted took its cells
-                self._finish(r, "error", status=503, error=f"prompt + max_tokens ({self._need(r)}) no longer fits the "
-                             f"llama.cpp context beside the loaded prefixes ({free} free cells); retry with fewer tokens")
-        return new
+    def _admissible(self, r: Request, taken: list[Request]) -> bool:
+        """Unified cache: only while the request's cells are free (the head waits rather than being overtaken)."""
+        free = self.model.n_ctx - self.model.used_cells - self._reserved - sum(self._need(t) for t in taken)
+        return self._need(r) <= free
 
     # ---- worker -------------------------------------------------------------------------------------
     def _step(self, new: list[Request]) -> None:
         running = [r for r in self._rows if not r.finished]
         fresh = []
-        for r in self._ready(new):
+        for r in new:
             r.seq, r.pos = self.model.open_sequence(r.adapter)
             self._reserved += self._need(r)
             self._rows.append(r)  # at once: a failure later in the step still closes its sequence
@@ -149,7 +128,7 @@ class LlamaCppEngine(EngineBase):
     def _drop_finished(self) -> None:
         for r in self._rows:
             if r.cancelled:
-                r.finished = True
+                r.close()
         done = [r for r in self._rows if r.finished]
         if not done:
             return
@@ -164,11 +143,12 @@ class LlamaCppEngine(EngineBase):
         self.model.close()
 
 
-def build_llamacpp_engine(model_path: str, adapters_dir: str | None = None, **kw) -> LlamaCppEngine:
-    """The llama.cpp twin of api.build_engine: load the GGUF, then every adapter under adapters_dir."""
+def build_llamacpp_engine(model_path: str, adapters_dir: str | None = None, pin: tuple[str, ...] = (),
+                          **kw) -> LlamaCppEngine:
+    """The llama.cpp twin of api.build_engine: load the GGUF, then index the adapters under adapters_dir."""
     engine = LlamaCppEngine(model_path, adapters_dir=adapters_dir, **kw)
-    loaded = engine.load_dir()
-    log.info("llama.cpp: serving %s with adapters %s", engine.model_name, loaded)
+    names = engine.index(pin)
+    log.info("llama.cpp: serving %s with %d adapter(s) indexed", engine.model_name, len(names))
     return engine
 
 
@@ -190,23 +170,3 @@ def load(gguf_path, adapters=None, **engine_kw):
         engine.model.close()
         raise ConfigError(str(e)) from None
     return Generator(engine)
-
-
-def cli_generate(args, prompts: list[str]) -> int:
-    """`prefixtune generate --backend llamacpp`: the same prompts and printing as the torch path."""
-    from ..training.data import encode_pair
-
-    if args.num_beams != 1:
-        raise ConfigError("--num-beams: beam search is not available with --backend llamacpp; use --num-beams 1")
-    if args.temperature > 0 and args.top_k != 50:
-        raise ConfigError("--top-k is not applied by --backend llamacpp (it samples with temperature and --top-p); drop --top-k")
-    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8)
-    try:
-        ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
-        texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    finally:
-        gen.close()
-    for p, text in zip(prompts, texts):
-        print(f"### {p}\n{text.strip()}\n") if len(prompts) > 1 else print(text.strip())
-    return 0

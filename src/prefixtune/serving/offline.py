@@ -1,4 +1,4 @@
-"""Blocking generation through a serving engine, for notebooks and scripts (no HTTP).
+"""Blocking generation through a serving engine, for notebooks and scripts (no server).
 
     gen = prefixtune.llamacpp.load("model.gguf", adapters="adapters/")
     gen.generate(["I loved it", "awful"], adapter_names=["sentiment", None], max_tokens=8)
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..adapter_io import CONFIG_NAME
 from ..config import ConfigError
-from .base import EngineError, Event, Request, SamplingParams
+from .errors import EngineError
+from .request import Event, Request, SamplingParams, adapter_tuple
 
 
 class Generator:
@@ -44,7 +45,8 @@ class Generator:
     def generate(self, prompts, adapter_names=None, max_tokens: int = 16, temperature: float = 0.0,
                  return_tokens: bool = False, **sampling):
         """prompts: a string, a list of strings, or lists of token ids. adapter_names: one name (or None for the
-        bare model) for all rows, or one per row. Other keywords are SamplingParams fields (top_p, stop, seed,
+        bare model) for all rows, or one per row; a row's entry may be a list of names, whose prefixes are
+        concatenated in that order. Other keywords are SamplingParams fields (top_p, stop, seed,
         ignore_eos, penalties, logit_bias). Returns the texts (or, with return_tokens, the generated ids)."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
@@ -52,9 +54,10 @@ class Generator:
             adapter_names = [adapter_names] * len(prompts)
         if len(adapter_names) != len(prompts):
             raise ConfigError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts")
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.engine.adapter_names()})
+        known = set(self.engine.adapter_names())
+        unknown = sorted({n for a in adapter_names for n in adapter_tuple(a) if n not in known})
         if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded: {self.adapters}")
+            raise ConfigError(f"unknown adapter(s) {unknown}; available: {self.adapters}")
         if "stop" in sampling and isinstance(sampling["stop"], str):
             sampling["stop"] = (sampling["stop"],)
         try:
@@ -74,7 +77,7 @@ class Generator:
                 res["ids"] += ev.token_ids
                 if ev.finish_reason is not None:
                     if ev.error:
-                        res["error"] = ev.error
+                        res["error"] = str(ev.error)
                     if ev.finish_reason == "stop" and ev.token_ids and ev.token_ids[-1] in self.engine.eos_ids:
                         res["ids"] = res["ids"][:-1]
                     with lock:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .base import SamplingParams
+from .request import SamplingParams
 
 MAX_STOP = 4
 MAX_LOGPROBS = 20

@@ -1,4 +1,4 @@
-"""TorchEngine: continuous batching for many prefixes on one PyTorch base model (no HTTP here; api.py is the web side).
+"""TorchEngine: continuous batching for many prefixes on one PyTorch base model (api.py is the web side).
 
 Decoder-only models (below) batch continuously; encoder-decoder models (T5, BART) run each admitted group
 through PrefixModel.generate (see _generate_seq2seq). Encoder classifiers are refused.
@@ -11,8 +11,10 @@ Each iteration it
      the running batch by left-padding keys/values and masks;
   2. runs ONE decode forward for all rows, whatever their adapter: prefixes already sit in the cache, so
      mixing adapters costs nothing per step;
-  3. samples per row (base.EngineBase._step_rows), emits text, and drops finished rows with index_select,
+  3. samples per row (engine.Engine._step_rows), emits text, and drops finished rows with index_select,
      trimming columns that no remaining row uses.
+Adapters are the PrefixModel's own (`load_adapter` / `delete_adapter`), their tables kept in the model's dtype.
+A row may compose several adapters (a tuple of names): their prefixes are concatenated in order.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sto
 
 from .. import inject
 from ..config import ConfigError
-from .base import EngineBase, Request
+from .engine import Engine
+from .request import Request
 
 
 def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -51,7 +54,7 @@ def eos_ids(base, tokenizer) -> set[int]:
     return set()
 
 
-class TorchEngine(EngineBase):
+class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, model, tokenizer=None, *, model_name: str = "base", **limits):
@@ -62,12 +65,11 @@ class TorchEngine(EngineBase):
             )
         base = model.base_model
         cfg = base.config
-        # T5 numbers positions relatively (n_positions is no limit); BART and decoders have a position table.
-        max_pos = getattr(cfg, "max_position_embeddings", None) or (
-            getattr(cfg, "n_positions", None) if model.arch.kind == "causal" else None)
-        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
-                         max_positions=max_pos, **limits)
         self.model = model.eval()
+        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
+                         max_positions=inject.max_positions(model.arch, cfg), **limits)
+        for name in model.prefixes:  # attached before serving: resident for good (no directory to reload from)
+            self.registry.register_resident(name, model.configs[name].num_virtual_tokens, self._resident_bytes(name))
         self.base = base
         fwd = set(inspect.signature(base.forward).parameters)
         self._pass_positions = model.arch.takes_position_ids and "position_ids" in fwd
@@ -76,25 +78,35 @@ class TorchEngine(EngineBase):
         self._mask: torch.Tensor | None = None  # [B, S], prefix slots included
 
     # ---- adapters --------------------------------------------------------------------------------------
-    def adapter_names(self) -> list[str]:
-        return sorted(self.model.prefixes)
+    def _load_prefix(self, name: str, directory: Path) -> int:
+        with torch.inference_mode(False), torch.no_grad():  # the worker loads under inference mode: plain tensors here
+            return self._load_prefix_now(name, directory)
 
-    def prefix_length(self, adapter: str | None) -> int:
-        return self.model.configs[adapter].num_virtual_tokens if adapter in self.model.configs else 0
-
-    def _load_adapter(self, name: str, directory: Path) -> None:
+    def _load_prefix_now(self, name: str, directory: Path) -> int:
         self.model.load_adapter(directory, name=name)
+        # Serving never trains: a plain table (what saved adapters hold) is kept in the model's dtype (bf16/fp16 on
+        # a GPU), not fp32; the key/values are cast to it anyway, so this changes no output.
+        enc = self.model.prefixes[name]
+        if not enc.projection and enc.scale is None:
+            enc.to(self.model._dtype)
+        return self._resident_bytes(name)
 
-    def _unload_adapter(self, name: str) -> None:
+    def _resident_bytes(self, name: str) -> int:
+        """The adapter's parameters plus the per-layer key/values computed from them (kept for reuse)."""
+        table = sum(p.numel() * p.element_size() for p in self.model.prefixes[name].parameters())
+        layers = sum(t.numel() * t.element_size() for kv in self.model.prefix_layers(name) for t in kv)
+        return table + layers
+
+    def _unload_prefix(self, name: str) -> None:
         self.model.delete_adapter(name)
 
     # ---- worker ----------------------------------------------------------------------------------------
     def _step(self, new: list[Request]) -> None:
         if self.model.arch.kind == "seq2seq":
-            self._generate_seq2seq(self._ready(new))
+            self._generate_seq2seq(new)
             return
         if new:
-            self._prefill(self._ready(new))
+            self._prefill(new)
         if self._rows:
             self._decode()
 
@@ -102,7 +114,7 @@ class TorchEngine(EngineBase):
     def _generate_seq2seq(self, ready: list[Request]) -> None:
         """Greedy output equals PrefixModel.generate by construction: generate() runs the model (with the model's
         generation config, as offline), and a logits processor samples each row by its own request
-        (base._step_rows) and forces generate() to take that token. Groups share a prompt length (no padding
+        (Engine._step_rows) and forces generate() to take that token. Groups share a prompt length (no padding
         enters the encoder) and, for BART, a prefix length (its decoder numbers positions from the cache
         length). A group runs to its end; requests that arrive meanwhile wait."""
         bart_like = self.model.arch.model_type in inject.POSITIONS_FROM_CACHE_LENGTH
@@ -211,7 +223,7 @@ class TorchEngine(EngineBase):
         """Remove finished/cancelled rows and the leading columns nobody attends to any more."""
         for r in self._rows:
             if r.cancelled:
-                r.finished = True
+                r.close()
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
         if len(keep) == len(self._rows):
             return

@@ -33,7 +33,8 @@ class DataError(ValueError):
     """Bad data or arguments; the message names the culprit and the fix."""
 
 
-def _where(ds: Dataset) -> str:
+def dataset_label(ds: Dataset) -> str:
+    """How messages name a dataset: its file name when it came from one."""
     return ds.info.dataset_name or "the dataset"
 
 
@@ -44,7 +45,7 @@ def _column(ds: Dataset, given: str | None, candidates: Sequence[str], what: str
     if given is not None:
         if given not in cols:
             raise DataError(
-                f"column {given!r} not found in {_where(ds)}; available columns: {', '.join(cols)}. Pass {flag}"
+                f"column {given!r} not found in {dataset_label(ds)}; available columns: {', '.join(cols)}. Pass {flag}"
             )
         return given
     lower = {c.lower(): c for c in cols}
@@ -52,7 +53,7 @@ def _column(ds: Dataset, given: str | None, candidates: Sequence[str], what: str
         if c in lower:
             return lower[c]
     raise DataError(
-        f"could not find a {what} column in {_where(ds)} (looked for {', '.join(candidates)}); "
+        f"could not find a {what} column in {dataset_label(ds)} (looked for {', '.join(candidates)}); "
         f"available columns: {', '.join(cols)}. Pass {flag}"
     )
 
@@ -61,7 +62,7 @@ def _require(ds: Dataset, names: Sequence[str], task: str) -> None:
     missing = [n for n in names if n not in ds.column_names]
     if missing:
         raise DataError(
-            f"task {task!r} needs column(s) {', '.join(missing)} in {_where(ds)}; "
+            f"task {task!r} needs column(s) {', '.join(missing)} in {dataset_label(ds)}; "
             f"available columns: {', '.join(ds.column_names)}"
         )
 
@@ -226,7 +227,7 @@ def _classify(ds, tokenizer, fit, *, is_encoder_decoder, text_column, label_colu
     unknown = sorted(set(values) - set(label_words))
     if unknown:
         raise DataError(
-            f"label(s) {', '.join(map(repr, unknown))} in column {label_col!r} of {_where(ds)} are not in the "
+            f"label(s) {', '.join(map(repr, unknown))} in column {label_col!r} of {dataset_label(ds)} are not in the "
             f"training label set {label_words}; fix the data or pass the same label_words used for training"
         )
     default = CLASSIFY_TEMPLATE_HEAD if head else CLASSIFY_TEMPLATE_SEQ2SEQ if is_encoder_decoder else CLASSIFY_TEMPLATE_CAUSAL
@@ -335,7 +336,7 @@ def tokenize_dataset(
     if task not in _TASK_FNS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if len(ds) == 0:
-        raise DataError(f"{_where(ds)} is empty; nothing to tokenize")
+        raise DataError(f"{dataset_label(ds)} is empty; nothing to tokenize")
     fit = _Fitter(tokenizer, max_length, on_truncate)
     if head and task != "classify":
         raise DataError(f"task {task!r} has no classification-head form; encoder models train task 'classify' only")

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
-from .data import DataError, _where, tokenize_dataset
+from .data import DataError, dataset_label, tokenize_dataset
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def split_train_eval(
     else:
         train, own_eval = ds_or_dict, None
     if len(train) == 0:
-        raise DataError(f"the training data ({_where(train)}) is empty")
+        raise DataError(f"the training data ({dataset_label(train)}) is empty")
 
     if eval_source is not None:
         ev = load_records(eval_source) if isinstance(eval_source, str) else eval_source
@@ -178,7 +178,7 @@ def split_train_eval(
         if not 0 < eval_fraction < 1:
             raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
         if len(train) < 2:
-            raise DataError(f"{_where(train)} has {len(train)} example; need at least 2 to split off an eval set")
+            raise DataError(f"{dataset_label(train)} has {len(train)} example; need at least 2 to split off an eval set")
         n_eval = min(len(train) - 1, max(1, round(len(train) * eval_fraction)))
         parts = train.train_test_split(test_size=n_eval, seed=seed)
         train, ev = parts["train"], parts["test"]

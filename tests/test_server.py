@@ -15,13 +15,14 @@ pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from helpers import make  # noqa: E402
-from test_scheduler import offline, word_tokenizer  # noqa: E402
+from helpers import id_tokenizer as word_tokenizer  # noqa: E402
+from helpers import lively, make, offline, offline_seq2seq  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 from prefixtune.model import PrefixModel  # noqa: E402
-from prefixtune.serving.api import build_engine, create_app  # noqa: E402
-from prefixtune.serving.engine import Engine  # noqa: E402
+from prefixtune.serving.api import create_app  # noqa: E402
+from prefixtune.serving.backends import build_engine  # noqa: E402
+from prefixtune.serving.torch_engine import TorchEngine as Engine  # noqa: E402
 
 BASE = "tiny-llama"
 ADAPTERS = ("alpha", "beta", "gamma")
@@ -51,6 +52,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(dirs):
     eng = build_engine(str(dirs / BASE), str(dirs / "adapters"), max_prompt_tokens=64, max_total_tokens=128)
+    assert eng.load_dir() == list(ADAPTERS)  # eagerly, so the offline references below can use eng.model
     eng.start()
     yield eng
     eng.stop()
@@ -83,10 +85,24 @@ PROMPTS = ["w5 w9 w10", "w40 w41", "w7 w8 w9 w10 w11 w12 w13"]
 
 
 def test_models_lists_base_and_adapter_directories(engine):
-    body = call(create_app(engine), lambda c: c.get("/v1/models")).json()
+    """Every adapter directory is listed (indexed, not loaded); 'wrong' and 'pickled' fail their own requests with
+    a 422 naming why, and the server goes on."""
+    async def run(c):
+        bad = {m: await c.post("/v1/completions", json={"model": m, "prompt": "hello", "max_tokens": 2})
+               for m in ("wrong", "pickled")}
+        good = await c.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 2})
+        return bad, good, (await c.get("/v1/models")).json()
+
+    bad, good, body = call(create_app(engine), run)
     ids = [m["id"] for m in body["data"]]
-    assert ids == [BASE, *ADAPTERS]  # 'wrong' and 'pickled' were skipped, not fatal
+    assert ids == [BASE, *sorted([*ADAPTERS, "pickled", "wrong"])]
     assert body["data"][1]["parent"] == BASE
+    assert bad["wrong"].status_code == 422 and "num_layers: adapter 3 vs model 2" in bad["wrong"].json()["error"]["message"]
+    assert bad["pickled"].status_code == 422, bad["pickled"].text
+    assert bad["pickled"].status_code == 422 and "pickles are not loaded" in bad["pickled"].json()["error"]["message"]
+    assert good.status_code == 200, good.text
+    resident = {m["id"]: m["resident"] for m in body["data"][1:]}
+    assert resident["alpha"] and not resident["wrong"] and not resident["pickled"]
 
 
 def test_greedy_output_equals_offline_generation_alone_and_in_mixed_batches(engine):
@@ -172,7 +188,7 @@ BAD = [
     ("/v1/completions", {"model": "alpha", "prompt": "w5", "stop": [""]}, 400, "'stop' must be"),
     ("/v1/completions", {"model": "alpha", "prompt": "w5", "stream": "yes"}, 400, "'stream' must be a bool"),
     ("/v1/completions", {"model": "alpha", "prompt": "w5", "seed": 1.5}, 400, "'seed' must be an int"),
-    ("/v1/completions", {"model": "nope", "prompt": "w5"}, 404, "available: ['tiny-llama', 'alpha', 'beta', 'gamma']"),
+    ("/v1/completions", {"model": "nope", "prompt": "w5"}, 404, "available: ['tiny-llama', 'alpha', 'beta', 'gamma', 'pickled', 'wrong']"),
     ("/v1/completions", {"model": "alpha", "prompt": ""}, 400, "'prompt' is empty"),
     ("/v1/completions", {"model": "alpha", "prompt": []}, 400, "'prompt' is empty"),
     ("/v1/completions", {"model": "alpha", "prompt": [5, 500]}, 400, "token ids must be in [0, 128)"),
@@ -215,7 +231,7 @@ def test_bad_input_gets_a_specific_4xx_and_the_server_stays_up(engine):
         if msg:
             assert msg in r.json()["error"]["message"], (path, str(body)[:80], r.json())
     models = call(app, lambda c: c.get("/v1/models")).json()
-    assert [m["id"] for m in models["data"]] == [BASE, *ADAPTERS]
+    assert [m["id"] for m in models["data"]] == [BASE, *sorted([*ADAPTERS, "pickled", "wrong"])]
 
 
 def test_hot_load_and_unload(engine):
@@ -283,7 +299,7 @@ def test_health_and_metrics(engine):
         return await c.get("/health"), await c.get("/metrics")
 
     health, metrics = call(app, run)
-    assert health.json()["status"] == "ok" and health.json()["adapters"] == list(ADAPTERS)
+    assert health.json()["status"] == "ok" and health.json()["adapters"] == sorted([*ADAPTERS, "pickled", "wrong"])
     text = metrics.text
     assert 'prefixtune_requests_total{endpoint="/v1/completions",status="200"} 1' in text
     assert 'prefixtune_requests_total{endpoint="/v1/completions",status="404"} 1' in text
@@ -395,7 +411,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(dirs):
 
 
 def test_cli_arguments_default_to_loopback(monkeypatch):
-    import prefixtune.serving.api as serve
+    import prefixtune.cli.serve as serve
 
     seen = {}
     monkeypatch.setattr(serve, "run_server", lambda *a, **k: seen.update(args=a, kw=k))
@@ -486,7 +502,7 @@ def test_repetition_penalty_matches_generate_and_logit_bias_forces_a_token(engin
 
 
 def test_presence_and_frequency_penalties_follow_openai_formula():
-    from prefixtune.serving.base import Request, SamplingParams
+    from prefixtune.serving.request import Request, SamplingParams
 
     r = Request(None, [1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, -3.0),)), lambda ev: None)
     r.generated = [4, 4, 4, 7]
@@ -590,7 +606,6 @@ def test_serve_loads_a_gguf_like_train_does_and_serves_it(tmp_path):
 
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_encoder_decoder_adapters_are_served_equal_to_generate(tmp_path, kind):
-    from test_scheduler import lively, offline_seq2seq
 
     model = lively(pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=4), "alpha"))
     model.add_adapter("beta", pt.PrefixConfig(num_virtual_tokens=6))
@@ -600,6 +615,7 @@ def test_encoder_decoder_adapters_are_served_equal_to_generate(tmp_path, kind):
     for name in ("alpha", "beta"):
         model.save_adapter(tmp_path / "adapters" / name, name)
     eng = build_engine(str(tmp_path / kind), str(tmp_path / "adapters"))
+    assert eng.load_dir() == ["alpha", "beta"]  # eagerly: the references below use eng.model
     tok = eng.tokenizer
     cases = [(p, m) for p in ("w5 w9 w10", "w40 w41 w7") for m in ("alpha", "beta", kind)]
     with eng.lock:

@@ -1,6 +1,6 @@
-"""Engine benchmark: prefixtune vs peft prefix tuning, side by side in one run.
+"""PrefixModel benchmark: prefixtune vs peft prefix tuning, side by side in one run.
 
-    python benchmarks/engine.py [--layers 12 --hidden 768 --batch 8 --seq 128 --steps 5] [--device cuda --dtype bfloat16]
+    python benchmarks/prefix_model.py [--layers 12 --hidden 768 --batch 8 --seq 128 --steps 5] [--device cuda --dtype bfloat16]
 
 Train step (forward + backward + AdamW) time and peak memory on a random-init Llama with grouped-query
 attention, and greedy generation latency with a prefix vs the bare model. Each variant runs in its own

@@ -1,61 +1,15 @@
 """Continuous-batching engine: greedy parity with offline generate() in mixed batches, sampling, stops, limits."""
 
-import threading
 import time
 
 import pytest
-import torch
-from helpers import id_tokenizer as word_tokenizer  # old name, kept for test_serve
-from helpers import make
+from helpers import Collector, id_tokenizer, lively, make, offline, offline_seq2seq, random_workload, three_adapters
 
 import prefixtune as pt
 from prefixtune.config import ConfigError
-from prefixtune.serving.engine import Engine, EngineError, QueueFull, Request, SamplingParams
-
-
-def three_adapters(kind="llama"):
-    model = pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=5), "a")
-    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=9))
-    model.add_adapter("c", pt.PrefixConfig(num_virtual_tokens=3, projection=True, projection_dim=32))
-    return model.eval()
-
-
-def offline(model, prompt, name, max_new):
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         adapter_names=[name], do_sample=False, max_new_tokens=max_new)
-    toks = out[0, len(prompt):].tolist()
-    eos = model.base_model.generation_config.eos_token_id
-    return toks[: toks.index(eos) + 1] if eos in toks else toks
-
-
-class Collector:
-    """on_event callbacks that gather tokens/text per request and signal when all are done."""
-
-    def __init__(self, n):
-        self.n, self.tokens, self.text, self.final = n, {}, {}, {}
-        self.done = threading.Event()
-
-    def __call__(self, key):
-        def on_event(ev):
-            self.tokens.setdefault(key, []).extend(ev.token_ids)
-            self.text[key] = self.text.get(key, "") + ev.text
-            if ev.finish_reason:
-                self.final[key] = ev
-                if len(self.final) == self.n:
-                    self.done.set()
-        return on_event
-
-    def wait(self, timeout=60):
-        assert self.done.wait(timeout), f"only {len(self.final)}/{self.n} requests finished"
-        return self
-
-
-def random_workload(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 128, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
-    names = [["a", "b", "c", None][i % 4] for i in range(n)]
-    max_new = [int(x) for x in torch.randint(1, 16, (n,), generator=g)]
-    return prompts, names, max_new
+from prefixtune.serving.errors import EngineError, QueueFull, RequestTimeout, UnknownAdapter
+from prefixtune.serving.request import Request, SamplingParams
+from prefixtune.serving.torch_engine import TorchEngine as Engine
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3", "bloom", "mistral"])
@@ -114,7 +68,7 @@ def test_tiny_top_p_is_greedy():
 
 def test_stop_strings_truncate_and_are_never_streamed():
     model = three_adapters()
-    tok = word_tokenizer()
+    tok = id_tokenizer()
     eng = Engine(model, tok).start()
     try:
         first = Collector(1)
@@ -178,7 +132,7 @@ def test_failed_step_fails_its_rows_but_engine_keeps_serving(monkeypatch):
     try:
         bad = Collector(1)
         eng.submit([Request("a", [4, 5], SamplingParams(max_tokens=3, temperature=0), bad(0))])
-        assert bad.wait().final[0].finish_reason == "error" and "boom" in bad.final[0].error
+        assert bad.wait().final[0].finish_reason == "error" and "boom" in str(bad.final[0].error)
         good = Collector(1)
         eng.submit([Request("a", [4, 5], SamplingParams(max_tokens=3, temperature=0), good(0))])
         assert good.wait().final[0].finish_reason == "length"
@@ -199,8 +153,9 @@ def test_queue_limit_timeout_and_unloaded_adapter():
     eng.start()
     got.wait()
     eng.stop()
-    assert got.final["t"].finish_reason == "timeout" and got.final["t"].status == 408
-    assert got.final["gone"].status == 404 and "unloaded" in got.final["gone"].error
+    assert got.final["t"].finish_reason == "timeout" and isinstance(got.final["t"].error, RequestTimeout)
+    assert isinstance(got.final["gone"].error, UnknownAdapter)
+    assert "unloaded" in str(got.final["gone"].error)
 
 
 def test_limits_and_unknown_adapter_are_refused_up_front():
@@ -213,7 +168,7 @@ def test_limits_and_unknown_adapter_are_refused_up_front():
         eng.submit([Request("a", [], SamplingParams(), lambda ev: None)])
     with pytest.raises(EngineError, match=r"available: \['base', 'a', 'b', 'c'\]") as e:
         eng.submit([Request("nope", [3], SamplingParams(), lambda ev: None)])
-    assert e.value.status == 404
+    assert isinstance(e.value, UnknownAdapter)
 
 
 def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
@@ -231,26 +186,6 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
     eng.load_adapter("x", "good")
     assert "x" in eng.model.prefixes
     assert Engine(three_adapters(), adapters_dir=tmp_path / "adapters").load_dir() == ["good"]
-
-
-def lively(model, seed=0):
-    """Tiny random BART repeats one token whatever the input; noise on the weights and N(0,1) prefixes make
-    outputs depend on prompt and adapter, so equality below means something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.base_model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for p in model.prefixes.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return model
-
-
-def offline_seq2seq(model, prompt, name, max_new):
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         adapter_names=[name], do_sample=False, num_beams=1, max_new_tokens=max_new)
-    toks = out[0, 1:].tolist()  # after the decoder start token
-    eos = model.base_model.generation_config.eos_token_id
-    return toks[: toks.index(eos) + 1] if eos in toks else toks
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart"])

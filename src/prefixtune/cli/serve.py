@@ -1,0 +1,59 @@
+"""`prefixtune serve`: its flags, and the server run (the engine from serving.backends, the app from serving.api)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .backend import add_backend_arg
+
+
+def add_serve_args(p) -> None:
+    p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
+    add_backend_arg(p)
+    p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
+    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name; they are "
+                   "indexed at start-up and each loads on its first request (POST /v1/adapters/rescan finds new ones)")
+    p.add_argument("--max-loaded-adapters", type=int, default=None, metavar="N",
+                   help="adapters kept in memory at once; the least recently used idle one is evicted (default: no limit)")
+    p.add_argument("--adapter-memory", default=None, metavar="SIZE",
+                   help="memory budget of the resident adapters, e.g. 512MB or 2GiB (default: no limit)")
+    p.add_argument("--pin", action="append", default=[], metavar="NAME",
+                   help="keep this adapter loaded from start-up on, never evicted (repeat for several)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + max_tokens (default: the model's context)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--graceful-timeout", type=float, default=None, help="seconds to wait for in-flight requests on shutdown")
+
+
+def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+               backend: str = "torch", **limits) -> None:
+    import uvicorn
+
+    from ..serving.api import create_app
+    from ..serving.backends import build_backend
+
+    logging.basicConfig(level=logging.INFO)
+    graceful = limits.pop("graceful_timeout", None)
+    engine = build_backend(backend, model_path, adapters_dir, **limits)
+    # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
+    uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
+    p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
+    add_serve_args(p)
+    args = p.parse_args(argv)
+    kw = dict(dtype=args.dtype, device=args.device) if args.backend == "torch" else {}
+    run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
+               max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+               max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
+               graceful_timeout=args.graceful_timeout, max_loaded_adapters=args.max_loaded_adapters,
+               adapter_memory=args.adapter_memory, pin=tuple(args.pin))
+    return 0

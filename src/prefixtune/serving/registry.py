@@ -1,0 +1,308 @@
+"""AdapterRegistry: which adapters exist, which are in memory, and which may leave it.
+
+An engine may serve thousands of adapters from one directory. The registry indexes the directory without
+reading any weights (name, base model, P, file size from each `adapter_config.json`), loads an adapter's
+key/values through the backend on its first request, and keeps the resident set within a budget (a count
+and/or bytes), evicting the least recently used adapter that no queued or running request holds. Pinned
+adapters stay. Adapters added to the directory later are found when a request names them, or by `scan()`.
+
+The backend hooks `load(name, directory) -> resident bytes` and `unload(name)` run under the engine's model
+lock (the caller's); the registry's own lock guards only its bookkeeping, so `hold`/`release` are cheap from
+any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapter_io import CONFIG_NAME, RUN_MARKER, WEIGHTS_NAME, resolve_adapter_dir
+from ..config import ConfigError, check_adapter_name
+from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, InvalidRequest, UnknownAdapter
+
+log = logging.getLogger("prefixtune.serve")
+
+LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    directory: Path  # the adapter directory itself (a training run's adapter/ already resolved)
+    num_virtual_tokens: int
+    base_model: str | None
+    file_bytes: int
+    problem: str | None = None  # why the config could not be read; a request for it fails with this
+    resident_bytes: int = 0
+    resident: bool = False
+    refs: int = 0  # queued and running requests that use it
+    pinned: bool = False
+    last_used: float = 0.0
+
+
+def read_entry(name: str, directory: Path) -> AdapterEntry:
+    """Index one adapter directory from its config alone (no weights read)."""
+    try:
+        target, _ = resolve_adapter_dir(directory)
+        cfg = json.loads((target / CONFIG_NAME).read_text())
+        p = int(cfg["num_virtual_tokens"])
+        weights = target / WEIGHTS_NAME
+        size = weights.stat().st_size if weights.is_file() else 0
+        return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
+        why = str(e) if isinstance(e, ConfigError) else f"{directory / CONFIG_NAME} is unreadable ({type(e).__name__}: {e})"
+        return AdapterEntry(name, Path(directory), 0, None, 0, problem=why)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() or (path / RUN_MARKER).is_file()
+
+
+class AdapterRegistry:
+    def __init__(self, load: Callable[[str, Path], int], unload: Callable[[str], None], *, root: str | Path | None = None,
+                 max_loaded: int | None = None, max_bytes: int | None = None, reserved: Iterable[str] = ()):
+        if max_loaded is not None and max_loaded < 1:
+            raise ConfigError(f"--max-loaded-adapters {max_loaded}: must be at least 1 (or unset for no limit)")
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"--adapter-memory {max_bytes}: must be a positive size such as 512MB (or unset)")
+        self._load, self._unload = load, unload
+        self.root = Path(root).resolve() if root else None
+        self.max_loaded, self.max_bytes = max_loaded, max_bytes
+        self.reserved = set(reserved)  # names that are not adapters (the base model's)
+        self._entries: dict[str, AdapterEntry] = {}
+        self._lock = threading.RLock()
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_failures": 0}
+        self.load_seconds = [0] * len(LOAD_SECONDS_BUCKETS)  # cumulative histogram counts
+        self.load_seconds_sum, self.load_seconds_count = 0.0, 0
+        self._bytes_per_file_byte = 1.0
+
+    # ---- the catalogue ---------------------------------------------------------------------------------------
+    def scan(self) -> tuple[list[str], list[str]]:
+        """(Re)index the adapters directory: -> (names added, names removed). Resident adapters whose directory
+        is gone are forgotten (running rows keep their copy of the key/values)."""
+        if self.root is None:
+            return [], []
+        if not self.root.is_dir():
+            raise ConfigError(f"--adapters {self.root}: not a directory; pass the directory that holds adapter "
+                              "directories (each with adapter_config.json)")
+        found = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir() and is_adapter_dir(p)}
+        with self._lock:
+            ours = {n for n, e in self._entries.items() if self._under_root(e.directory)}
+            removed = sorted(n for n in ours if n not in found)
+            for n in removed:
+                self._forget(n)
+            added = [n for n in found if n not in self._entries and n not in self.reserved]
+            for n in added:
+                self._entries[n] = read_entry(n, found[n])
+        return added, removed
+
+    def _under_root(self, path: Path) -> bool:
+        return self.root is not None and self.root in path.resolve().parents
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def entries(self, on_disk: bool = False) -> list[AdapterEntry]:
+        """All entries, or (on_disk) those indexed from the adapters directory."""
+        with self._lock:
+            return [self._entries[n] for n in sorted(self._entries)
+                    if not on_disk or self._under_root(self._entries[n].directory)]
+
+    def find(self, name: str) -> AdapterEntry:
+        """The entry for `name`; an adapter directory that appeared under the root since the last scan is
+        indexed now. UnknownAdapter otherwise."""
+        with self._lock:
+            e = self._entries.get(name)
+            if e is not None:
+                return e
+            if self.root is not None and name not in self.reserved and _plain(name):
+                d = self.root / name
+                if d.is_dir() and is_adapter_dir(d):
+                    e = self._entries[name] = read_entry(name, d)
+                    return e
+            known = sorted(self.reserved) + self.names()
+            shown = f"{known[:20]}"[:-1] + (f", ... ({len(known)} in all)]" if len(known) > 20 else "]")
+            raise UnknownAdapter(f"unknown model {name!r}; available: {shown}")
+
+    def register(self, name: str, directory: str | Path, pinned: bool = False) -> AdapterEntry:
+        """Add an adapter by name and directory (a hot load, a Python caller, --pin); not loaded yet."""
+        try:
+            check_adapter_name(name)
+        except ConfigError as e:
+            raise InvalidRequest(str(e)) from None
+        if name in self.reserved:
+            raise AdapterExists(f"adapter name {name!r} is the base model's name; pick another")
+        with self._lock:
+            if name in self._entries and self._entries[name].resident:
+                raise AdapterExists(f"adapter {name!r} is already loaded; unload it first")
+            e = read_entry(name, Path(directory))
+            if e.problem:
+                raise AdapterLoadFailed(f"cannot load adapter {name!r}: {e.problem}")
+            e.pinned = pinned or (name in self._entries and self._entries[name].pinned)
+            self._entries[name] = e
+            return e
+
+    def register_resident(self, name: str, num_virtual_tokens: int, nbytes: int) -> None:
+        """An adapter the backend already holds (attached to the model before serving): pinned, since there is
+        no directory to load it again from."""
+        with self._lock:
+            self._entries[name] = AdapterEntry(name, Path(), num_virtual_tokens, None, 0, resident_bytes=nbytes,
+                                               resident=True, pinned=True)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self._entries:
+                raise UnknownAdapter(f"unknown adapter {name!r}; known: {self.names()}")
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        e = self._entries.pop(name)
+        if e.resident:
+            self._unload(name)
+
+    def pin(self, name: str) -> None:
+        self.find(name).pinned = True
+
+    # ---- residency ---------------------------------------------------------------------------------------------
+    def hold(self, names: Iterable[str]) -> None:
+        """A queued request uses these: they exist, and none of them is evicted until `release`."""
+        with self._lock:
+            entries = [self.find(n) for n in names]
+            for e in entries:
+                if e.problem:
+                    raise AdapterLoadFailed(f"cannot load adapter {e.name!r}: {e.problem}")
+            for e in entries:
+                e.refs += 1
+
+    def release(self, names: Iterable[str]) -> None:
+        with self._lock:
+            for n in names:
+                e = self._entries.get(n)
+                if e is not None and e.refs > 0:
+                    e.refs -= 1
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(e.resident_bytes for e in self._entries.values() if e.resident)
+
+    def resident_names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, e in self._entries.items() if e.resident)
+
+    def ensure(self, names: Iterable[str]) -> bool:
+        """Make every named adapter resident (the caller holds the model lock). False when the budget is taken
+        by adapters that requests hold (retry once some finish); AdapterLoadFailed / UnknownAdapter when an
+        adapter cannot be loaded at all."""
+        now = time.monotonic()
+        with self._lock:
+            entries = [self.find(n) for n in names]
+            for e in entries:
+                e.last_used = now
+            missing = [e for e in entries if not e.resident]
+            self.stats["hits"] += len(entries) - len(missing)
+            keep = {x.name for x in entries}
+            for e in missing:
+                if not self._make_room(e, keep):
+                    return False
+                self._load_entry(e)
+                if not self._make_room(None, keep):  # the estimate was low: it does not fit after all
+                    self._evict(e)
+                    return False
+        return True
+
+    def _load_entry(self, e: AdapterEntry) -> None:
+        self.stats["misses"] += 1
+        if e.problem:
+            raise AdapterLoadFailed(f"cannot load adapter {e.name!r}: {e.problem}")
+        if not (e.directory / CONFIG_NAME).is_file():
+            self._entries.pop(e.name, None)
+            raise UnknownAdapter(f"adapter {e.name!r} is gone: {e.directory} no longer holds {CONFIG_NAME}")
+        t0 = time.perf_counter()
+        try:
+            e.resident_bytes = int(self._load(e.name, e.directory))
+        except (ConfigError, OSError, ValueError, RuntimeError) as err:
+            self.stats["load_failures"] += 1
+            raise AdapterLoadFailed(f"cannot load adapter {e.name!r}: {err}") from None
+        e.resident = True
+        if e.file_bytes:
+            self._bytes_per_file_byte = e.resident_bytes / e.file_bytes
+        self._observe(time.perf_counter() - t0)
+
+    def _observe(self, seconds: float) -> None:
+        self.load_seconds_sum += seconds
+        self.load_seconds_count += 1
+        for i, b in enumerate(LOAD_SECONDS_BUCKETS):
+            if seconds <= b:
+                self.load_seconds[i] += 1
+
+    def _over(self, extra_count: int, extra_bytes: int) -> bool:
+        resident = [e for e in self._entries.values() if e.resident]
+        if self.max_loaded is not None and len(resident) + extra_count > self.max_loaded:
+            return True
+        return self.max_bytes is not None and sum(e.resident_bytes for e in resident) + extra_bytes > self.max_bytes
+
+    def _make_room(self, new: AdapterEntry | None, keep: set[str]) -> bool:
+        """Evict least-recently-used, unheld, unpinned adapters until `new` (None: nothing more) fits; its size is
+        estimated from its file by the resident/file ratio of the last load until it has been loaded once."""
+        estimate = 0 if new is None else new.resident_bytes or int(new.file_bytes * self._bytes_per_file_byte)
+        while self._over(0 if new is None else 1, estimate):
+            victims = [e for e in self._entries.values()
+                       if e.resident and e.refs == 0 and not e.pinned and e.name not in keep]
+            if not victims:
+                return False
+            self._evict(min(victims, key=lambda e: e.last_used))
+            self.stats["evictions"] += 1
+        return True
+
+    def _evict(self, e: AdapterEntry) -> None:
+        self._unload(e.name)
+        e.resident = False
+
+    def unload(self, name: str) -> None:
+        """Drop `name` from memory but keep it in the catalogue (it loads again on its next request)."""
+        with self._lock:
+            e = self.find(name)
+            if e.resident:
+                self._evict(e)
+
+    def check_fits(self, names: Iterable[str]) -> None:
+        """A request whose adapters alone exceed the budget can never run: say so at once."""
+        entries = [self.find(n) for n in names]
+        if self.max_loaded is not None and len(set(names)) > self.max_loaded:
+            raise CapacityUnavailable(f"the request composes {len(entries)} adapters but at most {self.max_loaded} "
+                                      "may be loaded at once (--max-loaded-adapters)")
+        size = sum(e.resident_bytes or e.file_bytes for e in entries)
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise CapacityUnavailable(f"the request's adapters need about {size} bytes, more than the adapter "
+                                      f"memory budget of {self.max_bytes} bytes (--adapter-memory)")
+
+
+def _plain(name: str) -> bool:
+    try:
+        check_adapter_name(name)
+        return True
+    except ConfigError:
+        return False
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'512MB', '2GiB', '300000' -> bytes (None stays None): the --adapter-memory flag."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abgikmt")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ConfigError(f"--adapter-memory {text!r}: give a size such as 512MB, 2GiB or a number of bytes")
+    return int(value * units[unit])
