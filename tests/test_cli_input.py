@@ -131,6 +131,11 @@ def test_head_of_another_size(tmp_path, capsys, caplog):
     assert code == 0, err
     assert "3-way classification head" in caplog.text and "new 2-way head" in caplog.text
     assert json.loads((tmp_path / "o" / "task.json").read_text())["label_words"] == ["negative", "positive"]
+    # eval: the adapter brings its own 2-way head, so the base's 3-way one needs no flag
+    code, out, err = run_cli(["eval", "--model", d, "--adapter", tmp_path / "o", "--data", data, "--task", "classify",
+                              "--output", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n"] == 48
 
 
 def test_head_reused_in_the_data_order(tmp_path):
