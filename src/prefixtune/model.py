@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import inject
+from . import compose, inject
 from .config import ConfigError, PrefixConfig, check_adapter_name
 from .encoder import PrefixEncoder
 from .hf_integration import HFIntegrationMixin
@@ -157,8 +157,10 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
             self.heads[name].load_state_dict(head_state)
         self._eval_memo.pop(name, None)
 
-    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
-        """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
+    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False,
+                     format: str = "prefix") -> Path:
+        """Write `name` in peft's prefix-tuning format (format="cartridge": peft's CARTRIDGE, adapter_io.py).
+        keep_projection also stores the MLP to resume training."""
         from .adapter_io import write_adapter
 
         name = name or self.active_adapter
@@ -166,7 +168,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
             raise ConfigError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.prefixes)}")
         head = self.heads[name] if name in self.heads else None
         return write_adapter(
-            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection
+            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection, format
         )
 
     # ---- prefix key/values --------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
         In eval mode the result is memoised until the adapter's parameters change, so the projection MLP
         does not run per generation step or per request.
         """
+        if isinstance(name, tuple):  # a composed entry (compose.py): its parts' prefixes in order
+            return compose.concat([self.prefix_layers(n) for n in name])
         enc = self.prefixes[name]
         if not self.training:
             # In-place updates bump _version; .to(device/dtype) and `.data =` swap the storage instead, and the
@@ -223,15 +227,20 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
             adapter_names = [adapter_names] * batch_size
         if len(adapter_names) != batch_size:
             raise ConfigError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.prefixes})
+        adapter_names = [compose.normalize(n) for n in adapter_names]
+        compose.check(self.arch, adapter_names)
+        unknown = sorted({n for e in adapter_names for n in compose.parts(e) if n not in self.prefixes})
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.prefixes)}")
         return list(adapter_names)
 
     def prefix_batch(self, names: list[str | None]):
-        """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch."""
+        """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch.
+        An entry is None, an adapter name or a list of names (composed, concatenated in order: compose.py)."""
+        names = [compose.normalize(n) for n in names]
+        compose.check(self.arch, names)
         per_name = {n: self.prefix_layers(n) for n in set(names) if n is not None}
-        placements = {self.configs[n].placement for n in per_name}
+        placements = {self.configs[p].placement for n in per_name for p in compose.parts(n)}
         if len(placements) > 1:
             raise ConfigError(
                 f"one batch cannot mix placements {sorted(placements)}: run 'full' and 'decoder' adapters separately"
@@ -246,7 +255,7 @@ class PrefixModel(HFIntegrationMixin, nn.Module):
             self._encoder_hooks.layers = None
 
     def _full_placement(self, names) -> bool:
-        return any(n is not None and self.configs[n].placement == "full" for n in names)
+        return any(self.configs[p].placement == "full" for n in names for p in compose.parts(n))
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, labels=None, **kwargs):
