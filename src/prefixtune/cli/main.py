@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in HOOKS:  # their modules parse their own flags (argparse.REMAINDER mishandles --help)
         command, rest = argv[0], argv[1:]
         fn = lambda: importlib.import_module(HOOKS[command]).main(rest) or 0  # noqa: E731
+    elif importlib.import_module("prefixtune.cli.distill").wants_distill(argv):  # a document, not a dataset: own flags
+        command, rest = argv[0], argv[1:]
+        fn = lambda: importlib.import_module("prefixtune.cli.distill").main(command, rest)  # noqa: E731
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731
