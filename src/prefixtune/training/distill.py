@@ -11,11 +11,10 @@ after their context (layout: selfstudy.py).
 
 Data: the given queries and/or seeded self-study questions (selfstudy.self_study); the teacher answers each
 greedily (at most `answer_tokens`, up to and including its end-of-turn token). Loss: KL(teacher || student) on
-the answer tokens, the teacher's distribution taken as its top-k (`top_k`, default 20) next-token
-probabilities renormalised over those k, the student's full log-softmax read at the same k ids. Teacher
-top-k are computed once, before training. The start (`init`): "context" = the key/values of the document's own
-first P tokens (peft's `initialize_kv_prefix_from_text`), or "vocab"; the first `freeze_first` slots (default 1)
-keep their start as an attention sink (their gradient is zeroed).
+the answer tokens over k + 1 buckets: the teacher's top-k next tokens (`top_k`, default 20) and one bucket for
+the rest of the vocabulary (`kl_topk`). Teacher top-k are computed once, before training. The start (`init`):
+"context" = the key/values of the document's own first P tokens (peft's `initialize_kv_prefix_from_text`), or
+"vocab"; the first `freeze_first` slots (default 1) keep their start as an attention sink (gradient zeroed).
 """
 
 from __future__ import annotations
@@ -112,7 +111,8 @@ def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, 
         ids, mask = S.left_pad([e["query_ids"] for e in rows], pad)
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                              adapter_names=[name] * len(rows), do_sample=False, max_new_tokens=answer_tokens,
-                             pad_token_id=pad)[:, ids.shape[1]:].tolist()
+                             pad_token_id=pad, cache_implementation="static",  # a dynamic cache re-copies the window
+                             )[:, ids.shape[1]:].tolist()
         for e, new in zip(rows, out):
             cut = new.index(stop) + 1 if stop in new else len(new)
             e["answer_ids"] = new[:cut] or [stop if stop is not None else pad]
@@ -149,16 +149,23 @@ def teacher_topk(model, tokenizer, examples: list[dict], k: int, batch_size: int
         logp, idx = logits.log_softmax(-1).topk(k, dim=-1)
         for i, e in enumerate(rows):
             a = len(e["answer_ids"])
-            e["topk_ids"], e["topk_logp"] = idx[i, :a].cpu(), logp[i, :a].half().cpu()
+            e["topk_ids"], e["topk_logp"] = idx[i, :a].cpu(), logp[i, :a].cpu()
         bar.update(len(rows))
     bar.close()
 
 
 def kl_topk(student_logits, topk_ids, topk_logp, mask) -> torch.Tensor:
-    """Mean over answer tokens of KL(teacher top-k, renormalised || student), read at the teacher's k ids."""
-    logq = student_logits.log_softmax(-1).gather(-1, topk_ids)
-    p_log = topk_logp.float().log_softmax(-1)
-    kl = (p_log.exp() * (p_log - logq)).sum(-1)
+    """Mean over answer tokens of the (k+1)-way KL(teacher || student): the teacher's k ids, and one bucket for the
+    rest of the vocabulary. A lower bound on the full KL, zero when the student matches the teacher on the buckets
+    (renormalising over the k ids instead would pull the student's mass off every other token)."""
+    lse = student_logits.logsumexp(-1, keepdim=True)
+    logq = student_logits.gather(-1, topk_ids) - lse
+    log_q_rest = student_logits.scatter(-1, topk_ids, float("-inf")).logsumexp(-1) - lse[..., 0]
+    p_log = topk_logp.float()
+    p_rest = (1 - p_log.exp().sum(-1)).clamp_min(0)
+    # a rest below float rounding (k = the whole vocabulary) counts 0; the clamp keeps gradients finite there
+    rest = torch.where(p_rest > 1e-6, p_rest * (p_rest.clamp_min(1e-12).log() - log_q_rest.clamp_min(-30.0)), 0.0)
+    kl = (p_log.exp() * (p_log - logq)).sum(-1) + rest
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
