@@ -189,7 +189,7 @@ def prepare(model, tokenizer, doc: S.Document, cfg: DistillConfig, queries: list
     examples = S.given_examples(tokenizer, doc, queries) if queries else []
     n_study = cfg.self_study if cfg.self_study is not None else (0 if queries else 256)
     if n_study:
-        examples += S.self_study(model.base_model, tokenizer, doc, n_study, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens,
+        examples += S.self_study(model, tokenizer, doc, n_study, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens,
                                  question_tokens=cfg.question_tokens, say=say, progress=cfg.progress)
     if not examples:
         raise ConfigError("no training queries: give --queries FILE or --self-study N (N > 0)")

@@ -148,22 +148,27 @@ def _chunks(doc: Document, chunk_tokens: int) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_tokens: int = 256,
                question_tokens: int = 40, batch_size: int = 16, say=print, progress: bool = True) -> list[dict]:
-    """`n` seeded questions, each written by `model` (the bare base model) with one chunk of the document in view."""
+    """`n` seeded questions, each written by `model` (a PrefixModel; its base model) with one chunk of the document
+    in view. Each chunk's key/values (header + chunk) are computed once, as a temporary adapter, and reused for
+    every question about it: only the seed prompt and the question run per question."""
     from tqdm.auto import tqdm
+
+    from .distill import context_adapter
 
     rng = random.Random(seed)
     chunks = _chunks(doc, chunk_tokens)
+    names = [context_adapter(model, f"chunk-{i}", doc.header + doc.body[a:b]) for i, (_, a, b) in enumerate(chunks)]
     plans = [(rng.choice(chunks), rng.randrange(len(SEED_PROMPTS))) for _ in range(n)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seen, out = set(), []
     torch.manual_seed(seed)
     for s in tqdm(range(0, n, batch_size), desc="self-study", disable=not progress, dynamic_ncols=True):
         part = plans[s : s + batch_size]
-        prompts = [doc.header + doc.body[a:b] + doc.query_ids(tokenizer(SEED_PROMPTS[k], add_special_tokens=False)
-                                                               ["input_ids"]) for (_, a, b), k in part]
+        prompts = [doc.query_ids(tokenizer(SEED_PROMPTS[k], add_special_tokens=False)["input_ids"]) for _, k in part]
         ids, mask = left_pad(prompts, pad)
         gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=question_tokens,
+                             adapter_names=[names[chunks.index(c)] for c, _ in part], do_sample=True,
+                             temperature=0.7, top_p=0.95, max_new_tokens=question_tokens,
                              pad_token_id=pad)
         for ((w, a, b), k), text in zip(part, tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)):
             q = next((line.strip() for line in text.splitlines() if line.strip()), "")
@@ -173,6 +178,8 @@ def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_
             qids = tokenizer(q, add_special_tokens=False)["input_ids"]
             out.append({"query": q, "query_ids": doc.query_ids(qids), "window": w, "chunk": [a, b],
                         "seed_prompt": k, "source": "self_study"})
+    for name in names:
+        model.delete_adapter(name)
     say(f"self-study: {len(out)} distinct questions from {n} drafts (seed {seed}; chunks of {chunk_tokens} tokens, "
         f"{len(chunks)} chunks; questions up to {question_tokens} tokens, mean "
         f"{sum(len(e['query_ids']) for e in out) / max(len(out), 1):.0f} with the template)")
