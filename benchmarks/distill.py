@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import add_device_args, check_device_args  # noqa: E402
+
 from prefixtune.loading import load_model  # noqa: E402
 from prefixtune.model import PrefixModel  # noqa: E402
 from prefixtune.training import distill as D  # noqa: E402
@@ -137,20 +139,23 @@ def main() -> None:
     p.add_argument("--compose-p", type=int, default=64, help="P of each half's prefix (0: skip composition)")
     p.add_argument("--cache", default="/tmp/prefixtune-distill-bench/data.pt")
     p.add_argument("--out", default=str(RESULTS / "distill"))
+    add_device_args(p)
     args = p.parse_args()
+    dtype = check_device_args(p, args)
     torch.manual_seed(0)
     if args.model is None:
         from prefixtune.cli.assets import smollm2_dir
 
         args.model = str(smollm2_dir())
-    base, tok = load_model(args.model, dtype="float32", device="cpu")
+    base, tok = load_model(args.model, dtype=dtype, device=args.device)
     model = PrefixModel(base)
     text = importlib.metadata.metadata(DOC_PACKAGE).get_payload()
     doc = S.build_document(tok, text, 8000)
     say(f"document: {DOC_PACKAGE} {importlib.metadata.version(DOC_PACKAGE)} README, {doc.context_len} tokens")
     train, held = data(model, tok, doc, args)
     D.teacher_adapters(model, doc)
-    report = {"model": Path(args.model).name, "document": f"{DOC_PACKAGE} {importlib.metadata.version(DOC_PACKAGE)} "
+    report = {"model": Path(args.model).name, "device": args.device, "dtype": args.dtype,
+              "document": f"{DOC_PACKAGE} {importlib.metadata.version(DOC_PACKAGE)} "
               "README (wheel METADATA long description)", "context_tokens": doc.context_len,
               "train_questions": len(train), "heldout_questions": len(held),
               "heldout_answer_tokens": sum(len(e["answer_ids"]) for e in held), "answer_tokens": args.answer_tokens,
@@ -163,32 +168,31 @@ def main() -> None:
         Path(args.out + ".json").write_text(json.dumps(report, indent=2))
         Path(args.out + ".md").write_text(markdown(report))
 
-    # Train everything, then score in one pass: the teacher and no-context forwards run once, not per method.
-    sizes, secs = [int(x) for x in args.sizes.split(",")], {}
-    methods = {"no_context": None}
+    # Each prefix is scored right after it trains (results written as they come); no-context is scored once.
+    sizes = [int(x) for x in args.sizes.split(",")]
+    base_res = None
     for P in sizes:
-        secs[P] = train_prefix(model, tok, doc, train, P, f"p{P}", args)
+        secs = train_prefix(model, tok, doc, train, P, f"p{P}", args)
         D.context_adapter(model, f"truncated-{P}", doc.window_ids(0)[:P])
-        methods.update({f"p{P}": f"p{P}", f"truncated-{P}": f"truncated-{P}"})
-        say(f"P={P} trained in {secs[P]:.0f}s")
+        methods = {"prefix": f"p{P}", "truncated": f"truncated-{P}", **({} if base_res else {"no_context": None})}
+        t = time.time()
+        res = E.score(model, tok, held, methods, progress=False)
+        base_res = base_res or res.pop("no_context")
+        gap = base_res["kl"]
+        report["sizes"].append({"P": P, **res, "no_context": base_res, "gap_recovered": (gap - res["prefix"]["kl"]) / gap,
+                                "train_seconds": secs, "score_seconds": time.time() - t, "loadavg": os.getloadavg()})
+        say(f"P={P}", json.dumps(report["sizes"][-1]))
+        write()
     if args.compose_p:
         counts = train_halves(model, tok, doc, train, args)
-        methods.update({"first half alone": "half-first", "second half alone": "half-second",
-                        "halves composed": ["half-first", "half-second"]})
-    t = time.time()
-    res = E.score(model, tok, held, methods, progress=False)
-    say(f"scored {len(methods)} methods on {len(held)} held-out questions in {time.time() - t:.0f}s")
-    gap = res["no_context"]["kl"]
-    for P in sizes:
-        report["sizes"].append({"P": P, "prefix": res[f"p{P}"], "truncated": res[f"truncated-{P}"],
-                                "no_context": res["no_context"], "gap_recovered": (gap - res[f"p{P}"]["kl"]) / gap,
-                                "train_seconds": secs[P]})
-    if args.compose_p:
-        comp = {m: res[m] for m in ("first half alone", "second half alone", "halves composed", "no_context")}
-        if f"p{2 * args.compose_p}" in res:
-            comp[f"whole document, P={2 * args.compose_p}"] = res[f"p{2 * args.compose_p}"]
+        comp = E.score(model, tok, held, {"first half alone": "half-first", "second half alone": "half-second",
+                                          "halves composed": ["half-first", "half-second"]}, progress=False)
+        comp["no_context"] = base_res
+        whole = next((r for r in report["sizes"] if r["P"] == 2 * args.compose_p), None)
+        if whole:
+            comp[f"whole document, P={2 * args.compose_p}"] = whole["prefix"]
         report["composition"] = {"P_each": args.compose_p, "train_questions": counts, "results": comp}
-    write()
+        write()
     say(json.dumps(report, indent=1))
 
 
