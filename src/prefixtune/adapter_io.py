@@ -33,7 +33,21 @@ EXTRA_NAME = "prefixtune.json"
 PROJECTION_NAME = "prefixtune_projection.safetensors"
 
 
-def peft_config_dict(cfg: PrefixConfig, arch) -> dict:
+# peft 0.21's CARTRIDGE adapter (peft/tuners/cartridge): the same `prompt_embeddings` table as a projection-free
+# prefix, plus `num_frozen_tokens` (leading slots kept frozen, an attention sink). We read it as a plain table and
+# keep num_frozen_tokens in PrefixConfig.extra; fmt="cartridge" writes one back.
+PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def peft_config_dict(cfg: PrefixConfig, arch, fmt: str = "prefix") -> dict:
+    if fmt == "cartridge":
+        if cfg.projection or arch.kind == "encoder":
+            raise ConfigError("the CARTRIDGE format holds a plain key/value table for a generative model: save a "
+                              "projection-free prefix of a causal or seq2seq model (or save in the prefix format)")
+        keep = ("task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                "num_layers", "base_model_name_or_path", "inference_mode", "revision", "auto_mapping", "modules_to_save")
+        return {**{k: v for k, v in peft_config_dict(cfg, arch).items() if k in keep}, "peft_type": "CARTRIDGE",
+                "num_frozen_tokens": int(cfg.extra.get("num_frozen_tokens", 0))}
     return {
         "peft_type": "PREFIX_TUNING",
         "task_type": arch.peft_task_type,
@@ -108,12 +122,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_adapter(directory, cfg: PrefixConfig, arch, enc, head, head_name, keep_projection: bool) -> Path:
+def write_adapter(directory, cfg: PrefixConfig, arch, enc, head, head_name, keep_projection: bool,
+                  fmt: str = "prefix") -> Path:
     tensors = {"prompt_embeddings": enc.folded().float().cpu().contiguous()}
     if head is not None:
         for k, v in head.state_dict().items():
             tensors[f"base_model.{head_name}.{k}"] = v.detach().cpu().contiguous()
-    peft_cfg = peft_config_dict(cfg, arch)
+    peft_cfg = peft_config_dict(cfg, arch, fmt)
     # keep_projection: also store the encoder in its trainable form (the MLP, or the scaled table and its scale)
     unfolded = cfg.projection or getattr(enc, "scale", None) is not None
     extra = {"format": 1, "config": cfg.to_dict(), "projection_kept": bool(keep_projection and unfolded)}
@@ -148,10 +163,10 @@ def read_adapter(directory, arch, head):
         raise ConfigError(f"{d} has no {CONFIG_NAME}: not an adapter directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     pc = _load_json(d / CONFIG_NAME)
     kind = pc.get("peft_type")
-    if kind != "PREFIX_TUNING":
+    if kind not in PEFT_TYPES:
         raise ConfigError(
             f"{d} holds a {kind or 'unknown'} adapter (peft_type={kind!r}); prefixtune loads prefix-tuning "
-            "adapters only (peft_type 'PREFIX_TUNING')"
+            "and cartridge adapters only (peft_type 'PREFIX_TUNING' or 'CARTRIDGE')"
         )
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
@@ -187,6 +202,8 @@ def read_adapter(directory, arch, head):
 
     fields = dict(extra.get("config", {}))
     fields.update(num_virtual_tokens=P, base_model_name_or_path=pc.get("base_model_name_or_path"))
+    if kind == "CARTRIDGE":
+        fields["extra"] = {**fields.get("extra", {}), "num_frozen_tokens": int(pc.get("num_frozen_tokens") or 0)}
     if extra.get("projection_kept") and (d / PROJECTION_NAME).is_file():
         state = load_file(d / PROJECTION_NAME)  # the trainable form: MLP, or scaled table + its scale
         fields["projection"] = any(k.startswith("transform.") for k in state)

@@ -122,12 +122,14 @@ class AdapterSetMixin:
             self.heads[name].load_state_dict(head_state)
         self._eval_memo.pop(name, None)
 
-    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False) -> Path:
-        """Write `name` in peft's prefix-tuning format. keep_projection also stores the MLP to resume training."""
+    def save_adapter(self, directory: str | Path, name: str | None = None, keep_projection: bool = False,
+                     format: str = "prefix") -> Path:
+        """Write `name` in peft's prefix-tuning format (format="cartridge": peft's CARTRIDGE, adapter_io.py).
+        keep_projection also stores the MLP to resume training."""
         name = self._known(name or self.active_adapter)
         head = self.heads[name] if name in self.heads else None
         return write_adapter(
-            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection
+            directory, self.configs[name], self.arch, self.prefixes[name], head, self._head_name, keep_projection, format
         )
 
     def _known(self, name: str | None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import inject
+from . import compose, inject
 from .adapters import AdapterSetMixin
 from .config import ConfigError, PrefixConfig
 from .hf_integration import HFIntegrationMixin
@@ -65,6 +65,8 @@ class PrefixModel(AdapterSetMixin, HFIntegrationMixin, nn.Module):
         In eval mode the result is memoised until the adapter's parameters change, so the projection MLP
         does not run per generation step or per request.
         """
+        if isinstance(name, tuple):  # a composed entry (compose.py): its parts' prefixes in order
+            return compose.concat([self.prefix_layers(n) for n in name])
         enc = self.prefixes[name]
         if not self.training:
             # In-place updates bump _version; .to(device/dtype) and `.data =` swap the storage instead, and the
@@ -95,15 +97,20 @@ class PrefixModel(AdapterSetMixin, HFIntegrationMixin, nn.Module):
             adapter_names = [adapter_names] * batch_size
         if len(adapter_names) != batch_size:
             raise ConfigError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.prefixes})
+        adapter_names = [compose.normalize(n) for n in adapter_names]
+        compose.check(self.arch, adapter_names)
+        unknown = sorted({n for e in adapter_names for n in compose.parts(e) if n not in self.prefixes})
         if unknown:
             raise ConfigError(f"unknown adapter(s) {unknown} in adapter_names; loaded: {sorted(self.prefixes)}")
         return list(adapter_names)
 
     def prefix_batch(self, names: list[str | None]):
-        """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch."""
+        """Per-layer (K, V) for the batch and the prefix mask; also points the encoder hooks at this batch.
+        An entry is None, an adapter name or a list of names (composed, concatenated in order: compose.py)."""
+        names = [compose.normalize(n) for n in names]
+        compose.check(self.arch, names)
         per_name = {n: self.prefix_layers(n) for n in set(names) if n is not None}
-        placements = {self.configs[n].placement for n in per_name}
+        placements = {self.configs[p].placement for n in per_name for p in compose.parts(n)}
         if len(placements) > 1:
             raise ConfigError(
                 f"one batch cannot mix placements {sorted(placements)}: run 'full' and 'decoder' adapters separately"
@@ -118,7 +125,7 @@ class PrefixModel(AdapterSetMixin, HFIntegrationMixin, nn.Module):
             self._encoder_hooks.layers = None
 
     def _full_placement(self, names) -> bool:
-        return any(n is not None and self.configs[n].placement == "full" for n in names)
+        return any(self.configs[p].placement == "full" for n in names for p in compose.parts(n))
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, adapter_names=None, past_key_values=None, labels=None, **kwargs):

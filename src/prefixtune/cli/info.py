@@ -116,9 +116,9 @@ def check_fit(adapter_dir: Path, config) -> tuple[bool, str]:
 
 def describe_adapter(d: Path) -> dict:
     pc = _read_json(d / CONFIG_NAME)
-    if pc.get("peft_type") != "PREFIX_TUNING":
+    if pc.get("peft_type") not in ("PREFIX_TUNING", "CARTRIDGE"):  # adapter_io.PEFT_TYPES
         raise ConfigError(f"{d} holds a {pc.get('peft_type') or 'unknown'} adapter; prefixtune describes prefix-tuning "
-                          "adapters only (peft_type 'PREFIX_TUNING')")
+                          "and cartridge adapters only (peft_type 'PREFIX_TUNING' or 'CARTRIDGE')")
     extra = _read_json(d / EXTRA_NAME) if (d / EXTRA_NAME).is_file() else {}
     if not (d / WEIGHTS_NAME).is_file():
         raise ConfigError(f"{d} has no {WEIGHTS_NAME}: the adapter is incomplete")

@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         def fn():
             return importlib.import_module(HOOKS[command]).main(rest) or 0
+    elif importlib.import_module("prefixtune.cli.distill").wants_distill(argv):  # a document, not a dataset: own flags
+        command, rest = argv[0], argv[1:]
+        def fn():
+            return importlib.import_module("prefixtune.cli.distill").main(command, rest)
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731

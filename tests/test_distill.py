@@ -1,0 +1,120 @@
+"""Knowledge prefixes (training/distill.py, selfstudy.py, distill_eval.py, `--task distill` CLI) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from helpers import WORDS, make, make_tokenizer, model_dir
+
+from prefixtune.cli.main import main
+from prefixtune.model import PrefixModel
+from prefixtune.training import distill as D
+from prefixtune.training import distill_eval as E
+from prefixtune.training import selfstudy as S
+
+
+def _text(n=300, seed=0):
+    rng, words = random.Random(seed), WORDS.split()
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def _setup(kind="llama", n=300, max_context=480):
+    tok = make_tokenizer()
+    model = PrefixModel(make(kind))
+    return model, tok, S.build_document(tok, _text(n), max_context)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3"])
+def test_teacher_prefix_equals_the_document_in_the_prompt(kind):
+    """The context's key/values, computed once and reused as a prefix, give what re-reading the document gives."""
+    model, tok, doc = _setup(kind, n=60)
+    D.teacher_adapters(model, doc)
+    ex = S.given_examples(tok, doc, ["what is the plot", "how good was the acting"])
+    for e in ex:
+        e["answer_ids"] = tok("the film was great", add_special_tokens=False)["input_ids"]
+    got, mask = D.answer_logits(model.eval(), ex, ["context-0"] * 2, pad=0)
+    for i, e in enumerate(ex):
+        full = torch.tensor([doc.window_ids(0) + e["query_ids"] + e["answer_ids"]])
+        ref = model.base_model(input_ids=full).logits[0]
+        start = len(doc.window_ids(0)) + len(e["query_ids"]) - 1
+        torch.testing.assert_close(got[i, : len(e["answer_ids"])], ref[start : start + len(e["answer_ids"])],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_kl_topk_is_the_kl_with_all_tokens_and_zero_for_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    mask = torch.ones(2, 3)
+    logp, idx = t.log_softmax(-1).topk(11, dim=-1)
+    ref = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(D.kl_topk(s, idx, logp, mask), ref.mean())
+    assert D.kl_topk(t, idx, logp, mask).abs() < 1e-6
+    logp5, idx5 = t.log_softmax(-1).topk(5, dim=-1)  # top-5 + the rest: zero at the teacher, below the full KL
+    assert D.kl_topk(t, idx5, logp5, mask).abs() < 1e-6
+    assert 0.01 < D.kl_topk(s, idx5, logp5, mask) < ref.mean()
+
+
+def test_long_document_is_cut_into_windows_and_queries_find_theirs():
+    tok = make_tokenizer()
+    doc = S.build_document(tok, "the movie was great " * 30 + "bonjour french translate " * 30 + "hello", 100)
+    assert len(doc.windows) == 3 and all(len(doc.window_ids(w)) <= 100 for w in range(3))
+    assert doc.windows[0][0] == 0 and doc.windows[-1][1] == len(doc.body)
+    assert S.nearest_window(doc, tok("hello bonjour", add_special_tokens=False)["input_ids"]) == 2
+    assert S.nearest_window(doc, tok("great movie", add_special_tokens=False)["input_ids"]) == 0
+
+
+def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_and_keeps_the_sink():
+    model, tok, doc = _setup()
+    cfg = D.DistillConfig(num_virtual_tokens=6, self_study=12, max_steps=15, batch_size=4, lr=5e-2, eval_fraction=0.0,
+                          answer_tokens=8, question_tokens=8, chunk_tokens=64, progress=False)
+    examples = D.prepare(model, tok, doc, cfg, queries=["what is the plot"], say=lambda *a: None)
+    assert {e["source"] for e in examples} == {"given", "self_study"}
+    assert all(e["topk_ids"].shape == (len(e["answer_ids"]), 20) for e in examples)
+    D.add_student(model, doc, cfg)
+    D.context_adapter(model, "truncated", doc.window_ids(0)[:6])
+    res = E.score(model.eval(), tok, examples, {"student": "default", "truncated": "truncated"}, progress=False)
+    assert res["student"] == pytest.approx(res["truncated"], abs=1e-5)  # same start
+    sink = model.prefixes["default"].embedding.weight[0].detach().clone()
+    before = D.mean_loss(model, examples, pad=0)
+    D.fit(model, tok, examples, cfg, say=lambda *a: None)
+    assert D.mean_loss(model, examples, pad=0) < 0.7 * before
+    w = model.prefixes["default"].embedding.weight
+    assert torch.equal(w[0], sink) and not torch.equal(w[1:], w[1:].detach() * 0)
+
+
+def test_cli_train_then_eval_writes_the_run_and_eval_json(tmp_path, capsys):
+    d = model_dir(tmp_path)
+    (tmp_path / "doc.txt").write_text(_text(250))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": _text(5, s)}) + "\n" for s in range(8)))
+    run = tmp_path / "run"
+    main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
+          str(tmp_path / "q.jsonl"), "--self-study", "8", "--output", str(run), "--num-virtual-tokens", "4",
+          "--max-steps", "4", "--eval-every", "2", "--answer-tokens", "6", "--question-tokens", "6",
+          "--save-format", "cartridge", "--no-progress"])
+    for f in ("adapter/adapter_config.json", "run.json", "task.json", "data.jsonl", "metrics.jsonl", "loss_curve.png"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "adapter/adapter_config.json").read_text())["peft_type"] == "CARTRIDGE"
+    main(["eval", "--task=distill", "--model", str(d), "--adapter", str(run), "--context", str(tmp_path / "doc.txt"),
+          "--queries", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "ev"), "--no-progress"])
+    r = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(r["baselines"]) == {"no_context", "truncated"} and r["queries"] == 8
+    for m in (r, r["baselines"]["no_context"], r["baselines"]["truncated"]):
+        assert m["kl"] >= 0 and 0 <= m["agreement"] <= 1
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    d = model_dir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "nope.txt"), "--output",
+              str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--context" in err and "not found" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "q.jsonl").write_text('{"foo": 1}\n')
+    (tmp_path / "doc.txt").write_text("the movie")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
+              str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "r")])
+    assert e.value.code == 2 and "no 'query'" in capsys.readouterr().err
