@@ -74,7 +74,7 @@ def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_a
     assert {e["source"] for e in examples} == {"given", "self_study"}
     assert all(e["topk_ids"].shape == (len(e["answer_ids"]), 20) for e in examples)
     D.add_student(model, doc, cfg)
-    D.context_adapter(model, "truncated", doc.window_ids(0)[:6])
+    S.context_adapter(model, "truncated", doc.window_ids(0)[:6])
     res = E.score(model.eval(), tok, examples, {"student": "default", "truncated": "truncated"}, progress=False)
     assert res["student"] == pytest.approx(res["truncated"], abs=1e-5)  # same start
     sink = model.prefixes["default"].embedding.weight[0].detach().clone()

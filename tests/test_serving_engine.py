@@ -243,3 +243,22 @@ def test_prefix_counts_against_the_models_positions():
     with pytest.raises(EngineError, match=r"prefix \(9\) \+ prompt \(3\) \+ max_tokens \(505\) exceeds the model's 512"):
         eng.submit([Request("b", [3, 4, 5], SamplingParams(max_tokens=505), lambda ev: None)])
     eng.submit([Request(None, [3, 4, 5], SamplingParams(max_tokens=505), lambda ev: None)])  # bare: fits
+
+
+def test_composed_prefixes_match_prefix_model_in_mixed_batches():
+    """A row may name several adapters: the engine's greedy tokens equal PrefixModel.generate with the same tuple
+    (tests/test_compose.py checks that against one stacked adapter), beside single-adapter and bare rows."""
+    model = three_adapters()
+    prompts, _, max_new = random_workload(8, seed=3)
+    names = [("a", "b"), None, "c", ("b", "a"), ("a", "b", "c"), "a", ("c", "a"), None]
+    ref = [offline(model, p, n, m) for p, n, m in zip(prompts, names, max_new)]
+    eng = Engine(model).start()
+    got = Collector(len(prompts))
+    try:
+        eng.submit([Request(n, p, SamplingParams(max_tokens=m, temperature=0), got(i))
+                    for i, (p, n, m) in enumerate(zip(prompts, names, max_new))])
+        got.wait()
+    finally:
+        eng.stop()
+    assert [got.tokens[i] for i in range(len(prompts))] == ref
+    assert ref[0] != offline(model, prompts[0], ("b", "a"), max_new[0]) or ref[0] != offline(model, prompts[0], "a", max_new[0])

@@ -5,7 +5,7 @@
     fit(model, data, cfg)                                                       # trains adapter "default"
 
 Teacher: the frozen model with the document's window before each query. Its key/values are computed once per
-window (`context_adapter`: one forward over the window, kept as a fixed prefix) and reused for every query,
+window (`selfstudy.context_adapter`: one forward over the window, kept as a fixed prefix) and reused for every query,
 never re-encoded. Student: the same model with P trained key/values instead. Both see the same query tokens
 after their context (layout: selfstudy.py).
 
@@ -76,19 +76,8 @@ def max_context(base, cfg: DistillConfig) -> int:
     return int(positions) - 2 * (cfg.question_tokens + cfg.answer_tokens) - 32
 
 
-def context_adapter(model, name: str, ids: list[int]) -> str:
-    """A frozen adapter holding the model's own key/values for `ids` (one forward): the context as a prefix."""
-    if name in model.prefixes:
-        model.delete_adapter(name)
-    cfg = PrefixConfig(num_virtual_tokens=len(ids), init="text", init_text="(context)", layer_scale=False,
-                       extra={"init_token_ids": list(ids)})
-    model.add_adapter(name, cfg)
-    model.prefixes[name].requires_grad_(False)
-    return name
-
-
 def teacher_adapters(model, doc: S.Document) -> list[str]:
-    return [context_adapter(model, f"context-{w}", doc.window_ids(w)) for w in range(len(doc.windows))]
+    return [S.context_adapter(model, f"context-{w}", doc.window_ids(w)) for w in range(len(doc.windows))]
 
 
 def _by_window(examples: list[dict], batch_size: int):

@@ -51,7 +51,7 @@ def evaluate(model, tokenizer, doc: S.Document, queries: list[str], adapter: str
     D.teacher_adapters(model, doc)
     D.teacher_answers(model, tokenizer, examples, answer_tokens, progress=progress)
     P = model.configs[adapter].num_virtual_tokens
-    D.context_adapter(model, "truncated", doc.window_ids(0)[:P])
+    S.context_adapter(model, "truncated", doc.window_ids(0)[:P])
     res = score(model, tokenizer, examples, {"prefix": adapter, "no_context": None, "truncated": "truncated"},
                 batch_size=batch_size, progress=progress)
     out = {"task": "distill", "queries": len(examples), "answer_tokens": sum(len(e["answer_ids"]) for e in examples),

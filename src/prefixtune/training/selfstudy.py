@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import PrefixConfig
 from .data import DataError
 
 SEED_PROMPTS = (
@@ -153,7 +154,6 @@ def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_
     every question about it: only the seed prompt and the question run per question."""
     from tqdm.auto import tqdm
 
-    from .distill import context_adapter
 
     rng = random.Random(seed)
     chunks = _chunks(doc, chunk_tokens)
@@ -204,3 +204,14 @@ def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def context_adapter(model, name: str, ids: list[int]) -> str:
+    """A frozen adapter holding the model's own key/values for `ids` (one forward): the context as a prefix."""
+    if name in model.prefixes:
+        model.delete_adapter(name)
+    cfg = PrefixConfig(num_virtual_tokens=len(ids), init="text", init_text="(context)", layer_scale=False,
+                       extra={"init_token_ids": list(ids)})
+    model.add_adapter(name, cfg)
+    model.prefixes[name].requires_grad_(False)
+    return name
