@@ -204,9 +204,9 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling, with --temperature > 0 (default: 50)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
+    p.add_argument("--backend", choices=("torch", "llamacpp", "vllm"), default="torch",
                    help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp (pip install "
-                   "\"prefixtune[llamacpp]\") (default: torch)")
+                   "\"prefixtune[llamacpp]\"); vllm = a model directory on vLLM (README 'vLLM') (default: torch)")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -240,6 +240,10 @@ def cmd_generate(args) -> int:
         from ..serving.llamacpp_engine import cli_generate
 
         return cli_generate(args, prompts)
+    if args.backend == "vllm":
+        from ..serving.vllm_engine import cli_generate as vllm_generate
+
+        return vllm_generate(args, prompts)
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base

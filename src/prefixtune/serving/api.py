@@ -395,7 +395,11 @@ def build_backend(backend: str, model_path: str, adapters_dir: str | None = None
         from .llamacpp_engine import build_llamacpp_engine  # raises with the pip command if llama-cpp-python is missing
 
         return build_llamacpp_engine(model_path, adapters_dir, **limits)
-    raise ConfigError(f"unknown --backend {backend!r}: use torch or llamacpp")
+    if backend == "vllm":
+        from .vllm_engine import build_vllm_engine  # raises with the install command if vLLM is missing
+
+        return build_vllm_engine(model_path, adapters_dir, dtype=dtype, **limits)
+    raise ConfigError(f"unknown --backend {backend!r}: use torch, llamacpp or vllm")
 
 
 def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -411,10 +415,11 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
 
 def add_serve_args(p) -> None:
     p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
-    p.add_argument("--backend", choices=("torch", "llamacpp"), default="torch",
+    p.add_argument("--backend", choices=("torch", "llamacpp", "vllm"), default="torch",
                    help="torch = our PyTorch engine; llamacpp = a .gguf --model on llama.cpp, quantized, fast on CPUs "
-                   "(pip install \"prefixtune[llamacpp]\") (default: torch)")
-    p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
+                   "(pip install \"prefixtune[llamacpp]\"); vllm = a model directory on vLLM (README 'vLLM') (default: torch)")
+    p.add_argument("--dtype", default="auto", help="torch and vllm backends: auto (torch: bf16 on a GPU, fp32 on CPU; vllm: "
+                   "vLLM's choice), fp32, bf16, fp16 (vllm: float32, bfloat16, ...)")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
@@ -438,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_main(args) -> int:
     kw = dict(dtype=args.dtype, device=args.device) if args.backend == "torch" else {}
+    if args.backend == "vllm":
+        kw = dict(dtype=args.dtype)
     run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size,
                max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,

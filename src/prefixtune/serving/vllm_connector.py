@@ -47,6 +47,7 @@ log = logging.getLogger("prefixtune.vllm")
 
 ADAPTER_KEY = "prefixtune_adapter"  # kv_transfer_params key naming the adapter
 DIR_KEY = "prefixtune_dir"  # our engine only (extra_config accept_request_dirs): where the adapter lives
+SHA_KEY = "prefixtune_sha"  # our engine: the version it accepted the request for (saves re-hashing the files)
 CONNECTOR = {"kv_connector": "PrefixConnector", "kv_connector_module_path": __name__, "kv_role": "kv_both",
              "kv_load_failure_policy": "fail"}
 
@@ -156,7 +157,7 @@ class Load:
 @dataclass
 class PrefixMeta(KVConnectorMetadata):
     loads: list[Load] = field(default_factory=list)
-    fail_blocks: dict[str, list[int]] = field(default_factory=dict)  # req id -> blocks to report failed
+    fail_blocks: dict[str, list[int]] = field(default_factory=dict)  # req id -> its block to report failed
 
 
 class PrefixConnector(KVConnectorBase_V1):
@@ -185,8 +186,11 @@ class PrefixConnector(KVConnectorBase_V1):
         self._verdicts: dict[str, tuple[AdapterId | None, str | None]] = {}
         self._asked: dict[str, int] = {}  # req id -> num_computed of the last get_num_new_matched_tokens
         self._loads: list[Load] = []
-        self._doomed: dict[str, list[int]] = {}  # failing requests whose blocks were not loaded (report next step)
-        self.stats = {"loads": 0, "tokens_loaded": 0, "failed": 0}
+        # Failing requests that loaded nothing (prompt_logprobs): vLLM checks failed blocks only among those computed
+        # before a step, so they are reported one step after their prefill (which yields at most one token).
+        self._doomed: dict[str, list[int]] = {}
+        self._doomed_next: dict[str, list[int]] = {}
+        self._per_req: dict[str, list[int]] = {}  # req id -> [loads, tokens loaded], reported when it finishes
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -210,7 +214,8 @@ class PrefixConnector(KVConnectorBase_V1):
         if directory is None:
             raise ConfigError(f"unknown adapter {name!r} (not in the connector's adapters_dir / adapters)")
         known = self._known.get(name)
-        if known is None or known.directory != str(Path(directory).resolve()) or known.sha != adapter_sha(directory):
+        sha = params.get(SHA_KEY) if self.accept_request_dirs else None
+        if known is None or known.directory != str(Path(directory).resolve()) or known.sha != (sha or adapter_sha(directory)):
             check_fits(directory, self.arch, self.model_label)
             known = self._known[name] = adapter_id(name, directory, self._vocab_size())
         return known
@@ -258,24 +263,27 @@ class PrefixConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0])
         if num_external_tokens == 0:
             if err is not None:  # nothing to load, so no failed load this step: fail it on the next one
-                self._doomed[request.request_id] = block_ids
+                self._doomed_next[request.request_id] = block_ids[:1]
             return
         start = self._asked.get(request.request_id, 0)
         self._loads.append(Load(request.request_id, a.directory if a else "", a.sha if a else "", block_ids,
                                 start, start + num_external_tokens, err))
-        self.stats["loads"] += 1
-        self.stats["tokens_loaded"] += num_external_tokens
-        self.stats["failed"] += err is not None
+        counts = self._per_req.setdefault(request.request_id, [0, 0])
+        counts[0] += 1
+        counts[1] += num_external_tokens
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         meta = PrefixMeta(self._loads, self._doomed)
-        self._loads, self._doomed = [], {}
+        self._loads, self._doomed, self._doomed_next = [], self._doomed_next, {}
         return meta
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
-        self._verdicts.pop(request.request_id, None)
-        self._asked.pop(request.request_id, None)
-        return False, None
+        for d in (self._verdicts, self._asked, self._doomed, self._doomed_next):  # (its blocks may go to others)
+            d.pop(request.request_id, None)
+        loads, tokens = self._per_req.pop(request.request_id, (0, 0))
+        # In the request's output (RequestOutput.kv_transfer_params): how often its prefix was written (more than
+        # once after a preemption) and how many positions (fewer than P when vLLM's prefix cache held the rest).
+        return False, ({"prefixtune_loads": loads, "prefixtune_tokens": tokens} if loads else None)
 
     # ---- worker side: write the key/values ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -303,7 +311,9 @@ class PrefixConnector(KVConnectorBase_V1):
                 layers = self._prefix(load)
             except Exception as e:  # any failure fails the request; vLLM never computes the placeholders
                 log.error("prefixtune: cannot load the prefix for request %s: %s", load.req_id, e)
-                self._failed.update(load.block_ids)
+                # The first block this load fills (new, not shared: start is where vLLM's own cache hit ends) is
+                # enough: vLLM fails the request and evicts that block and the ones after it.
+                self._failed.add(load.block_ids[load.start // self.block_size])
                 continue
             bs = self.block_size
             slots = torch.tensor([load.block_ids[p // bs] * bs + p % bs for p in range(load.start, load.end)],
