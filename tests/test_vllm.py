@@ -307,7 +307,13 @@ def test_serve_and_generate_offer_the_vllm_backend():
 
     p = build_parser()
     assert p.parse_args(["generate", "--model", "m", "--prompt", "x", "--backend", "vllm"]).backend == "vllm"
-    assert p.parse_args(["serve", "--model", "m", "--backend", "vllm"]).backend == "vllm"
+    import argparse
+
+    from prefixtune.serving.api import add_serve_args
+
+    serve = argparse.ArgumentParser()
+    add_serve_args(serve)
+    assert serve.parse_args(["--model", "m", "--backend", "vllm"]).backend == "vllm"
 
 
 # ---- vLLM's own OpenAI server with our connector --------------------------------------------------------------
@@ -315,6 +321,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url, proc, log_path, seconds: int = 900) -> None:
+    for _ in range(seconds):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(1)
+    raise AssertionError(f"vLLM's server did not come up in {seconds} s")
 
 
 def post(url, body):
@@ -336,26 +353,19 @@ def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
            "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--block-size", "32",
            "--max-model-len", "256", "--port", str(port), "--kv-transfer-config", json.dumps(kv)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
-        tok = id_tokenizer()
+        wait_healthy(url, proc, tmp_path / "server.log")
         for i, name in enumerate([*ADAPTERS, None]):
             p = tiny["prompts"][i]
-            body = {"model": "tiny", "prompt": p, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+            body = {"model": "tiny", "prompt": p, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
             if name:
                 body.update(request_fields(name, root / "adapters" / name, p, VOCAB))
             st, out = post(url + "/v1/completions", body)
             assert st == 200, out
-            assert out["choices"][0]["text"].split() == tok.decode(refs[name][i], skip_special_tokens=True).split(), name
+            assert out["choices"][0]["token_ids"] == refs[name][i], name
         # An unknown adapter fails the request (the server stays up), never computes the placeholders as text.
         body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **request_fields("a16", root / "adapters" / "a16", p, VOCAB)}
         body["kv_transfer_params"] = {"prefixtune_adapter": "nope"}
@@ -363,6 +373,122 @@ def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
         assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
         st, out = post(url + "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 2})
         assert st == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+# ---- real SmolLM2-135M (fp32): opt-in with -m "vllm and assets" (fetches the weights once) --------------------
+SMOL_ADAPTERS = {"s16": 16, "s20": 20, "s40": 40}
+SMOL_TEXTS = [f"{a} {b}" for a in ("The movie was", "I think that", "Write a short poem about", "My favourite food is",
+                                    "The capital of France is") for b in ("", "really", "the sea", "and then")]
+SMOL_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from prefixtune.cli import assets
+    from prefixtune.loading import load_model
+    from prefixtune.serving.vllm_engine import vllm_model_dir
+
+    root = tmp_path_factory.mktemp("smol")
+    src = assets.smollm2_dir()
+    base, tok = load_model(str(src), dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    first, *rest = SMOL_ADAPTERS
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=SMOL_ADAPTERS[first]), first)  # vocab init: real K/V
+    for name in rest:
+        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=SMOL_ADAPTERS[name]))
+    model.eval()
+    for name in SMOL_ADAPTERS:
+        model.save_adapter(root / "adapters" / name, name)
+    prompts = [tok(t.strip())["input_ids"] for t in SMOL_TEXTS]
+    refs = {}
+    for name in [*SMOL_ADAPTERS, None]:
+        refs[name] = [reference(model, name, p, SMOL_NEW) for p in prompts]
+    return {"root": root, "model_dir": vllm_model_dir(src, root / "model"), "prompts": prompts, "refs": refs, "tok": tok}
+
+
+def smol_rows(smol):
+    names = [*SMOL_ADAPTERS, None]
+    return [(p, names[(i + j) % 4]) for i, p in enumerate(smol["prompts"]) for j in range(2)]
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_greedy_equal_alone_mixed_cached_and_served(smol):
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serving.api import create_app
+    from prefixtune.serving.vllm_engine import load
+
+    g = load(smol["model_dir"], smol["root"] / "adapters", max_batch_size=64, **engine_kw(max_model_len=512))
+    try:
+        for name in [*SMOL_ADAPTERS, None]:
+            assert g.generate(smol["prompts"], name, max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True) == \
+                smol["refs"][name], name
+        rows = smol_rows(smol)
+        want = [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
+        for _ in range(2):  # the second round partly from vLLM's prefix cache
+            got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=SMOL_NEW, ignore_eos=True,
+                             return_tokens=True)
+            assert got == want
+        try:
+            with TestClient(create_app(g.engine)) as c:
+                for i, name in enumerate([*SMOL_ADAPTERS, None]):
+                    p = smol["prompts"][i]
+                    r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": SMOL_NEW,
+                                                        "temperature": 0})
+                    want = until_eos(smol["refs"][name][i], 2)
+                    assert r.json()["choices"][0]["text"] == smol["tok"].decode(want, skip_special_tokens=True), name
+        finally:
+            g.engine.start()
+    finally:
+        g.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_preemption_keeps_equality(smol):
+    from prefixtune.serving.vllm_engine import load
+
+    kw = engine_kw(enable_prefix_caching=False, vllm_args={"num_gpu_blocks_override": 10})
+    kw["max_model_len"] = 128
+    g = load(smol["model_dir"], smol["root"] / "adapters", max_batch_size=64, **kw)
+    try:
+        rows = smol_rows(smol)
+        got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True)
+        assert got == [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
+        assert g.engine.stats["prefix_loads"] > sum(n is not None for _, n in rows)  # preempted and reloaded
+    finally:
+        g.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_on_vllms_own_openai_server(smol, tmp_path):
+    from prefixtune.serving.vllm_connector import CONNECTOR, request_fields
+
+    port = free_port()
+    kv = {**CONNECTOR, "kv_connector_extra_config": {"adapters_dir": str(smol["root"] / "adapters")}}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol["model_dir"]),
+           "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager", "--block-size", "32",
+           "--max-model-len", "512", "--port", str(port), "--kv-transfer-config", json.dumps(kv)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, tmp_path / "server.log")
+        vocab = len(smol["tok"])
+        for name in [*SMOL_ADAPTERS, None]:
+            for i, p in enumerate(smol["prompts"]):
+                body = {"model": "smol", "prompt": p, "max_tokens": SMOL_NEW, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True}
+                if name:
+                    body.update(request_fields(name, smol["root"] / "adapters" / name, p, vocab))
+                st, out = post(url + "/v1/completions", body)
+                assert st == 200, out
+                assert out["choices"][0]["token_ids"] == smol["refs"][name][i], (name, i)
     finally:
         proc.terminate()
         proc.wait(60)

@@ -221,6 +221,22 @@ class VllmEngine(EngineBase):
             self.llm.engine_core.shutdown()
 
 
+def vllm_model_dir(src, dst):
+    """A copy of an HF model directory for vLLM (links to the weights): ours, converted from the GGUF, keeps a
+    `quantization_config` naming the GGUF file, which vLLM would take as a quantized checkpoint."""
+    import json
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json" and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
 def _vllm_dtype(dtype: str) -> str:
     """Our --dtype names -> vLLM's; "auto" is fp32 without a GPU, as on the torch backend (on CPUs without
     AVX512-BF16/AMX vLLM's bf16 ran at a third of fp32's speed)."""
