@@ -199,7 +199,7 @@ def test_connector_fails_requests_it_cannot_serve_exactly(gen, tiny):
     an error, never with text computed from placeholder tokens."""
     from vllm import SamplingParams
 
-    from prefixtune.serving.vllm_connector import request_fields
+    from prefixtune.serving.vllm_prefix import request_fields
 
     llm = gen.engine.llm
     with gen.engine.lock:  # the engine's worker is idle; drive vLLM directly
@@ -232,11 +232,15 @@ def test_connector_fails_requests_it_cannot_serve_exactly(gen, tiny):
 
 
 @pytest.mark.vllm
-def test_tensor_parallel_is_refused(tiny):
+def test_tensor_parallel_and_other_architectures_are_refused(tiny, tmp_path):
+    from helpers import model_dir
+
     from prefixtune.serving.vllm_engine import VllmEngine
 
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         VllmEngine(tiny["root"] / "model", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="'gpt2'.*--backend torch"):
+        VllmEngine(model_dir(tmp_path, "gpt2"))
 
 
 # ---- our HTTP layer in front of vLLM ----------------------------------------------------------------------
@@ -293,7 +297,34 @@ def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
         g.close()
 
 
-# ---- vLLM missing (main suite: no marker) -----------------------------------------------------------------
+# ---- without vLLM (main suite: no marker) ----------------------------------------------------------------
+def test_adapter_identity_is_unique_per_adapter_and_version(tmp_path):
+    """Placeholder ids and cache_salt come from the adapter's files: two adapters differ, a changed adapter differs
+    from its old self, and the same files give the same identity in every process."""
+    from prefixtune.serving.vllm_prefix import adapter_id, arch_of_config, check_fits, request_fields
+
+    model = pt.attach(tiny_llama(), pt.PrefixConfig(num_virtual_tokens=20), "a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=20))
+    for n in "ab":
+        model.save_adapter(tmp_path / n, n)
+    a, b = adapter_id("x", tmp_path / "a", VOCAB), adapter_id("x", tmp_path / "b", VOCAB)
+    assert a.sha == b.sha  # both adapters start from the same key/values: the same files
+    b = adapter_id("y", tmp_path / "b", VOCAB)  # ... but another name is another adapter
+    assert a.P == 20 and len(set(a.placeholders)) == 20 and max(a.placeholders) < VOCAB
+    assert a.placeholders != b.placeholders and a.salt != b.salt
+    assert adapter_id("x", tmp_path / "a", VOCAB) == a
+    with torch.no_grad():
+        next(model.prefixes["a"].parameters()).add_(1.0)
+    model.save_adapter(tmp_path / "a", "a")
+    assert adapter_id("x", tmp_path / "a", VOCAB).salt != a.salt
+    f = request_fields("y", tmp_path / "b", [7, 8], VOCAB)
+    assert f["prompt"] == list(b.placeholders) + [7, 8] and f["kv_transfer_params"] == {"prefixtune_adapter": "y"}
+    check_fits(tmp_path / "a", arch_of_config(tiny_llama().config), "tiny")
+    with pytest.raises(ConfigError, match=r"another model.*layers: adapter 2 vs model 3"):
+        check_fits(tmp_path / "a", arch_of_config(tiny_llama(layers=3).config), "tiny3")
+
+
+
 def test_missing_vllm_gives_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     from prefixtune.serving.vllm_engine import VllmEngine
@@ -345,7 +376,7 @@ def post(url, body):
 
 @pytest.mark.vllm
 def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
-    from prefixtune.serving.vllm_connector import CONNECTOR, request_fields
+    from prefixtune.serving.vllm_prefix import CONNECTOR, request_fields
 
     root, port = tiny["root"], free_port()
     kv = {**CONNECTOR, "kv_connector_extra_config": {"adapters_dir": str(root / "adapters")}}
@@ -467,7 +498,7 @@ def test_smollm2_preemption_keeps_equality(smol):
 @pytest.mark.vllm
 @pytest.mark.assets
 def test_smollm2_on_vllms_own_openai_server(smol, tmp_path):
-    from prefixtune.serving.vllm_connector import CONNECTOR, request_fields
+    from prefixtune.serving.vllm_prefix import CONNECTOR, request_fields
 
     port = free_port()
     kv = {**CONNECTOR, "kv_connector_extra_config": {"adapters_dir": str(smol["root"] / "adapters")}}

