@@ -277,6 +277,22 @@ def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
         gen.engine.start()  # the app's lifespan stopped the worker
 
 
+@pytest.mark.vllm
+def test_generate_command_on_vllm(tiny, refs):
+    p = tiny["prompts"][5]
+    text = " ".join(f"w{i}" for i in p)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    out = subprocess.run([sys.executable, "-m", "prefixtune", "generate", "--backend", "vllm", "--model",
+                          str(tiny["root"] / "model"), "--adapter", str(tiny["root"] / "adapters" / "a20"), "--prompt",
+                          text, "--max-new-tokens", str(NEW)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == id_tokenizer().decode(until_eos(refs["a20"][5]), skip_special_tokens=True)
+    bad = subprocess.run([sys.executable, "-m", "prefixtune", "generate", "--backend", "vllm", "--model",
+                          str(tiny["root"] / "model"), "--adapter", str(tiny["root"] / "other" / "wrong"), "--prompt", text],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert bad.returncode == 2 and "layers: adapter 3 vs model 2" in bad.stderr, bad.stderr[-2000:]
+
+
 # ---- preemption (a KV cache too small for the batch) ------------------------------------------------------
 @pytest.mark.vllm
 def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):

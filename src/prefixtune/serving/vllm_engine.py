@@ -272,9 +272,14 @@ def load(model_path, adapters=None, **engine_kw):
     engine_kw: VllmEngine options (dtype, max_batch_size, max_model_len, block_size, kv_cache_gib, enforce_eager,
     vllm_args={...} for any other vllm.EngineArgs field). Scripts need an `if __name__ == "__main__":` guard
     (vLLM starts its workers with spawn)."""
+    from ..loading import load_config
     from .offline import Generator, adapter_dirs
+    from .vllm_prefix import arch_of_config, check_fits
 
     dirs = adapter_dirs(adapters)
+    arch = arch_of_config(load_config(str(model_path)))
+    for d in dirs.values():  # before vLLM starts (a minute or more): an adapter for another model fails at once
+        check_fits(d, arch, Path(str(model_path)).name)
     engine = VllmEngine(model_path, **engine_kw)
     try:
         for name, d in dirs.items():
@@ -293,8 +298,8 @@ def cli_generate(args, prompts: list[str]) -> int:
         raise ConfigError("--num-beams: beam search is not available with --backend vllm; use --num-beams 1")
     if args.temperature > 0 and args.top_k != 50:
         raise ConfigError("--top-k is not applied by --backend vllm (it samples with temperature and --top-p); drop --top-k")
-    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8,
-               dtype=getattr(args, "dtype", None) or "auto")
+    # Eager: vLLM's compiled mode starts minutes later, which one command's prompts never win back.
+    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8, enforce_eager=True)
     try:
         ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
         texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,
