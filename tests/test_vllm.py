@@ -77,13 +77,24 @@ def reference(model, name, ids, new=NEW):
     return out[0, len(ids):].tolist()
 
 
+def reference_batch(model, name, prompts, new):
+    """PrefixModel.generate over all prompts at once, left-padded (rows equal rows run alone: tests/test_engine.py)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(prompts), max_new_tokens=new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
 @pytest.fixture(scope="module")
 def refs(tiny):
     return {name: [reference(tiny["model"], name, p) for p in tiny["prompts"]] for name in [*ADAPTERS, None]}
 
 
 def engine_kw(**kw):
-    return dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=256, kv_cache_gib=1, **kw)
+    return dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=256, kv_cache_gib=1) | kw
 
 
 @pytest.fixture(scope="module")
@@ -450,9 +461,7 @@ def smol(tmp_path_factory):
     for name in SMOL_ADAPTERS:
         model.save_adapter(root / "adapters" / name, name)
     prompts = [tok(t.strip())["input_ids"] for t in SMOL_TEXTS]
-    refs = {}
-    for name in [*SMOL_ADAPTERS, None]:
-        refs[name] = [reference(model, name, p, SMOL_NEW) for p in prompts]
+    refs = {name: reference_batch(model, name, prompts, SMOL_NEW) for name in [*SMOL_ADAPTERS, None]}
     return {"root": root, "model_dir": vllm_model_dir(src, root / "model"), "prompts": prompts, "refs": refs, "tok": tok}
 
 
