@@ -296,6 +296,8 @@ def cli_generate(args, prompts: list[str]) -> int:
 
     if args.num_beams != 1:
         raise ConfigError("--num-beams: beam search is not available with --backend vllm; use --num-beams 1")
+    # The generated text goes to stdout; vLLM's log (stdout by default) to stderr. Set before vLLM is imported.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if args.temperature > 0 and args.top_k != 50:
         raise ConfigError("--top-k is not applied by --backend vllm (it samples with temperature and --top-p); drop --top-k")
     # Eager: vLLM's compiled mode starts minutes later, which one command's prompts never win back.
