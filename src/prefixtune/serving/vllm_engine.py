@@ -225,14 +225,31 @@ class VllmEngine(EngineBase):
 
 
 def vllm_model_dir(src, dst):
-    """A copy of an HF model directory for vLLM (links to the weights): ours, converted from the GGUF, keeps a
-    `quantization_config` naming the GGUF file, which vLLM would take as a quantized checkpoint."""
+    """A copy of an HF model directory that vLLM reads as it is meant (links to the files it can take as they are).
+
+    Ours, converted from the GGUF, (1) keeps a `quantization_config` naming the GGUF file, which vLLM would take as a
+    quantized checkpoint, and (2) stores tied embeddings once, as `lm_head.weight` with a safetensors alias: vLLM
+    loads `model.embed_tokens.weight` by name and, not finding it, runs with an empty embedding (all-zero output,
+    no error). The copy drops (1) and writes the embedding under its own name."""
     import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    weights = src / "model.safetensors"
+    untied = False
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            keys = set(f.keys())
+            if "model.embed_tokens.weight" not in keys and "lm_head.weight" in keys:
+                tensors = {k: f.get_tensor(k) for k in keys}
+                tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"].clone()
+                save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+                untied = True
     for f in src.iterdir():
-        if f.name != "config.json" and not (dst / f.name).exists():
+        if f.name != "config.json" and not (untied and f.name == "model.safetensors") and not (dst / f.name).exists():
             (dst / f.name).symlink_to(f.resolve())
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config", None)
