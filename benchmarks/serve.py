@@ -24,11 +24,20 @@ requantized file is not a better model than its source). A `-unified` suffix (ll
 with its unified KV cache instead of the per-sequence
 default; --lcpp-threads / --lcpp-threads-batch / --n-batch / --n-ubatch set llama.cpp's own knobs. --repeat N runs
 the whole backend list N times in turn (interleaved, so machine load hits them alike) and keeps each one's best.
+
+    python benchmarks/serve.py --backends torch,llamacpp-q4_1,vllm,vllm-bare --vllm-python /work/venv-vllm/bin/python
+
+vllm: the same load on vLLM through our engine (VllmEngine, fp32, prefixes through our KV connector); vllm-bare: the
+same prompts on vLLM without adapters (the cost of prefixes is vllm / vllm-bare). vLLM runs in its own environment
+(--vllm-python); its model is the SmolLM2 HF directory (a copy whose config drops the GGUF quantization note) or
+--vllm-model. Its RSS is summed over its processes (engine core, worker), sampled every 0.2 s for the peak.
+--vllm-compile uses vLLM's compiled mode (slower start, faster decode); the default is eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 
@@ -107,6 +116,9 @@ def main():
     ap.add_argument("--pressure", type=int, default=2000, help="--num-adapters: adapters for the eviction test")
     ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters for tests 2 and 3")
     ap.add_argument("--save", default=None, help="--num-adapters: write the results as JSON here")
+    ap.add_argument("--vllm-python", default=sys.executable, help="--backends vllm*: the Python of the vLLM environment")
+    ap.add_argument("--vllm-model", default=None, help="--backends vllm*: HF model directory (default: SmolLM2's)")
+    ap.add_argument("--vllm-compile", action="store_true", help="--backends vllm*: vLLM's compiled mode (default: eager)")
     ap.add_argument("--backend-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     add_device_args(ap)
@@ -161,7 +173,36 @@ def main():
 
 
 # ---- backend column: the same load on real weights, PyTorch server vs llama.cpp (Q4_1, F16) ------------------
-BACKENDS = ("torch", "llamacpp-q4_1", "llamacpp-f16")
+BACKENDS = ("torch", "llamacpp-q4_1", "llamacpp-f16", "vllm", "vllm-bare")
+
+
+class TreeRss:
+    """Resident memory summed over this process and its children (vLLM's engine core and workers), sampled."""
+
+    def __init__(self, every: float = 0.2):
+        import psutil
+
+        self.proc, self.peak, self.every = psutil.Process(), 0, every
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> int:
+        total = 0
+        for p in [self.proc] + self.proc.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a child that just exited
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        return max(self.peak, self.now())
+
 
 
 def _backend_child(args) -> None:
@@ -177,7 +218,16 @@ def _backend_child(args) -> None:
     names = [f"a{i % args.adapters}" for i in range(len(prompts))]
     params = SamplingParams(max_tokens=args.output, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
-    if args.backend_child == "torch":
+    tree = TreeRss() if args.backend_child.startswith("vllm") else None
+    if args.backend_child.startswith("vllm"):
+        from prefixtune.serving.vllm_engine import VllmEngine
+
+        engine = VllmEngine(args.vllm_model or work / "vllm-model", adapters_dir=work / "adapters", max_batch_size=len(prompts),
+                            max_queue=len(prompts), max_total_tokens=1024, dtype="float32", kv_cache_gib=2,
+                            enforce_eager=not args.vllm_compile)
+        if args.backend_child == "vllm-bare":
+            names = [None] * len(prompts)
+    elif args.backend_child == "torch":
         from prefixtune.loading import load_model
 
         base, tok = load_model(args.gguf, dtype="fp32", device="cpu")
@@ -199,9 +249,13 @@ def _backend_child(args) -> None:
     load_s = time.perf_counter() - t0
     run_engine(engine, [list(zip(names, prompts))[:4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     secs = min(run_engine(engine, [list(zip(names, prompts))], params) for _ in range(args.rounds))
-    engine.stop()
-    rss = psutil.Process().memory_info().rss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if tree is not None:
+        rss = tree.now()
+        peak = tree.stop()
+    else:
+        rss = psutil.Process().memory_info().rss
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    getattr(engine, "close", engine.stop)()
     print("RESULT " + json.dumps({"backend": args.backend_child, "secs": secs, "tps": len(prompts) * args.output / secs,
                                   "rss": rss, "peak": peak, "load_s": load_s}))
 
@@ -224,6 +278,11 @@ def _backend_prep(args) -> None:
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(100, base.config.vocab_size, (args.requests, args.prompt), generator=g)  # above the special-token ids
     (work / "prompts.json").write_text(json.dumps(prompts.tolist()))
+    if any(b.startswith("vllm") for b in args.backends or []) and not args.vllm_model:
+        from prefixtune.cli import assets
+        from prefixtune.serving.vllm_engine import vllm_model_dir
+
+        vllm_model_dir(assets.smollm2_dir(), work / "vllm-model")
     for wtype in sorted({b.split("-")[1] for b in args.backends or [] if b.startswith("llamacpp-")} - {"q4_1"}):
         from prefixtune.serving.llamacpp import requantize  # the same weights requantized (F16: dequantized)
 
@@ -257,7 +316,9 @@ def backend_table(args) -> None:
     best: dict[str, dict] = {}
     for rep in range(args.repeat):
         for b in args.backends:
-            cmd = [sys.executable, __file__, "--backend-child", b] + common
+            python = args.vllm_python if b.startswith("vllm") else sys.executable
+            cmd = [python, __file__, "--backend-child", b] + common + \
+                (["--vllm-model", args.vllm_model] if args.vllm_model else []) + (["--vllm-compile"] if args.vllm_compile else [])
             load0 = os.getloadavg()[0]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -276,6 +337,9 @@ def backend_table(args) -> None:
     for r in results:
         print(f"| {r['backend']} | {r['secs']:.1f} | {r['tps']:,.1f} | {r['tps'] / ref['tps']:.2f}x | {r['rss'] / 2**20:,.0f} | "
               f"{r['peak'] / 2**20:,.0f} | {r['peak'] / ref['peak']:.2f}x | {r['load']:.2f} |")
+    if "vllm" in best and "vllm-bare" in best:
+        print(f"\nvLLM with {args.adapters} prefix adapters / bare vLLM: {best['vllm']['tps'] / best['vllm-bare']['tps']:.2f}x "
+              "tokens/s (target >= 0.90x)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from ..serving.backends import BACKENDS
 BACKEND_HELP = {
     "torch": "our PyTorch engine (any supported model)",
     "llamacpp": 'a .gguf --model on llama.cpp, quantized, fast on CPUs (pip install "prefixtune[llamacpp]")',
+    "vllm": "a model directory on vLLM, GPUs and beyond one machine (README 'vLLM')",
 }
 
 
@@ -16,8 +17,25 @@ def add_backend_arg(p) -> None:
                    help="; ".join(f"{b} = {BACKEND_HELP[b]}" for b in BACKENDS) + " (default: torch)")
 
 
+def _load(args):
+    """The backend's offline Generator on args.model with args.adapter as "default"."""
+    adapters = {"default": args.adapter} if args.adapter else None
+    if args.backend == "vllm":
+        import os
+
+        # The generated text goes to stdout, vLLM's log (stdout by default) to stderr: set before vLLM is imported.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        from ..serving.vllm_engine import load
+
+        # Eager: vLLM's compiled mode starts minutes later, which one command's prompts never win back.
+        return load(args.model, adapters, max_batch_size=8, enforce_eager=True)
+    from ..serving.llamacpp_engine import load
+
+    return load(args.model, adapters, max_batch_size=8)
+
+
 def generate_on_backend(args, prompts: list[str]) -> int:
-    """`prefixtune generate --backend llamacpp`: the same prompts and printing as the torch path."""
+    """`prefixtune generate --backend llamacpp|vllm`: the same prompts and printing as the torch path."""
     from ..training.data import encode_pair
 
     if args.num_beams != 1:
@@ -25,9 +43,7 @@ def generate_on_backend(args, prompts: list[str]) -> int:
     if args.temperature > 0 and args.top_k != 50:
         raise ConfigError(f"--top-k is not applied by --backend {args.backend} (it samples with temperature and "
                           "--top-p); drop --top-k")
-    from ..serving.llamacpp_engine import load
-
-    gen = load(args.model, {"default": args.adapter} if args.adapter else None, max_batch_size=8)
+    gen = _load(args)
     try:
         ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
         texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,

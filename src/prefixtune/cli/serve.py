@@ -11,7 +11,8 @@ from .backend import add_backend_arg
 def add_serve_args(p) -> None:
     p.add_argument("--model", required=True, help="base model: a directory, a .gguf file, or a hub id already in the local cache")
     add_backend_arg(p)
-    p.add_argument("--dtype", default="auto", help="torch backend: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, fp16")
+    p.add_argument("--dtype", default="auto", help="torch and vllm backends: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, "
+                   "fp16")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name; they are "
                    "indexed at start-up and each loads on its first request (POST /v1/adapters/rescan finds new ones)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
     add_serve_args(p)
     args = p.parse_args(argv)
-    kw = dict(dtype=args.dtype, device=args.device) if args.backend == "torch" else {}
+    kw = {"torch": dict(dtype=args.dtype, device=args.device), "vllm": dict(dtype=args.dtype)}.get(args.backend, {})
     run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,

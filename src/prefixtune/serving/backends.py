@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prefixtune.serve")
 
-BACKENDS = ("torch", "llamacpp")
+BACKENDS = ("torch", "llamacpp", "vllm")
 
 
 def model_id(model_path: str) -> str:
@@ -48,7 +48,8 @@ def build_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str
 
 def build_backend(backend: str, model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto",
                   device: str | None = None, pin: tuple[str, ...] = (), **limits) -> Engine:
-    """The engine for `--backend`: "torch" (ours, any supported model) or "llamacpp" (a .gguf on llama.cpp)."""
+    """The engine for `--backend`: "torch" (ours, any supported model), "llamacpp" (a .gguf on llama.cpp) or "vllm"
+    (a model directory on vLLM; dtype is passed on as vLLM's)."""
     if backend == "torch":
         return build_engine(model_path, adapters_dir, dtype=dtype, device=device, pin=pin, **limits)
     if backend == "llamacpp":
@@ -58,4 +59,9 @@ def build_backend(backend: str, model_path: str, adapters_dir: str | None = None
         from .llamacpp_engine import build_llamacpp_engine  # raises with the pip command if llama-cpp-python is missing
 
         return build_llamacpp_engine(model_path, adapters_dir, pin=pin, **limits)
+    if backend == "vllm":
+        check_adapters_dir(adapters_dir)
+        from .vllm_engine import build_vllm_engine  # raises with the install command if vLLM is missing
+
+        return build_vllm_engine(model_path, adapters_dir, dtype=dtype, pin=pin, **limits)
     raise ConfigError(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,256 @@
+"""Prefix adapters inside vLLM: a v1 KV connector that puts each adapter's key/values into vLLM's paged cache.
+
+A request for adapter A is A's P placeholder token ids followed by the prompt. The scheduler side of the
+connector reports those P tokens as already computed elsewhere (a synchronous load); the worker side writes A's
+per-layer keys and values for positions 0..P-1 into the request's blocks through the attention backend's own
+cache-write op (`impl.do_kv_cache_update`: on CPU keys are stored transposed per block, so index writes would be
+wrong). vLLM computes the prompt from position P, as our engine and peft number positions. vLLM's prefix cache
+then shares the filled blocks between requests of the same adapter.
+
+What makes a request an adapter request, and keeps it exact (a mistake here gives plausible, wrong text):
+- it names the adapter in `kv_transfer_params` ({"prefixtune_adapter": NAME}); placeholder ids in the text alone
+  select nothing (a bare request is never given an adapter's key/values);
+- its prompt starts with that adapter's placeholder ids, which derive from a hash of the adapter's files, and its
+  `cache_salt` is the adapter's salt (name + the same hash), so vLLM's prefix cache never serves one adapter's
+  blocks to another adapter, to a bare request, or to an updated version of the same adapter;
+- anything else (unknown adapter, mismatched shapes, missing/short placeholders, a wrong salt, truncation that cut
+  the placeholders, `prompt_logprobs`, which makes vLLM skip its cache and compute the placeholders as tokens)
+  fails the request: its blocks are reported as failed loads and vLLM (kv_load_failure_policy "fail", its default)
+  finishes it with an error. The worker logs the reason.
+
+The adapter identity and key/values come from vllm_prefix (no vLLM there: clients of vLLM's own OpenAI server build
+their requests with `vllm_prefix.request_fields`, README "vLLM").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from ..adapter_io import CONFIG_NAME
+from ..config import ConfigError
+from .vllm_prefix import (  # noqa: F401 - CONNECTOR, request_fields: importable from here too
+    ADAPTER_KEY,
+    CONNECTOR,
+    DIR_KEY,
+    SHA_KEY,
+    AdapterId,
+    adapter_id,
+    adapter_sha,
+    arch_of_config,
+    check_fits,
+    placeholder_vocab,
+    prefix_layers,
+    request_fields,
+)
+
+log = logging.getLogger("prefixtune.vllm")
+
+
+# ---- the connector ------------------------------------------------------------------------------------------
+@dataclass
+class Load:
+    req_id: str
+    directory: str
+    sha: str
+    block_ids: list[int]
+    start: int  # first position to write (what vLLM's own prefix cache did not already hold)
+    end: int  # P
+    error: str | None = None  # set: the request must fail; its blocks are reported as failed loads
+
+
+@dataclass
+class PrefixMeta(KVConnectorMetadata):
+    loads: list[Load] = field(default_factory=list)
+    fail_blocks: dict[str, list[int]] = field(default_factory=dict)  # req id -> its block to report failed
+
+
+class PrefixConnector(KVConnectorBase_V1):
+    """kv_connector_extra_config: adapters_dir (each subdirectory an adapter, named after it), adapters
+    ({name: dir}), accept_request_dirs (trust `prefixtune_dir` in requests: our in-process engine only)."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            raise ValueError(
+                "prefixtune's vLLM connector is not tested with tensor/pipeline parallelism "
+                f"(tensor_parallel_size={par.tensor_parallel_size}, pipeline_parallel_size="
+                f"{par.pipeline_parallel_size}); run with 1 and 1")
+        self.model_config = vllm_config.model_config
+        self.model_label = str(self.model_config.model)
+        self.arch = arch_of_config(self.model_config.hf_config)
+        self.block_size = vllm_config.cache_config.block_size
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.adapters_dir = extra.get("adapters_dir")
+        self.configured = dict(extra.get("adapters") or {})
+        self.accept_request_dirs = bool(extra.get("accept_request_dirs"))
+        self._vocab: int | None = extra.get("vocab")
+        # scheduler side
+        self._known: dict[str, AdapterId] = {}
+        self._verdicts: dict[str, tuple[AdapterId | None, str | None]] = {}
+        self._asked: dict[str, int] = {}  # req id -> num_computed of the last get_num_new_matched_tokens
+        self._loads: list[Load] = []
+        # Failing requests that loaded nothing (prompt_logprobs): vLLM checks failed blocks only among those computed
+        # before a step, so they are reported one step after their prefill (which yields at most one token).
+        self._doomed: dict[str, list[int]] = {}
+        self._doomed_next: dict[str, list[int]] = {}
+        self._per_req: dict[str, list[int]] = {}  # req id -> [loads, tokens loaded], reported when it finishes
+        # worker side
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._failed: set[int] = set()
+
+    # ---- scheduler side: which requests are adapter requests, and how much to load -----------------------
+    def _vocab_size(self) -> int:
+        if self._vocab is None:
+            from ..loading import load_tokenizer
+
+            tok = load_tokenizer(str(self.model_config.tokenizer))
+            self._vocab = placeholder_vocab(self.model_config.hf_config, tok)
+        return self._vocab
+
+    def _lookup(self, name: str, params: dict) -> AdapterId:
+        directory = params.get(DIR_KEY) if self.accept_request_dirs else None
+        if directory is None:
+            directory = self.configured.get(name)
+        if directory is None and self.adapters_dir and (Path(self.adapters_dir) / name / CONFIG_NAME).is_file():
+            directory = str(Path(self.adapters_dir) / name)
+        if directory is None:
+            raise ConfigError(f"unknown adapter {name!r} (not in the connector's adapters_dir / adapters)")
+        known = self._known.get(name)
+        sha = params.get(SHA_KEY) if self.accept_request_dirs else None
+        if known is None or known.directory != str(Path(directory).resolve()) or known.sha != (sha or adapter_sha(directory)):
+            check_fits(directory, self.arch, self.model_label)
+            known = self._known[name] = adapter_id(name, directory, self._vocab_size())
+        return known
+
+    def _verdict(self, request) -> tuple[AdapterId | None, str | None]:
+        """(adapter, error) for a request: (None, None) bare; an error means the request must fail."""
+        rid = request.request_id
+        if rid in self._verdicts:
+            return self._verdicts[rid]
+        params = request.kv_transfer_params or {}
+        name = params.get(ADAPTER_KEY)
+        verdict: tuple[AdapterId | None, str | None] = (None, None)
+        if name is not None:
+            try:
+                a = self._lookup(str(name), params)
+                ids = list(request.prompt_token_ids or [])
+                if request.skip_reading_prefix_cache:
+                    raise ConfigError("prompt_logprobs (or another setting that skips the prefix cache) is not "
+                                      "supported for adapter requests: vLLM would compute the placeholders as text")
+                if ids[:a.P] != list(a.placeholders) or len(ids) <= a.P:
+                    raise ConfigError(f"the prompt must start with adapter {a.name!r}'s {a.P} placeholder ids and "
+                                      "hold at least one more token (truncated, or built for another version?)")
+                if request.cache_salt != a.salt:
+                    raise ConfigError(f"cache_salt must be adapter {a.name!r}'s salt {a.salt!r}")
+                verdict = (a, None)
+            except (ConfigError, OSError) as e:
+                verdict = (None, f"request {rid}: adapter {name!r}: {e}")
+                log.error("%s", verdict[1])
+        self._verdicts[rid] = verdict
+        return verdict
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        a, err = self._verdict(request)
+        if a is None and err is None:
+            return 0, False
+        self._asked[request.request_id] = num_computed_tokens
+        # A failing request claims its prompt but one token, so its blocks exist and can be reported failed.
+        end = a.P if a is not None else len(request.prompt_token_ids or []) - 1
+        return max(end - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        a, err = self._verdict(request)
+        if a is None and err is None:
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        if num_external_tokens == 0:
+            if err is not None:  # nothing to load, so no failed load this step: fail it on the next one
+                self._doomed_next[request.request_id] = block_ids[:1]
+            return
+        start = self._asked.get(request.request_id, 0)
+        self._loads.append(Load(request.request_id, a.directory if a else "", a.sha if a else "", block_ids,
+                                start, start + num_external_tokens, err))
+        counts = self._per_req.setdefault(request.request_id, [0, 0])
+        counts[0] += 1
+        counts[1] += num_external_tokens
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = PrefixMeta(self._loads, self._doomed)
+        self._loads, self._doomed, self._doomed_next = [], self._doomed_next, {}
+        return meta
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        for d in (self._verdicts, self._asked, self._doomed, self._doomed_next):  # (its blocks may go to others)
+            d.pop(request.request_id, None)
+        loads, tokens = self._per_req.pop(request.request_id, (0, 0))
+        # In the request's output (RequestOutput.kv_transfer_params): how often its prefix was written (more than
+        # once after a preemption) and how many positions (fewer than P when vLLM's prefix cache held the rest).
+        return False, ({"prefixtune_loads": loads, "prefixtune_tokens": tokens} if loads else None)
+
+    # ---- worker side: write the key/values ----------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+
+    def _prefix(self, load: Load) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if load.sha not in self._prefixes:
+            if adapter_sha(load.directory) != load.sha:
+                raise ConfigError(f"adapter {load.directory} changed on disk since the request was accepted")
+            if len(self._prefixes) >= 64:  # a bounded cache of adapters' key/values (oldest out)
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[load.sha] = prefix_layers(load.directory, self.arch, self.model_label)
+        return self._prefixes[load.sha]
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        meta = self._get_connector_metadata()
+        for blocks in meta.fail_blocks.values():
+            self._failed.update(blocks)
+        for load in meta.loads:
+            try:
+                if load.error:
+                    raise ConfigError(load.error)
+                layers = self._prefix(load)
+            except Exception as e:  # any failure fails the request; vLLM never computes the placeholders
+                log.error("prefixtune: cannot load the prefix for request %s: %s", load.req_id, e)
+                # The first block this load fills (new, not shared: start is where vLLM's own cache hit ends) is
+                # enough: vLLM fails the request and evicts that block and the ones after it.
+                self._failed.add(load.block_ids[load.start // self.block_size])
+                continue
+            bs = self.block_size
+            slots = torch.tensor([load.block_ids[p // bs] * bs + p % bs for p in range(load.start, load.end)],
+                                 dtype=torch.long)
+            for name, kv_cache in self._kv_caches.items():
+                layer = forward_context.no_compile_layers[name]
+                k, v = layers[extract_layer_index(name)]
+                # [kv_heads, P, head_dim] -> [tokens, kv_heads, head_dim] as the backend's cache write takes them;
+                # the keys as the adapter stores them (transformers' cache: no second rotary rotation).
+                key = k[:, load.start:load.end].transpose(0, 1).to(kv_cache.device, self.model_config.dtype)
+                value = v[:, load.start:load.end].transpose(0, 1).to(key.device, key.dtype)
+                layer.impl.do_kv_cache_update(layer, key.contiguous(), value.contiguous(), kv_cache,
+                                              slots.to(kv_cache.device))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return

