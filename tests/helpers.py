@@ -263,6 +263,18 @@ def pad_prompts(prompts, side):
 PAD_SIDE = {"bert": "right", "bart": "right"}
 
 
+
+def run_cli(argv, capsys):
+    """-> (exit code, stdout, stderr) of prefixtune.cli.main.main."""
+    from prefixtune.cli.main import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
 # ---- serving engines: adapters, offline references, event collectors --------------------------------------
 def three_adapters(kind="llama"):
     model = pt.attach(make(kind), pt.PrefixConfig(num_virtual_tokens=5), "a")

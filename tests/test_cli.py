@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import classify_rows, instruct_rows, model_dir, write_jsonl
+from helpers import classify_rows, instruct_rows, model_dir, run_cli, write_jsonl
 
 from prefixtune.cli.main import main
 from prefixtune.training.config import RecipeError, TrainConfig, resolve
@@ -13,14 +13,6 @@ from prefixtune.training.config import RecipeError, TrainConfig, resolve
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def run_cli(argv, capsys):
-    """-> (exit code, stdout, stderr) of prefixtune.cli.main.main."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

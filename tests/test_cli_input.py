@@ -5,19 +5,7 @@ line naming the file or flag and the fix, never a traceback."""
 import json
 
 import pytest
-from helpers import classify_rows, instruct_rows, make, make_tokenizer, model_dir, write_jsonl
-
-from prefixtune.cli.main import main
-
-
-def run_cli(argv, capsys):
-    """-> (exit code, stdout, stderr) of prefixtune.cli.main.main."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from helpers import classify_rows, instruct_rows, make, make_tokenizer, model_dir, run_cli, write_jsonl
 
 
 def error_line(code, err, command="train") -> str:

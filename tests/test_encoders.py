@@ -6,11 +6,10 @@ import json
 import helpers
 import pytest
 import torch
-from helpers import WORDS, classify_rows, write_jsonl
+from helpers import WORDS, classify_rows, run_cli, write_jsonl
 from peft import PeftModel
 
 import prefixtune as pt
-from prefixtune.cli.main import main
 
 ENCODERS = ("bert", "roberta", "electra")
 
@@ -58,13 +57,6 @@ def encoder_dir(tmp_path, kind: str):
     return d
 
 
-def run_cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _train(tmp_path, capsys, mdir, data, *extra):

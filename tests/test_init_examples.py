@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import classify_rows, make, make_tokenizer, model_dir, write_jsonl
-from test_cli import run_cli
+from helpers import classify_rows, make, make_tokenizer, model_dir, run_cli, write_jsonl
 
 import prefixtune as pt
 from prefixtune.initialize import example_token_ids, real_key_values
