@@ -339,3 +339,12 @@ def offline_seq2seq(model, prompt, name, max_new):
     toks = out[0, 1:].tolist()  # after the decoder start token
     eos = model.base_model.generation_config.eos_token_id
     return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample of a /metrics page, parsed by prometheus_client's own parser (KeyError when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return samples[(name, tuple(sorted((k, str(v)) for k, v in labels.items())))]

@@ -155,7 +155,7 @@ class TorchEngine(Engine):
         # no row can be forced to (the scores have vocab_size columns)
         cfg.eos_token_id, cfg.do_sample, cfg.num_beams, cfg.num_return_sequences = scores_width(self.base), False, 1, 1
         cfg.max_new_tokens, cfg.max_length, cfg.min_length, cfg.min_new_tokens = max(r.params.max_tokens for r in rows), None, 0, None
-        self.stats["prompt_tokens"] += ids.numel()
+        self.stats.prefilled(ids.numel())
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[r.adapter for r in rows],
                             generation_config=cfg, logits_processor=LogitsProcessorList([Drive()]),
                             stopping_criteria=StoppingCriteriaList([Done()]))
@@ -187,7 +187,7 @@ class TorchEngine(Engine):
             cache, pmask = self._prefix_cache([r.adapter for r in group])
             mask = torch.cat([pmask.to(ids.device), torch.ones_like(ids)], dim=1)
             logits = self._forward(ids, mask, cache)
-            self.stats["prompt_tokens"] += ids.numel()
+            self.stats.prefilled(ids.numel())
             self._step_rows(group, logits)
             keep = [i for i, r in enumerate(group) if not r.finished]
             if keep:
