@@ -348,3 +348,35 @@ def metric(text: str, name: str, **labels) -> float:
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     return samples[(name, tuple(sorted((k, str(v)) for k, v in labels.items())))]
+
+
+class LiveServer:
+    """The app around `engine` on a real uvicorn server on 127.0.0.1 (a free port), in a thread; leaving the block
+    is what SIGTERM does (uvicorn drains, then the app's lifespan closes the engine)."""
+
+    def __init__(self, engine):
+        import socket
+
+        import uvicorn
+
+        from prefixtune.serving.api import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)

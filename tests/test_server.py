@@ -4,8 +4,6 @@ metrics, graceful shutdown, and a bounded loopback load test."""
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 
 import pytest
@@ -15,8 +13,8 @@ pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from helpers import LiveServer, lively, make, metric, offline, offline_seq2seq  # noqa: E402
 from helpers import id_tokenizer as word_tokenizer  # noqa: E402
-from helpers import lively, make, metric, offline, offline_seq2seq  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 from prefixtune.model import PrefixModel  # noqa: E402
@@ -329,29 +327,6 @@ def test_metrics_registries_are_per_app(engine):
 
 
 # ---- real server on loopback --------------------------------------------------------------------------------
-class LiveServer:
-    def __init__(self, engine):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 async def complete_request(c, model, prompt, max_tokens, stream, n=1):
     """One request; returns (status, completion_tokens, finish_reasons) after checking it is complete."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1, "stream": stream,
