@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..config import ConfigError
 from .backend import add_backend_arg
 
 
@@ -34,16 +35,24 @@ def add_serve_args(p) -> None:
 
 def run_server(model_path: str, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                backend: str = "torch", **limits) -> None:
-    import uvicorn
+    try:
+        import prometheus_client  # noqa: F401
+        import uvicorn
 
-    from ..serving.api import create_app
+        from ..serving.api import create_app
+    except ImportError as e:
+        raise ConfigError(f"serve needs the serving extra (missing {e.name}): pip install 'prefixtune[serve]'") from None
     from ..serving.backends import build_backend
 
     logging.basicConfig(level=logging.INFO)
     graceful = limits.pop("graceful_timeout", None)
     engine = build_backend(backend, model_path, adapters_dir, **limits)
-    # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
-    uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
+    try:
+        # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish (up to --graceful-timeout), then the
+        # app's lifespan drains and closes the engine with every process it started.
+        uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
+    finally:
+        engine.close()  # again (a no-op) after a clean shutdown; the one close when uvicorn failed to start (port taken)
 
 
 def main(argv: list[str] | None = None) -> int:
