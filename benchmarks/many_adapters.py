@@ -110,8 +110,7 @@ def drive(eng, work, max_tokens) -> dict:
 
 
 def load_ms(eng) -> float:
-    reg = eng.registry
-    return 1000 * reg.load_seconds_sum / max(reg.load_seconds_count, 1)
+    return 1000 * eng.stats.mean_adapter_load_seconds()
 
 
 def run(args) -> int:
@@ -155,7 +154,7 @@ def run(args) -> int:
                                       f"{distinct} distinct adapters in the N-adapter load")
         results["first_request_load_ms_per_adapter"] = cold_load_ms
         print_table("throughput", rows, ("tokens_per_s", "p50_s", "p95_s"))
-        print(f"first-request load: {cold_load_ms:.1f} ms per adapter (mean over {engN.registry.load_seconds_count})")
+        print(f"first-request load: {cold_load_ms:.1f} ms per adapter (mean over {engN.stats.adapter_loads})")
         del engN, eng8
 
         # ---- 2. start-up and RSS with many adapters on disk -------------------------------------------------
@@ -197,7 +196,7 @@ def run(args) -> int:
         results["pressure"] = {"adapters": args.pressure, "requests": len(work),
                                "distinct_adapters": len({a for a, _ in work}), "errors": len(got["errors"]),
                                "outputs_equal": got["outputs"] == ref["outputs"],
-                               "evictions": budget.registry.stats["evictions"],
+                               "evictions": budget.stats.adapter_evictions,
                                "max_resident": args.budget, "resident_after": len(budget.registry.resident_names())}
         print("pressure:", json.dumps(results["pressure"]))
     finally:

@@ -102,8 +102,7 @@ class Generator:
         return out[0] if single else out
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        (close or self.engine.stop)()
+        self.engine.close()
 
 
 def adapter_dirs(adapters) -> dict[str, Path]:

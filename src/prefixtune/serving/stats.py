@@ -19,7 +19,6 @@ class EngineStats:
     prompt_tokens: int = 0  # prefilled
     completion_tokens: int = 0  # generated (every sampled token, EOS included)
     decode_steps: int = 0  # model forward passes of the worker
-    rows_stepped: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # rows in one step -> how many steps had that many
     prefix_loads: int = 0  # vLLM: prefix key/values written into its KV cache (again after a preemption)
     prefix_tokens_loaded: int = 0
@@ -39,7 +38,6 @@ class EngineStats:
 
     def stepped(self, rows: int) -> None:
         self.decode_steps += 1
-        self.rows_stepped += rows
         self.batch_sizes[rows] += 1
 
     def prefix_loaded(self, loads: int, tokens: int) -> None:
