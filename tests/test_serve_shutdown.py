@@ -124,6 +124,20 @@ def test_signal_finishes_the_in_flight_request_and_leaves_no_process(gguf, tmp_p
     assert "Shutting down" in log or "shutdown" in log.lower()
 
 
+def test_graceful_timeout_ends_open_requests_with_a_clear_error(gguf, tmp_path):
+    """With --graceful-timeout, a request still running when it is about to run out gets an in-band 503 naming the
+    shutdown and the stream's [DONE], not a connection cut without a word."""
+    root, path = gguf
+    cmd = serve_cmd("--model", str(path), "--adapters", str(root / "adapters"), "--graceful-timeout", "0.4")
+    body = {"model": "sent", "prompt": "the movie was", "max_tokens": NEW, "n": 4, "temperature": 0, "ignore_eos": True}
+    code, out, _, left, log = run_and_stop(cmd, signal.SIGTERM, body, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert code in (0, -signal.SIGTERM) and not left, (code, log[-2000:])
+    assert out.get("status") == 200 and out.get("done"), (out.get("error"), log[-2000:])
+    errors = [c["error"] for c in out["chunks"] if "error" in c]
+    assert len(errors) == 1 and errors[0]["code"] == 503 and "--graceful-timeout" in errors[0]["message"], out["chunks"][-3:]
+    assert not any(c["choices"][0]["finish_reason"] for c in out["chunks"] if c.get("choices"))  # cut short, said so
+
+
 @pytest.mark.vllm
 def test_sigterm_ends_vllms_engine_core_and_workers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -202,6 +202,13 @@ class Completions:
 
     def __init__(self, engine: Engine, metrics: ServerMetrics):
         self.engine, self.metrics = engine, metrics
+        self.in_flight: set[asyncio.Queue] = set()  # each open request's event queue
+
+    def abort_in_flight(self, error: E.EngineError) -> None:
+        """End every open request now with `error` (a stream in-band, then [DONE]; a plain request as its status):
+        what the server does just before its graceful-shutdown timeout would cut the connections."""
+        for queue in list(self.in_flight):
+            queue.put_nowait(Event(index=0, finish_reason="error", error=error))
 
     async def __call__(self, request: HttpRequest, chat: bool):
         engine, metrics = self.engine, self.metrics
@@ -223,6 +230,7 @@ class Completions:
         reqs = [Request(adapter, ids, replace(params, seed=None if params.seed is None else params.seed + i), sink, index=i)
                 for i in range(n)]
         engine.submit(reqs)
+        self.in_flight.add(queue)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}
@@ -244,6 +252,7 @@ class Completions:
                     finishes[ev.index], done = ev.finish_reason, done + 1
                     completion_tokens += ev.completion_tokens
         finally:
+            self.in_flight.discard(queue)
             for r in reqs:
                 r.cancel()  # no-op for finished rows; frees the others if we bailed out
         logprobs = [lp.take(i) if lp else None for i in range(n)]
@@ -296,6 +305,7 @@ class Completions:
                                                              "total_tokens": prompt + completion_tokens}})
             yield "data: [DONE]\n\n"
         finally:
+            self.in_flight.discard(queue)
             for r in reqs:
                 r.cancel()  # client disconnects land here: the rows leave the batch at the next step
             metrics.record(endpoint, status, time.monotonic() - t0)
@@ -314,8 +324,8 @@ def create_app(engine: Engine) -> FastAPI:
         await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="prefixtune", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
     _generate = Completions(engine, metrics)
+    app.state.engine, app.state.metrics, app.state.completions = engine, metrics, _generate
 
     def error_response(request: HttpRequest, exc: Exception, status: int):
         metrics.record(request.url.path, status)
