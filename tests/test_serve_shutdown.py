@@ -115,13 +115,14 @@ def test_signal_finishes_the_in_flight_request_and_leaves_no_process(gguf, tmp_p
     cmd = serve_cmd("--backend", backend, "--model", str(path), "--adapters", str(root / "adapters"))
     body = {"model": "sent", "prompt": "the movie was", "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
     code, out, children, left, log = run_and_stop(cmd, sig, body, tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert code in (0, -sig), (code, log[-2000:])  # uvicorn re-raises the signal it handled once it has shut down
+    # uvicorn re-raises the signal it handled once it has shut down: killed by it, or 130 after SIGINT's KeyboardInterrupt
+    assert code in (0, -sig, 128 + sig), (code, log[-2000:])
+    assert "Application shutdown complete" in log
     assert out.get("status") == 200 and out.get("done"), (out.get("error"), log[-2000:])
     text = [c for c in out["chunks"] if c["choices"]]
     assert text[-1]["choices"][0]["finish_reason"] == "length"  # it ran to its end, not cut off
     assert out["done"] > out["signalled"]  # the request was still running when the signal landed
     assert not left, f"left running after exit: {[(c.pid, c.name()) for c in left]}"
-    assert "Shutting down" in log or "shutdown" in log.lower()
 
 
 def test_graceful_timeout_ends_open_requests_with_a_clear_error(gguf, tmp_path):
