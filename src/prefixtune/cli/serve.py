@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .backend import add_backend_arg
+from ..extras import require
+from .backend import add_backend_arg, require_backend
 
 
 def add_serve_args(p) -> None:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
     add_serve_args(p)
     args = p.parse_args(argv)
+    require("serve", "")  # printed after "prefixtune serve: error:"
+    require_backend(args.backend)
     kw = {"torch": dict(dtype=args.dtype, device=args.device), "vllm": dict(dtype=args.dtype)}.get(args.backend, {})
     run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
