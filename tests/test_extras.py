@@ -4,8 +4,8 @@ extra's modules are blocked (`sys.modules[name] = None`: an import of them raise
 
 from __future__ import annotations
 
-import subprocess
 import re
+import subprocess
 import sys
 from pathlib import Path
 
