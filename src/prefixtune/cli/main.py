@@ -283,8 +283,22 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-# Subcommands whose modules parse their own flags: command -> module with main(argv).
+# Subcommands whose modules parse their own flags: command -> module with main(argv) and build_parser().
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser as the CLI runs it, by how the command is typed (the CLI reference, docs/cli.md,
+    and tests/test_docs.py read these): build_parser()'s subcommands, each hook's own parser, and the parsers of
+    `train`/`eval --task distill` (a document, not a dataset: flags of their own)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, parser in sub.choices.items():
+        out[name] = importlib.import_module(HOOKS[name]).build_parser() if name in HOOKS else parser
+        if name in ("train", "eval"):
+            distill = importlib.import_module("prefixtune.cli.distill")
+            out[f"{name} --task distill"] = {"train": distill._train_parser, "eval": distill._eval_parser}[name]()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

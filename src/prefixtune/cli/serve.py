@@ -67,11 +67,15 @@ def say_adapters(engine, adapters_dir: str | None, shown: int = 20) -> None:
     log.info("base model %r: requests with model=%r use no adapter", engine.model_name, engine.model_name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
     add_serve_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
+    args = build_parser().parse_args(argv)
     require("serve", "")  # printed after "prefixtune serve: error:"
     require_backend(args.backend)
     kw = {"torch": dict(dtype=args.dtype, device=args.device), "vllm": dict(dtype=args.dtype)}.get(args.backend, {})
