@@ -45,12 +45,3 @@ def test_training_commands_name_the_missing_extra(tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "pip install 'prefixtune[train]'" in r.stderr and "datasets" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def test_serve_names_the_missing_serve_extra(tmp_path):
-    code = (f"import sys\nsys.path[:0] = [{str(SRC)!r}]\nsys.modules['prometheus_client'] = None\n"
-            "from prefixtune.cli.main import main\nmain(['serve', '--model', 'm'])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "pip install 'prefixtune[serve]'" in r.stderr and "prometheus_client" in r.stderr
-    assert "Traceback" not in r.stderr
