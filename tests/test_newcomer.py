@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import classify_rows, model_dir
+from helpers import id_tokenizer, make
 from test_tutorials import free_port, wait_healthy
 
 import prefixtune
@@ -36,11 +37,17 @@ def test_demo_then_its_serve_command_then_the_openai_client(tmp_path):
     from prefixtune.cli.demo import TEMPLATE
     from prefixtune.loading import load_model
 
-    mdir = model_dir(tmp_path)
+    # a tiny random Llama whose tokenizer has a word for every id ("w4", "w5", ...), so any generated token is text
+    mdir = tmp_path / "tiny-llama"
+    make("llama").save_pretrained(mdir)
+    id_tokenizer().save_pretrained(mdir)
+    rng = random.Random(0)
     with open(tmp_path / "tweets.csv", "w", newline="") as f:  # the demo corpus's columns: text, sentiment
         w = csv.writer(f)
         w.writerow(["text", "sentiment"])
-        w.writerows([[r["text"], r["label"]] for r in classify_rows(60)])
+        for _ in range(60):
+            label = rng.choice(["w20", "w21"])  # the label's cue word is in the text
+            w.writerow([f"w{rng.randrange(30, 60)} {'w10' if label == 'w20' else 'w11'} w{rng.randrange(30, 60)}", label])
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     demo = subprocess.run([sys.executable, "-m", "prefixtune", "demo", "--model", str(mdir), "--data", "tweets.csv",
                            "--output", "prefixtune-demo", "--max-steps", "4", "--train-examples", "40",
@@ -60,7 +67,7 @@ def test_demo_then_its_serve_command_then_the_openai_client(tmp_path):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         models = {m.id for m in client.models.list()}
         assert models == {mdir.name, name}, models  # the run, named after itself; never adapter/, best/, checkpoints
-        prompt = TEMPLATE.format(text="the movie was great i think")
+        prompt = TEMPLATE.format(text="w31 w10 w40")
         served = client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
     finally:
         server.terminate()
