@@ -157,3 +157,15 @@ def test_tutorial_runs_as_written(name, tmp_path):
     kinds = [k for k, _ in ran]
     assert kinds.count("python") >= 3 and "serve" in kinds and kinds.count("bash") >= 2, ran
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").glob("*/adapter/adapter_config.json"))
+
+
+def test_readme_python_runs_as_written(tmp_path):
+    """The README's Python example, run unchanged where `HuggingFaceTB/SmolLM2-135M-Instruct` is a local directory
+    holding a tiny random Llama (as above: a local directory wins over the Hub id)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = next(body for lang, body in FENCE.findall(readme) if lang == "python" and "pt.attach" in body)
+    save_model("llama", tmp_path / "HuggingFaceTB" / "SmolLM2-135M-Instruct", code, char_level=False)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file() and r.stdout.strip()
