@@ -38,7 +38,8 @@ def shell_lines(markdown: str) -> list[str]:
     for lang, body in FENCE.findall(markdown):
         if lang.lower() in SHELL_LANGS:
             lines += body.replace("\\\n", " ").splitlines()
-    return lines + INLINE.findall(FENCE.sub("", markdown))
+    quoted_errors = re.compile(r"\bprefixtune [\w-]+: error:")  # `prefixtune serve: error: ...` quotes a message
+    return lines + [s for s in INLINE.findall(FENCE.sub("", markdown)) if not quoted_errors.search(s)]
 
 
 def commands(markdown: str) -> list[tuple[str, list[str]]]:
