@@ -28,7 +28,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sto
 
 from .. import inject
 from ..config import ConfigError
-from .engine import Engine
+from .engine import Engine, eos_ids
 from .request import Request
 
 
@@ -40,18 +40,6 @@ def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
         return x
     pad = [0, 0] * (-dim - 1) + [missing, 0]
     return torch.nn.functional.pad(x, pad)
-
-
-def eos_ids(base, tokenizer) -> set[int]:
-    """The ids generate() stops on: the generation config's first, as offline generation does."""
-    gen_cfg = getattr(base, "generation_config", None)
-    for v in (getattr(gen_cfg, "eos_token_id", None), getattr(base.config, "eos_token_id", None),
-              getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(v, int):
-            return {v}
-        if isinstance(v, (list, tuple)) and v:
-            return {int(x) for x in v}
-    return set()
 
 
 class TorchEngine(Engine):
@@ -66,7 +54,8 @@ class TorchEngine(Engine):
         base = model.base_model
         cfg = base.config
         self.model = model.eval()
-        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
+        stop_ids = eos_ids(getattr(base, "generation_config", None), cfg, tokenizer)
+        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=stop_ids,
                          max_positions=inject.max_positions(model.arch, cfg), **limits)
         for name in model.prefixes:  # attached before serving: resident for good (no directory to reload from)
             self.registry.register_resident(name, model.configs[name].num_virtual_tokens, self._resident_bytes(name))
@@ -222,9 +211,7 @@ class TorchEngine(Engine):
 
     def _drop_finished(self) -> None:
         """Remove finished/cancelled rows and the leading columns nobody attends to any more."""
-        for r in self._rows:
-            if r.cancelled:
-                r.close()
+        self._close_cancelled()
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
         if len(keep) == len(self._rows):
             return
