@@ -1,10 +1,13 @@
 """Does a long output slow serving down? Tokens/s of the PyTorch engine at 64 streams x 1,024 new tokens vs x 128,
 and the share of a decode step spent outside the model (sampling, output processing, batch bookkeeping) at 64 rows.
 
-    python benchmarks/decode_steps.py [--model DIR] [--streams 64] [--long 1024] [--short 128] [--threads 2]
+    python benchmarks/decode_steps.py [--model tiny|smollm2|DIR] [--streams 64] [--long 1024] [--short 128] [--threads 2]
 
-SmolLM2-135M-Instruct (the demo's, fp32) by default, greedy, eos ignored, random prompts of --prompt tokens, two
-never-matching stop strings per request (as chat clients send), one engine for both lengths. The model's time is
+--model tiny (default): a random-init Llama (4 layers, hidden 256) with SmolLM2's real tokenizer and vocabulary, so
+a step is cheap and what happens outside the model shows (the case where output processing matters most; about a
+minute per length on 2 cores). --model smollm2: the demo's SmolLM2-135M-Instruct, fp32 (64 x 1,024 tokens take
+many minutes on 2 cores). Greedy, eos ignored, random prompts of --prompt tokens, two never-matching stop strings
+per request (as chat clients send), one engine for both lengths. The model's time is
 timed around the base model's forward(); a step's time around the engine's `_step`. Only the engine's long-standing
 surface is used (TorchEngine(model, tokenizer, ...), submit, `_step`, `base`), so the same script measures the
 commit before the incremental output processor and after ("before and after" in issue 35).
@@ -18,7 +21,7 @@ import threading
 import time
 
 import torch
-from common import add_device_args, check_device_args, sync
+from common import DTYPES, add_device_args, check_device_args, sync
 
 import prefixtune as pt
 from prefixtune.serving.request import Request, SamplingParams
@@ -77,9 +80,27 @@ def run(engine, prompts, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def load(args):
+    """-> (base model, tokenizer) for --model."""
+    from prefixtune.cli import assets
+    from prefixtune.loading import load_model
+
+    if args.model != "tiny":
+        path = str(assets.smollm2_dir()) if args.model == "smollm2" else args.model
+        return load_model(path, "fp32" if args.dtype == "float32" else args.dtype, args.device)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(assets.smollm2_dir()))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=682, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).to(args.device, DTYPES[args.dtype]).eval(), tok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF model directory (default: the demo's SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="tiny", help="tiny (random Llama, SmolLM2's tokenizer), smollm2, or an HF model directory")
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--long", type=int, default=1024)
     ap.add_argument("--short", type=int, default=128)
@@ -90,15 +111,9 @@ def main():
     check_device_args(ap, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from prefixtune.loading import load_model
-
-    if args.model is None:
-        from prefixtune.cli import assets
-
-        args.model = str(assets.smollm2_dir())
-    base, tok = load_model(args.model, "fp32" if args.dtype == "float32" else args.dtype, args.device)
+    base, tok = load(args)
     engine = TorchEngine(pt.PrefixModel(base), tok, max_batch_size=args.streams, max_queue=args.streams,
-                         max_total_tokens=args.prompt + max(args.long, args.short)).start()
+                         max_total_tokens=args.prompt + max(args.long, args.short, 4)).start()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(100, base.config.vocab_size, (args.streams, args.prompt), generator=g).tolist()
     run(engine, prompts[:2], 4)  # warm-up

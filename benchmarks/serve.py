@@ -119,7 +119,9 @@ def main():
     ap.add_argument("--num-adapters", type=int, default=None, help="many-adapter benchmark on SmolLM2 (many_adapters.py)")
     ap.add_argument("--startup", type=int, default=10000, help="--num-adapters: adapters on disk for the start-up test")
     ap.add_argument("--pressure", type=int, default=2000, help="--num-adapters: adapters for the eviction test")
-    ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters for tests 2 and 3")
+    ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters (every test)")
+    ap.add_argument("--distinct", type=int, default=None,
+                    help="--num-adapters: random tables written for test 1; the other directories hard-link them (default: all)")
     ap.add_argument("--save", default=None, help="--num-adapters: write the results as JSON here")
     ap.add_argument("--vllm-python", default=sys.executable, help="--backends vllm*: the Python of the vLLM environment")
     ap.add_argument("--vllm-model", default=None, help="--backends vllm*: HF model directory (default: SmolLM2's)")
