@@ -20,24 +20,18 @@ EXIT_USAGE = 2
 
 def _known_errors() -> tuple[type, ...]:
     from ..config import ConfigError
+    from ..extras import missing
     from .assets import AssetError
 
-    if _missing_train_extra():  # info/serve run without the [train] extra; DataError lives with it
+    if missing("train"):  # info/serve run without the [train] extra; DataError lives with it
         return ConfigError, AssetError
     from ..training.data import DataError
 
     return ConfigError, DataError, AssetError
 
 
-# Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
+# Commands that train or read datasets: they need the [train] extra (extras.py).
 NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
-TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib", "ftfy")
-
-
-def _missing_train_extra() -> list[str]:
-    import importlib.util
-
-    return [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
 
 
 # ----------------------------------------------------------------------------- train
@@ -246,7 +240,9 @@ def _quiet_libraries() -> None:
     # Our own tqdm bar and messages are the output; the libraries' per-file bars are noise around them.
     import transformers
 
-    if not _missing_train_extra():
+    from ..extras import missing
+
+    if not missing("train"):
         import datasets
 
         datasets.disable_progress_bars()
@@ -254,8 +250,22 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-# Subcommands whose modules parse their own flags: command -> module with main(argv).
+# Subcommands whose modules parse their own flags: command -> module with main(argv) and build_parser().
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser as the CLI runs it, by how the command is typed (the CLI reference, docs/cli.md,
+    and tests/test_docs.py read these): build_parser()'s subcommands, each hook's own parser, and the parsers of
+    `train`/`eval --task distill` (a document, not a dataset: flags of their own)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, parser in sub.choices.items():
+        out[name] = importlib.import_module(HOOKS[name]).build_parser() if name in HOOKS else parser
+        if name in ("train", "eval"):
+            distill = importlib.import_module("prefixtune.cli.distill")
+            out[f"{name} --task distill"] = {"train": distill._train_parser, "eval": distill._eval_parser}[name]()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,17 +282,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731
-    missing = _missing_train_extra() if command in NEEDS_TRAIN_EXTRA else []
-    if missing:
-        print(f"prefixtune {command}: error: needs the training extra (missing {', '.join(missing)}): "
-              "pip install 'prefixtune[train]'", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-    _quiet_libraries()
+    from ..extras import MissingExtra, extra_of, install_command, require
+
     try:
+        if command in NEEDS_TRAIN_EXTRA:
+            require("train", "")  # printed after "prefixtune <command>: error:"
+        _quiet_libraries()
         code = fn()
-    except _known_errors() as e:
+    except (MissingExtra, *_known_errors()) as e:
         msg = " ".join(str(e).split())  # one line, whatever the source formatted
         print(f"prefixtune {command}: error: {msg}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except ModuleNotFoundError as e:  # an optional package no check above caught: still one line naming the extra
+        if extra_of(e.name) is None:
+            raise
+        print(f"prefixtune {command}: error: needs the [{extra_of(e.name)}] extra (missing {e.name}): "
+              f"{install_command(extra_of(e.name))}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -61,7 +61,7 @@ class Engine(ABC):
                  max_positions: int | None = None, adapters_dir: str | Path | None = None, max_batch_size: int = 32,
                  max_queue: int = 256, max_prompt_tokens: int = 2048, max_total_tokens: int | None = None,
                  request_timeout: float | None = 600.0, max_n: int = 8, max_loaded_adapters: int | None = None,
-                 adapter_memory: str | int | None = None):
+                 adapter_memory: str | int | None = None, best_adapters: bool = False):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.vocab_size = vocab_size
@@ -79,7 +79,7 @@ class Engine(ABC):
         self.scheduler = Scheduler(max_queue=max_queue, request_timeout=request_timeout)
         self.registry = AdapterRegistry(self._load_prefix, self._unload_prefix, root=adapters_dir,
                                         max_loaded=max_loaded_adapters, max_bytes=parse_size(adapter_memory),
-                                        reserved={model_name})
+                                        reserved={model_name}, best=best_adapters)  # runs' best/ (serve --best)
         self.adapters_dir = self.registry.root
         self._rows: list[Request] = []
         self._thread: threading.Thread | None = None
