@@ -71,7 +71,7 @@ def test_incremental_text_equals_full_decode_on_random_streams(kind):
     rng = random.Random(0)
     vocab = len(tok)
     for _ in range(60):
-        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        ids = [rng.randrange(vocab + 2) for _ in range(rng.randrange(1, 40))]  # + ids past the vocabulary
         inc = IncrementalText(tok)
         for n, t in enumerate(ids, 1):
             inc.add(t)
@@ -94,6 +94,19 @@ def test_events_equal_the_full_decode_processor(kind):
                                 ignore_eos=rng.random() < 0.3)
         got = [(e.text, e.finish_reason) for e in run(tok, eos, ids, params)]
         assert got == full_decode_events(tok, eos, ids, params), (kind, ids, params)
+
+
+def test_a_long_run_of_skipped_ids_keeps_the_window_small():
+    """EOS with ignore_eos (or ids past the vocabulary) decode to nothing: they must not widen the decoded window,
+    or each token would cost more than the last."""
+    tok = trained("bytelevel")
+    eos = tok.convert_tokens_to_ids("<eos>")
+    ids = tok.encode("hello") + [eos, len(tok) + 3] * 300 + tok.encode(" world")
+    inc = IncrementalText(tok)
+    for t in ids:
+        inc.add(t)
+        assert len(inc.ids) - inc.prefix_offset <= 4
+    assert inc.text + inc.pending == tok.decode(ids, skip_special_tokens=True) == "hello world"
 
 
 def test_stop_string_across_token_boundaries_is_cut_and_never_streamed():
