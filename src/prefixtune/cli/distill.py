@@ -121,7 +121,7 @@ def evaluate(argv: list[str]) -> int:
     from ..training import distill as D
     from ..training import distill_eval as E
     from ..training import selfstudy as S
-    from .main import read_task_info, resolve_adapter
+    from .adapter_args import read_task_info, resolve_adapter
 
     args = _eval_parser().parse_args(argv)
     args.adapter = resolve_adapter(args)

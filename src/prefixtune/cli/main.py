@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .adapter_args import add_adapter_args, read_task_info, resolve_adapter
 from .backend import add_backend_arg, generate_on_backend
 
 EXIT_USAGE = 2
@@ -58,40 +59,6 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- eval
 
-def read_task_info(adapter: str | None) -> dict:
-    """task.json saved next to (or inside) the adapter by `train`; {} if there is none (e.g. a peft adapter)."""
-    if not adapter:
-        return {}
-    for p in (Path(adapter) / "task.json", Path(adapter).parent / "task.json"):
-        if p.is_file():
-            return json.loads(p.read_text())
-    return {}
-
-
-ADAPTER_HELP = ("adapter directory, or the run directory `train --output` wrote (its final adapter/; --best for "
-                "best/) (default: none, the bare base model)")
-
-
-def _add_adapter_args(p) -> None:
-    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.add_argument("--best", action="store_true", help="with a run directory as --adapter: use its best/ adapter "
-                   "(best eval score) instead of the final one (default: the final adapter)")
-
-
-def resolve_adapter(args) -> str | None:
-    """--adapter (an adapter or a run directory) -> the adapter directory; says which one when it chose."""
-    from ..adapter_io import resolve_adapter_dir
-
-    if not args.adapter:
-        if args.best:
-            from ..config import ConfigError
-
-            raise ConfigError("--best needs --adapter RUN_DIR (the directory `train --output` wrote)")
-        return None
-    path, note = resolve_adapter_dir(args.adapter, best=args.best)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return str(path)
 
 
 def _add_eval(sub):
@@ -101,7 +68,7 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate an adapter on a dataset",
                        description="Evaluate an adapter (or the bare model) on a dataset; writes eval.json and "
                        "predictions.jsonl.")
-    _add_adapter_args(p)
+    add_adapter_args(p)
     add_config_flags(p, EvalConfig)
     p.set_defaults(fn=cmd_eval)
 
@@ -168,7 +135,7 @@ def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text with (or without) an adapter",
                        description="Generate text; prompts are wrapped in the adapter's training template unless --raw.")
     p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
-    _add_adapter_args(p)
+    add_adapter_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt (this or --prompts is required)")
     g.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (this or --prompt is required)")

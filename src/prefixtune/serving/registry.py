@@ -300,13 +300,6 @@ class AdapterRegistry:
         self._unload(e.name)
         e.resident = False
 
-    def unload(self, name: str) -> None:
-        """Drop `name` from memory but keep it in the catalogue (it loads again on its next request)."""
-        with self._lock:
-            e = self.find(name)
-            if e.resident:
-                self._evict(e)
-
     def check_fits(self, names: Iterable[str]) -> None:
         """A request whose adapters alone exceed the budget can never run: say so at once."""
         entries = [self.find(n) for n in names]
