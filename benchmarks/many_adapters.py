@@ -168,6 +168,10 @@ def run(args) -> int:
         results["index_s"] = index_s
         print(f"start-up (index): {args.num_adapters} adapters {index_s[str(args.num_adapters)]:.2f}s, 8 adapters "
               f"{index_s['8']:.2f}s: {index_s[str(args.num_adapters)] - index_s['8']:+.2f}s (target <= +5 s)", flush=True)
+        t0 = time.perf_counter()
+        engN.registry.wait_indexed()  # a large directory is indexed on a thread after start-up: the full listing's time
+        results["full_listing_s"] = index_s[str(args.num_adapters)] + time.perf_counter() - t0
+        print(f"full listing (background index done): {results['full_listing_s']:.2f}s", flush=True)
         loads = time_loads(engN)
         eng8.start(), engN.start()
         work8 = [(rng.choice(names[:8]), p) for p in prompts[: args.requests]]

@@ -207,8 +207,9 @@ class Engine(ABC):
 
     # ---- adapters: load, unload, rescan ------------------------------------------------------------------
     def index(self, pin: tuple[str, ...] = ()) -> list[str]:
-        """Index the adapters directory (no weights read) and load the pinned adapters; -> all names."""
-        self.registry.scan()
+        """Index the adapters directory (no weights read; a large one on a thread, see AdapterRegistry.scan) and
+        load the pinned adapters; -> the names indexed so far."""
+        self.registry.scan(background=True)
         for name in pin:
             self.registry.pin(name)
             with self.lock:

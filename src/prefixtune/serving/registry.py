@@ -28,6 +28,9 @@ from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, Inval
 
 log = logging.getLogger("prefixtune.serve")
 
+# More new adapter directories than this are indexed on a thread when the engine starts (scan(background=True)):
+# 100,000 configs take tens of seconds to read, and a server should answer before that.
+BACKGROUND_INDEX_OVER = 1000
 LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -102,11 +105,14 @@ class AdapterRegistry:
         self.load_seconds = [0] * len(LOAD_SECONDS_BUCKETS)  # cumulative histogram counts
         self.load_seconds_sum, self.load_seconds_count = 0.0, 0
         self._bytes_per_file_byte = 1.0
+        self._indexer: threading.Thread | None = None
 
     # ---- the catalogue ---------------------------------------------------------------------------------------
-    def scan(self) -> tuple[list[str], list[str]]:
+    def scan(self, background: bool = False) -> tuple[list[str], list[str]]:
         """(Re)index the adapters directory: -> (names added, names removed). Resident adapters whose directory
-        is gone are forgotten (running rows keep their copy of the key/values)."""
+        is gone are forgotten (running rows keep their copy of the key/values). With `background`, more than
+        BACKGROUND_INDEX_OVER new directories are indexed on a thread (then none is reported added): the server
+        answers at once, and a request for one not indexed yet finds it by name (`find`)."""
         if self.root is None:
             return [], []
         if not self.root.is_dir():
@@ -123,16 +129,38 @@ class AdapterRegistry:
             removed = sorted(n for n in ours if n not in found)
             for n in removed:
                 self._forget(n)
-            added = []
-            for n in sorted(found):
-                if n in self._entries or n in self.reserved:
+            todo = sorted(n for n in found if n not in self._entries and n not in self.reserved)
+        if background and len(todo) > BACKGROUND_INDEX_OVER:
+            self._indexer = threading.Thread(target=self._add, args=(todo, found), name="adapter-index", daemon=True)
+            self._indexer.start()
+            log.info("indexing %d adapter directories in the background", len(todo))
+            return [], removed
+        return self._add(todo, found), removed
+
+    def _add(self, todo: list[str], found: dict[str, Path]) -> list[str]:
+        t0, added = time.perf_counter(), []
+        for n in todo:
+            e = read_entry(n, found[n], self.best)  # outside the lock: a request's find() never waits for the index
+            if e.problem and not is_adapter_dir(found[n]):
+                continue  # not an adapter at all (a stray directory), rather than a broken one
+            with self._lock:
+                if n in self._entries:  # found by a request meanwhile
                     continue
-                e = read_entry(n, found[n], self.best)
-                if e.problem and not is_adapter_dir(found[n]):
-                    continue  # not an adapter at all (a stray directory), rather than a broken one
                 self._entries[n] = e
-                added.append(n)
-        return added, removed
+            added.append(n)
+        if len(todo) > BACKGROUND_INDEX_OVER:
+            log.info("indexed %d adapters in %.1f s", len(added), time.perf_counter() - t0)
+        return added
+
+    @property
+    def indexing(self) -> bool:
+        """A background index is still running (the listing is not complete yet)."""
+        return self._indexer is not None and self._indexer.is_alive()
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        if self._indexer is not None:
+            self._indexer.join(timeout)
+        return not self.indexing
 
     def _under_root(self, path: Path) -> bool:
         if self.root is None:
