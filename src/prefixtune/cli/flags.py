@@ -31,6 +31,15 @@ def comma_list(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
+def _moved_check(moved: dict[str, str]):
+    """A --task type that stops on a value which became a command of its own, with the pointer as the one line."""
+    def check(text: str) -> str:
+        if text in moved:
+            raise argparse.ArgumentTypeError(moved[text])
+        return text
+    return check
+
+
 def _default_text(f: dataclasses.Field, recipe: bool) -> str:
     if f.metadata.get("required"):  # validate() insists; a recipe may give it instead of the flag
         return "required, here or in --config" if recipe else "required"
@@ -89,9 +98,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kw.update(type=comma_list, metavar="A,B,...")
+            kw.update(type=comma_list, action="extend", metavar="A,B,...")  # comma-separated and/or repeated
         else:
-            kw["type"] = kind
+            kw["type"] = _moved_check(f.metadata["moved"]) if "moved" in f.metadata else kind
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             else:

@@ -25,6 +25,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
+from .. import knowledge
 from . import errors as E
 from .engine import Engine
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
@@ -180,6 +181,12 @@ def _chat_ids(req: ChatCompletionRequest, engine: Engine) -> list[int]:
     tok = engine.tokenizer
     if tok is None:
         raise ApiError("this server has no tokenizer, so chat is unavailable; use /v1/completions with token ids")
+    layout = engine.registry.layout_of(req.model)
+    if layout is not None:  # a knowledge prefix: exactly the ids its student was trained on
+        try:
+            return knowledge.chat_ids(tok, clean, layout)
+        except knowledge.LayoutError as e:
+            raise ApiError(str(e), param="messages") from None
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
         return _tokenize(engine, text, special=False)  # the template writes its own special tokens
