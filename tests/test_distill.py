@@ -171,6 +171,7 @@ def test_cli_train_then_eval_writes_the_run_and_eval_json(tmp_path, capsys):
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     d = model_dir(tmp_path)
+    capsys.readouterr()  # saving the model may draw a progress bar
     with pytest.raises(SystemExit) as e:
         main(["distill", "--model", str(d), "--context", str(tmp_path / "nope.txt"), "--output",
               str(tmp_path / "r")])
