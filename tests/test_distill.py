@@ -190,3 +190,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # argparse's usage, then its one error line: the pointer
         assert e.value.code == 2 and "--task: knowledge prefixes have their own commands: `prefixtune distill" in last
+
+
+def test_two_turn_self_study_trains_on_whole_conversations_in_the_served_layout(tmp_path):
+    model, tok, doc = _setup()
+    cfg = _cfg(tmp_path, conversation_turns=2, self_study=8)
+    examples = D.prepare(model, tok, doc, cfg, say=lambda *a: None)
+    second = [e for e in examples if e["source"] == "self_study_turn2"]
+    assert second and all(e["topk_ids"].shape[0] == len(e["answer_ids"]) for e in second)
+    for e in second:
+        first = e["messages"][0]["content"]
+        assert [m["role"] for m in e["messages"]] == ["user", "assistant", "user"]
+        assert e["query_ids"] == K.chat_ids(tok, e["messages"], doc.layout)  # what the server renders for them
+        assert e["query_ids"][: len(K.query_ids(tok, first, doc.layout)) - len(K.encode(tok, doc.layout["footer"]))] == \
+            K.query_ids(tok, first, doc.layout)[: -len(K.encode(tok, doc.layout["footer"]))]
+    assert not any(n.startswith("chunk-") for n in model.prefixes)

@@ -31,9 +31,6 @@ def cli_flags() -> dict[str, set[str]]:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     flags = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
     flags["info"] = set(info.build_parser()._option_string_actions)
-    distill = importlib.import_module("prefixtune.cli.distill")  # `train`/`eval --task distill` parse their own flags
-    flags["train"] |= set(distill._train_parser()._option_string_actions)
-    flags["eval"] |= set(distill._eval_parser()._option_string_actions)
     serve = argparse.ArgumentParser()
     serve_cli.add_serve_args(serve)
     flags["serve"] = set(serve._option_string_actions)
