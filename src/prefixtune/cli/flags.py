@@ -20,6 +20,7 @@ from ..training.config import TASK_DEFAULTS, TrainConfig
 GROUPS = {  # metadata["group"] -> argparse group title, in --help order
     "data": "data",
     "prefix": "prefix (PrefixConfig; recipe keys flat or under `prefix:`)",
+    "student": "the prefix (the student)",
     "optimisation": "optimisation",
     "evaluation": "evaluation",
     "output": "output",
@@ -46,7 +47,8 @@ def _default_text(f: dataclasses.Field, recipe: bool) -> str:
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    per_task = [f"{task} {d['prefix'][f.name]}" for task, d in TASK_DEFAULTS.items() if f.name in d.get("prefix", {})]
+    per_task = [f"{task} {d['prefix'][f.name]}" for task, d in TASK_DEFAULTS.items()
+                if recipe and f.name in d.get("prefix", {})]  # TrainConfig's task defaults
     if per_task:
         return f"{default}; per task: {', '.join(per_task)}"
     if isinstance(default, bool):

@@ -45,11 +45,11 @@ class DistillConfig:
     max_context_tokens: int | None = _f(None, "data", "longest window the teacher sees; longer documents are cut into "
                                         "windows", default_text="the model's position range less room for query and answer")
     eval_fraction: float = _f(0.1, "data", "share of the queries held out for the eval KL")
-    num_virtual_tokens: int = _f(128, "prefix", "prefix length P")
-    init: str = _f("context", "prefix", "context = the key/values of the document's first P tokens; vocab = of sampled "
+    num_virtual_tokens: int = _f(128, "student", "prefix length P")
+    init: str = _f("context", "student", "context = the key/values of the document's first P tokens; vocab = of sampled "
                    "vocabulary tokens", choices=list(INITS))
-    freeze_first: int = _f(1, "prefix", "prefix slots kept at their start as an attention sink")
-    layer_scale: bool = _f(True, "prefix", "a learnt per-layer scale on the prefix (PrefixConfig.layer_scale)")
+    freeze_first: int = _f(1, "student", "prefix slots kept at their start as an attention sink")
+    layer_scale: bool = _f(True, "student", "a learnt per-layer scale on the prefix (PrefixConfig.layer_scale)")
     max_steps: int | None = _f(None, "optimisation", "optimizer steps (instead of --epochs)",
                                default_text="200 unless --epochs is given")
     epochs: float | None = _f(None, "optimisation", "passes over the examples", default_text="--max-steps")
