@@ -11,6 +11,8 @@ are never trained on), unless --run already holds one.
 - served: the first 20 questions through /v1/chat/completions (user turn only) on the torch engine, against the
   student's offline answers (the same ids through PrefixModel.generate); on llama.cpp (--gguf) against llama.cpp's
   own offline generation of the same ids (its quantized weights may answer otherwise than torch: reported apart).
+- compose: the handbook's halves distilled separately (P/2 each) and composed, against each alone and the whole
+  prefix: facts and KL to the whole-document teacher.
 - serving: one torch engine, --concurrency concurrent streamed chat requests, the document (--serving-document:
   h11's README, 2,000+ tokens, or the facts handbook) as the system message vs a P-token prefix of it (its values do
   not change the speed, so it is not trained here): completion tokens/s, time to first token p50, KV bytes per request.
@@ -50,20 +52,20 @@ def say(*a):
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}]", *a, flush=True)
 
 
-def make_prefix(args, facts: dict) -> tuple[Path, float | None]:
-    run = Path(args.run)
+def make_prefix(args, text: str, run: Path, P: int) -> tuple[Path, float | None]:
+    """`prefixtune distill`'s run on `text` into `run` (reused when it already holds an adapter); -> (run, seconds)."""
     if (run / "adapter" / "task.json").is_file():
         say(f"prefix from {run}")
         return run, None
     run.mkdir(parents=True, exist_ok=True)
-    (run.parent / f"{run.name}-doc.txt").write_text(facts["document"])
+    (run.parent / f"{run.name}-doc.txt").write_text(text)
     cfg = DistillConfig(model=args.model, context=[str(run.parent / f"{run.name}-doc.txt")], output=str(run),
-                        overwrite=True, num_virtual_tokens=args.P, self_study=args.self_study, max_steps=args.steps,
+                        overwrite=True, num_virtual_tokens=P, self_study=args.self_study, max_steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, answer_tokens=args.answer_tokens,
                         conversation_turns=args.turns, progress=False)
     t = time.time()
     distill(cfg)
-    return run, time.time() - t
+    return run, round(time.time() - t, 1)
 
 
 @torch.no_grad()
@@ -78,6 +80,11 @@ def greedy(model, tok, rows: list[list[int]], names: list, max_tokens: int, batc
     return out
 
 
+def share(facts, answers: list[str]) -> dict:
+    hits = [f["answer"].lower() in a.lower() for f, a in zip(facts["facts"], answers)]
+    return {"correct": sum(hits), "share": sum(hits) / len(hits)}
+
+
 def facts_part(model, tok, doc, facts, args) -> tuple[dict, list[str]]:
     qs = [f["question"] for f in facts["facts"]]
     rows = [K.query_ids(tok, q, doc.layout) for q in qs]
@@ -86,13 +93,40 @@ def facts_part(model, tok, doc, facts, args) -> tuple[dict, list[str]]:
     result, answers = {}, {}
     for method, name in (("full", "context-0"), ("prefix", "manual"), ("truncated", "truncated"), ("none", None)):
         answers[method] = greedy(model, tok, rows, [name] * len(rows), args.max_tokens)
-        hits = [f["answer"].lower() in a.lower() for f, a in zip(facts["facts"], answers[method])]
-        result[method] = {"correct": sum(hits), "share": sum(hits) / len(hits)}
-        say(f"facts {method}: {sum(hits)}/{len(hits)}")
+        result[method] = share(facts, answers[method])
+        say(f"facts {method}: {result[method]['correct']}/{len(rows)}")
     result["prefix_vs_full"] = result["prefix"]["share"] / max(result["full"]["share"], 1e-9)
     result["answers"] = [{"question": q, "reference": f["answer"], **{m: answers[m][i] for m in answers}}
                          for i, (q, f) in enumerate(zip(qs, facts["facts"]))]
     return result, answers["prefix"]
+
+
+def compose_part(args, model, tok, doc, facts) -> dict:
+    """The handbook's two halves (by paragraph) distilled separately with P/2 each, composed ("a+b"), against each
+    alone and the whole-document prefix of the same total length: facts and held-out KL to the whole-document teacher."""
+    from prefixtune.training import distill_eval as E
+
+    paras = facts["document"].split("\n\n")
+    halves = ["\n\n".join(paras[: len(paras) // 2]), "\n\n".join(paras[len(paras) // 2 :])]
+    out = {"P_each": args.P // 2, "make_seconds": []}
+    for i, text in enumerate(halves):
+        run, secs = make_prefix(args, text, Path(args.run).parent / f"half-{i + 1}", args.P // 2)
+        out["make_seconds"].append(secs)
+        model.load_adapter(run / "adapter", f"half-{i + 1}")
+    rows = [K.query_ids(tok, f["question"], doc.layout) for f in facts["facts"]]
+    methods = {"first half alone": "half-1", "second half alone": "half-2", "halves composed": ("half-1", "half-2"),
+               f"whole document, P={args.P}": "manual"}
+    for method, name in methods.items():
+        out[method] = {"facts": share(facts, greedy(model, tok, rows, [name] * len(rows), args.max_tokens))}
+    held = S.given_examples(tok, doc, [f["question"] for f in facts["facts"]])
+    D.teacher_adapters(model, doc)
+    D.teacher_answers(model, tok, held, args.answer_tokens, progress=False)
+    kl = E.score(model, tok, held, {m: list(n) if isinstance(n, tuple) else n for m, n in methods.items()},
+                 progress=False)
+    for method in methods:
+        out[method]["kl"] = kl[method]["kl"]
+        say(f"compose {method}: {json.dumps(out[method])}")
+    return out
 
 
 def _client(app):
@@ -262,6 +296,11 @@ def markdown(r: dict) -> str:
         lines += ["", f"Prefix / full context: {f['prefix_vs_full']:.0%}."]
     if "served" in r:
         lines += [""] + [f"Served == offline ({b}): {v['equal']}/{v['questions']}." for b, v in r["served"].items()]
+    if "compose" in r:
+        c = r["compose"]
+        lines += ["", f"Composition (P = {c['P_each']} per half; KL to the whole-document teacher on the 30 questions):",
+                  "", "| prefix | facts right | KL |", "|---|---|---|"]
+        lines += [f"| {m} | {v['facts']['correct']} | {v['kl']:.3f} |" for m, v in c.items() if isinstance(v, dict)]
     if "serving" in r:
         s = r["serving"]
         lines += ["", f"Serving ({s['concurrency']} concurrent chat requests, {s['max_tokens']} tokens each, "
@@ -281,7 +320,8 @@ def main() -> None:
     p.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct via prefixtune's assets)")
     p.add_argument("--gguf", help="the same model as GGUF for the llama.cpp check (default: SmolLM2's Q4_1 GGUF "
                    "when --model is not given; none otherwise)")
-    p.add_argument("--parts", default="facts,served,serving")
+    p.add_argument("--parts", default="facts,served,serving,compose", help="comma-separated: facts (always with "
+                   "served/compose), served, serving, compose")
     p.add_argument("--facts", default=str(FACTS))
     p.add_argument("--run", default="/tmp/prefixtune-distill-facts/run", help="distill run to make (or reuse)")
     p.add_argument("--P", type=int, default=64)
@@ -306,16 +346,18 @@ def main() -> None:
     facts = json.loads(Path(args.facts).read_text())
     report = {"model": Path(args.model).name, "document": facts["title"], "P": args.P, "args": vars(args)}
     torch.manual_seed(0)
-    if parts & {"facts", "served"}:
-        run, report["make_seconds"] = make_prefix(args, facts)
+    if parts & {"facts", "served", "compose"}:
+        run, report["make_seconds"] = make_prefix(args, facts["document"], Path(args.run), args.P)
     base, tok = load_model(args.model, "fp32", "cpu")
     model = PrefixModel(base)
     doc = S.build_document(tok, facts["document"], 8000)
-    if parts & {"facts", "served"}:
+    if parts & {"facts", "served", "compose"}:
         model.load_adapter(run / "adapter", "manual")
         report["facts"], offline = facts_part(model, tok, doc, facts, args)
         if "served" in parts:
             report["served"] = served_part(args, run, tok, doc, offline[: args.served], facts)
+        if "compose" in parts:
+            report["compose"] = compose_part(args, model, tok, doc, facts)
     if "serving" in parts:
         report["serving"] = serving_part(args, model, tok, facts)
     report["loadavg_end"] = os.getloadavg()
