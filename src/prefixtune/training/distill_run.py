@@ -123,7 +123,11 @@ def _examples(cfg, pm, tokenizer, doc, queries, given, out: Path, resuming: bool
     path = out / EXAMPLES
     if not (resuming and path.is_file()) and acc.is_main_process:
         t0 = time.perf_counter()
-        made = given if given is not None else D.prepare(pm, tokenizer, doc, cfg, queries, say=report.say)
+        made = given
+        if made is None:
+            made = D.prepare(pm, tokenizer, doc, cfg, queries, say=report.say)
+            for name in [n for n in pm.prefixes if n.startswith("context-")]:  # the teacher's: every process must
+                pm.delete_adapter(name)  # hold the same modules for DDP, and they are not needed any more
         tmp = path.with_name(path.name + ".tmp")
         torch.save(made, tmp)
         os.replace(tmp, path)
