@@ -109,7 +109,7 @@ def test_served_chat_equals_the_students_offline_answers_on_torch(run, capsys):
     assert code == 0 and out.strip() == want[0].strip()
 
 
-def test_served_chat_equals_the_students_offline_answers_on_llama_cpp(tmp_path):
+def test_served_chat_equals_the_students_offline_answers_on_llama_cpp(tmp_path, capsys):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
     from gguf_models import write_tiny_gguf
@@ -132,6 +132,10 @@ def test_served_chat_equals_the_students_offline_answers_on_llama_cpp(tmp_path):
     assert [r.status_code for r in rs] == [200] * len(QUESTIONS), rs[0].text
     assert [r.json()["choices"][0]["message"]["content"] for r in rs] == want
     assert len(set(want)) > 1
+    capsys.readouterr()  # what distilling printed
+    code, out, err = run_cli(["generate", "--backend", "llamacpp", "--model", path, "--adapter",
+                              tmp_path / "adapters" / "manual", "--prompt", QUESTIONS[1], "--max-new-tokens", MAX_NEW], capsys)
+    assert code == 0 and out.strip() == want[1].strip(), err[-2000:]
 
 
 def test_several_documents_are_one_context_and_self_study_is_seeded_and_diverse(tmp_path):

@@ -152,7 +152,8 @@ def finish(run: L.Run, stopped_early: bool) -> dict:
         result = {"task": "distill", **(run.last_eval or {}), "steps": run.state["step"]}
         write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
         plot_curves(out)
-        best = f"; lowest held-out KL {-run.state['best']:.4f} in {out / 'best'}" if run.state["best"] is not None else ""
+        scored = "held-out" if run.data.eval_raw else "training-example"  # --eval-fraction 0: training rows
+        best = f"; lowest {scored} KL {-run.state['best']:.4f} in {out / 'best'}" if run.state["best"] is not None else ""
         report.say(f"adapter saved to {out / RUN_FINAL} ({human_bytes(dir_bytes(out / RUN_FINAL))} on disk){best}")
     report.end()
     run.acc.wait_for_everyone()
