@@ -171,6 +171,7 @@ def add_student(model, doc: S.Document, cfg: DistillConfig, name: str = "default
     else:
         pcfg = PrefixConfig(num_virtual_tokens=P, init="vocab", layer_scale=cfg.layer_scale)
     pcfg.extra["num_frozen_tokens"] = cfg.freeze_first  # written as peft CARTRIDGE's num_frozen_tokens
+    pcfg.extra["task"] = "distill"  # shown by `prefixtune info` and the model card
     if name in model.prefixes:
         model.delete_adapter(name)
     model.add_adapter(name, pcfg)
