@@ -245,7 +245,7 @@ def serving_part(args, model, tok, facts) -> dict:
     import tempfile
 
     from prefixtune.serving.api import create_app
-    from prefixtune.serving.torch_engine import TorchEngine
+    from prefixtune.serving.backends import build_engine
 
     if args.serving_document == "h11":
         text = importlib.metadata.metadata("h11").get_payload()
@@ -266,13 +266,11 @@ def serving_part(args, model, tok, facts) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_adapter(Path(tmp) / "adapters" / "prefix", "serving-prefix")
         (Path(tmp) / "adapters" / "prefix" / "task.json").write_text(json.dumps({"task": "distill", "layout": doc.layout}))
-        eng = TorchEngine(PrefixModel(model.base_model), tok, model_name="base", adapters_dir=str(Path(tmp) / "adapters"),
-                          max_batch_size=args.concurrency, max_prompt_tokens=doc.context_len + 256,
-                          max_total_tokens=doc.context_len + 256 + args.max_tokens)
-        eng.index(())
+        eng = build_engine(args.model, str(Path(tmp) / "adapters"), dtype="fp32", max_batch_size=args.concurrency,
+                           max_prompt_tokens=doc.context_len + 256, max_total_tokens=doc.context_len + 256 + args.max_tokens)
         with Loopback(create_app(eng)) as url:
             for method, name, convs in (
-                    ("document as system message", "base",
+                    ("document as system message", eng.model_name,
                      [[{"role": "system", "content": text}, {"role": "user", "content": q}] for q in qs]),
                     ("knowledge prefix", "prefix", [[{"role": "user", "content": q}] for q in qs])):
                 r = asyncio.run(_stream_all(url, name, convs, args.max_tokens))
