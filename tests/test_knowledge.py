@@ -116,7 +116,7 @@ def test_served_chat_equals_the_students_offline_answers_on_llama_cpp(tmp_path, 
 
     from prefixtune.loading import load_model
     from prefixtune.serving.api import create_app
-    from prefixtune.serving.llamacpp_engine import build_llamacpp_engine
+    from prefixtune.serving.llamacpp_engine import build_llamacpp_engine, load
 
     path, _ = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
     base, tok = load_model(str(path), "fp32", "cpu")
@@ -132,6 +132,13 @@ def test_served_chat_equals_the_students_offline_answers_on_llama_cpp(tmp_path, 
     assert [r.status_code for r in rs] == [200] * len(QUESTIONS), rs[0].text
     assert [r.json()["choices"][0]["message"]["content"] for r in rs] == want
     assert len(set(want)) > 1
+    gen = load(str(path), {"manual": str(tmp_path / "adapters" / "manual" / "adapter")}, kv_type="f32", n_threads=1)
+    try:  # the Python API: Generator.chat renders as the server does
+        assert gen.chat([[{"role": "user", "content": q}] for q in QUESTIONS], "manual", max_tokens=MAX_NEW) == want
+        with pytest.raises(pt.ConfigError, match="system message"):
+            gen.chat([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}], "manual")
+    finally:
+        gen.close()
     capsys.readouterr()  # what distilling printed
     code, out, err = run_cli(["generate", "--backend", "llamacpp", "--model", path, "--adapter",
                               tmp_path / "adapters" / "manual", "--prompt", QUESTIONS[1], "--max-new-tokens", MAX_NEW], capsys)

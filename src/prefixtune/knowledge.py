@@ -9,7 +9,8 @@ where `header` is what the template puts before the system text, `middle` what l
 first user turn, `footer` what follows a user turn up to the answer, and `between` what follows an answer up to the
 next user turn. Each part is tokenized on its own (as training did), so a served request meets the very ids the
 prefix learnt. The run records these parts (`layout`) in the adapter's task.json; training (training/selfstudy.py),
-`serve` (every backend: serving/api.py), `generate` and Python callers all render through `chat_ids` here.
+`serve` (every backend: serving/api.py), `generate`, `Generator.chat` and Python callers all render through
+`chat_ids` here (`request_ids`: any chat request, as the server renders it).
 
 Rules: a chat request for a knowledge prefix brings user (and assistant) turns only, starting and ending with a
 user turn. A system message is refused (LayoutError -> HTTP 400): the prefix already is the system message, and
@@ -75,6 +76,18 @@ def chat_ids(tokenizer, messages: list[dict], layout: dict) -> list[int]:
         else:
             ids += encode(tokenizer, content) + encode(tokenizer, layout["between"])
     return ids
+
+
+def request_ids(tokenizer, messages: list[dict], layout: dict | None) -> list[int]:
+    """A chat request's prompt ids, as `serve` renders them for every backend: in the trained layout for a knowledge
+    prefix (`layout`), else by the tokenizer's chat template (or "role: content" lines when it has none)."""
+    if layout is not None:
+        return chat_ids(tokenizer, messages, layout)
+    if getattr(tokenizer, "chat_template", None):  # the template writes its own special tokens
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer(text)["input_ids"])
 
 
 def query_ids(tokenizer, query: str, layout: dict) -> list[int]:
