@@ -1,4 +1,4 @@
-"""Every `prefixtune <subcommand> --flag` shown in the READMEs' code blocks exists in the CLI.
+"""Every `prefixtune <subcommand> --flag` shown in the READMEs' and the docs site's code blocks exists in the CLI.
 
 The flags are read from the parsers at test time (train's are generated from the config dataclasses), so a
 renamed or removed flag fails here instead of in a reader's terminal.
@@ -6,8 +6,6 @@ renamed or removed flag fails here instead of in a reader's terminal.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
@@ -15,25 +13,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "README.zh-CN.md"]
+READMES = ["README.md", "README.zh-CN.md"]
+# every page of the site (mkdocs.yml: docs/, and the benchmark journal it includes)
+DOCS = READMES + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md")) + ["benchmarks/README.md"]
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "text"}
 FENCE = re.compile(r"^```([\w.+-]*)[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]*\bprefixtune [^`\n]*)`")  # `prefixtune train --config ...` in the prose
 
 
 def cli_flags() -> dict[str, set[str]]:
-    """subcommand -> its option strings, from the parsers the CLI itself runs."""
-    cli = importlib.import_module("prefixtune.cli.main")  # `prefixtune.cli.main` the attribute is the function
-    info = importlib.import_module("prefixtune.cli.info")
-    serve_cli = importlib.import_module("prefixtune.cli.serve")
+    """subcommand -> its option strings, from the parsers the CLI itself runs (train's, eval's and distill's are
+    generated from the config dataclasses)."""
+    from prefixtune.cli.main import all_parsers
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    flags = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
-    flags["info"] = set(info.build_parser()._option_string_actions)
-    serve = argparse.ArgumentParser()
-    serve_cli.add_serve_args(serve)
-    flags["serve"] = set(serve._option_string_actions)
+    flags: dict[str, set[str]] = {}
+    for command, parser in all_parsers().items():
+        flags.setdefault(command.split()[0], set()).update(parser._option_string_actions)
     return flags
 
 
@@ -79,12 +74,17 @@ def problems(markdown: str, flags: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+@pytest.fixture(scope="module")
+def flags() -> dict[str, set[str]]:
+    return cli_flags()
+
+
 @pytest.mark.parametrize("doc", DOCS)
-def test_readme_commands_and_flags_exist(doc):
+def test_documented_commands_and_flags_exist(doc, flags):
     text = (ROOT / doc).read_text(encoding="utf-8")
-    flags = cli_flags()
-    found = commands(text)
-    assert len(found) >= 5, f"{doc}: expected its prefixtune commands in ```bash blocks, found {found}"
+    if doc in READMES:
+        found = commands(text)
+        assert len(found) >= 3, f"{doc}: expected its prefixtune commands in ```bash blocks, found {found}"
     assert not problems(text, flags), "\n".join(problems(text, flags))
 
 
@@ -103,3 +103,37 @@ def test_the_check_catches_a_missing_flag_or_subcommand():
 def test_readme_links_the_chinese_readme():
     head = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## ", 1)[0]
     assert "README.zh-CN.md" in head
+
+
+def _cli_reference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "tools" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REGENERATE = "docs/cli.md is generated: run `python tools/cli_reference.py` and commit docs/cli.md"
+
+
+def test_cli_reference_lists_every_flag_of_every_command():
+    from prefixtune.cli.main import all_parsers
+
+    ref = _cli_reference()
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    generated = page.split(ref.BEGIN, 1)[-1].split(ref.END, 1)[0]
+    missing = []
+    for command, parser in all_parsers().items():
+        if f"### prefixtune {command}\n" not in generated:
+            missing.append(f"the command `prefixtune {command}`")
+        section = generated.split(f"### prefixtune {command}\n", 1)[-1].split("\n### ", 1)[0]
+        missing += [f"`prefixtune {command} {flag}`" for flag in parser._option_string_actions
+                    if flag not in ("-h", "--help") and f"`{flag}`" not in section]
+    assert not missing, f"{REGENERATE}; missing: {', '.join(missing)}"
+
+
+def test_cli_reference_is_what_the_script_writes():
+    ref = _cli_reference()
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert ref.render(page) == page, REGENERATE

@@ -271,7 +271,7 @@ def test_prefix_longer_than_the_context_is_refused(tiny, mode, msg):
 
 def test_missing_llama_cpp_python_gives_the_install_command(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
-    with pytest.raises(LlamaCppError, match=r'pip install "prefixtune\[llamacpp\]"'):
+    with pytest.raises(LlamaCppError, match=r"pip install 'prefixtune\[llamacpp\]'"):
         LlamaCppModel(tiny["gguf"])
 
 
@@ -435,7 +435,7 @@ def test_cli_generate_backend_llamacpp_prints_what_the_torch_backend_prints(tiny
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(SystemExit, match="2"):
         main(argv + ["--backend", "llamacpp"])
-    assert 'pip install "prefixtune[llamacpp]"' in capsys.readouterr().err
+    assert "pip install 'prefixtune[llamacpp]'" in capsys.readouterr().err
 
 
 def test_requests_wait_for_kv_cells_and_a_failed_step_frees_its_sequences(tiny, backends, monkeypatch):

@@ -316,7 +316,8 @@ def test_report_to_missing_package_is_one_clear_error(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(Exception, match=r"--report-to wandb needs the wandb package: pip install wandb"):
+    msg = r"--report-to wandb needs the \[wandb\] extra \(missing wandb\): pip install 'prefixtune\[wandb\]'"
+    with pytest.raises(Exception, match=msg):
         tracker("wandb")
 
 

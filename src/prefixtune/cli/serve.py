@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .backend import add_backend_arg
+from ..extras import require
+from .backend import add_backend_arg, require_backend
 
 
 def add_serve_args(p) -> None:
@@ -14,8 +15,13 @@ def add_serve_args(p) -> None:
     p.add_argument("--dtype", default="auto", help="torch and vllm backends: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, "
                    "fp16")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--adapters", default=None, help="directory whose adapter subdirectories are served by name; they are "
-                   "indexed at start-up and each loads on its first request (POST /v1/adapters/rescan finds new ones)")
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="a training run directory (`train --output`: its final adapter, named after the run), one adapter "
+                   "directory, or a directory of runs and adapters (one adapter each, named after its subdirectory; "
+                   "never a run's checkpoints). Indexed at start-up, each loads on its first request (POST "
+                   "/v1/adapters/rescan finds new ones); the names are logged at start-up")
+    p.add_argument("--best", action="store_true",
+                   help="training runs serve their best adapter by eval score (best/) instead of their final one")
     p.add_argument("--max-loaded-adapters", type=int, default=None, metavar="N",
                    help="adapters kept in memory at once; the least recently used idle one is evicted (default: no limit)")
     p.add_argument("--adapter-memory", default=None, metavar="SIZE",
@@ -42,19 +48,44 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
     logging.basicConfig(level=logging.INFO)
     graceful = limits.pop("graceful_timeout", None)
     engine = build_backend(backend, model_path, adapters_dir, **limits)
+    say_adapters(engine, adapters_dir)
     # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
     uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
+def say_adapters(engine, adapters_dir: str | None, shown: int = 20) -> None:
+    """At start-up: the name each adapter is served under (the `model` of a request) and where it comes from."""
+    entries = engine.registry.entries(on_disk=True)
+    log = logging.getLogger("prefixtune.serve")
+    if engine.registry.indexing:  # a large directory: the names come as the background index reads them
+        log.info("--adapters %s: indexing in the background; any adapter in it can be requested by name now, and "
+                 "GET /v1/models lists them as they are indexed", adapters_dir)
+    elif adapters_dir is not None and not entries:
+        log.warning("--adapters %s: no adapter found (expected a training run, an adapter directory, or a directory "
+                    "of them); serving the base model only", adapters_dir)
+    else:
+        for e in entries[:shown]:
+            log.info("adapter %r <- %s%s", e.name, e.directory, f" (unusable: {e.problem})" if e.problem else "")
+        if len(entries) > shown:
+            log.info("... and %d more adapters (GET /v1/models lists them all)", len(entries) - shown)
+    log.info("base model %r: requests with model=%r use no adapter", engine.model_name, engine.model_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefixtune serve", description="OpenAI-compatible server for one base model + adapters")
     add_serve_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
+    args = build_parser().parse_args(argv)
+    require("serve", "")  # printed after "prefixtune serve: error:"
+    require_backend(args.backend)
     kw = {"torch": dict(dtype=args.dtype, device=args.device), "vllm": dict(dtype=args.dtype)}.get(args.backend, {})
     run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
                graceful_timeout=args.graceful_timeout, max_loaded_adapters=args.max_loaded_adapters,
-               adapter_memory=args.adapter_memory, pin=tuple(args.pin))
+               adapter_memory=args.adapter_memory, pin=tuple(args.pin), best_adapters=args.best)
     return 0

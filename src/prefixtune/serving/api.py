@@ -404,7 +404,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def load_adapter(request: HttpRequest):
         req = _parse(LoadAdapterRequest, await _json_body(request), engine)
         name = req.name
-        await asyncio.to_thread(engine.load_adapter, name, req.path)  # waits for the current step, not the batch
+        await asyncio.to_thread(engine.load_adapter, path=req.path, name=name)  # waits for the current step, not the batch
         metrics.record("/v1/adapters", 201)
         return {"id": name, "object": "model", "parent": engine.model_name}
 

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from .. import inject
+from ..extras import install_command
 from . import llamacpp_cache
 from .llamacpp_modes import LlamaCppError, PerSequenceCache, UnifiedCache
 
 log = logging.getLogger("prefixtune.llamacpp")
 
-INSTALL_HINT = 'pip install "prefixtune[llamacpp]"'
+INSTALL_HINT = install_command("llamacpp")
 # GGUF general.architecture -> transformers model_type (Mistral GGUFs report "llama"). Rope style decides
 # whether prefix keys are permuted (see llamacpp_cache.fill): llama.cpp reports it per model.
 SUPPORTED_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -22,13 +22,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapter_io import CONFIG_NAME, RUN_MARKER, WEIGHTS_NAME, resolve_adapter_dir
+from ..adapter_io import CONFIG_NAME, RUN_BEST, RUN_FINAL, RUN_MARKER, WEIGHTS_NAME, resolve_adapter_dir
 from ..config import ConfigError, check_adapter_name
 from ..knowledge import read_layout
 from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, InvalidRequest, UnknownAdapter
 
 log = logging.getLogger("prefixtune.serve")
 
+# More new adapter directories than this are indexed on a thread when the engine starts (scan(background=True)):
+# 100,000 configs take tens of seconds to read, and a server should answer before that.
+BACKGROUND_INDEX_OVER = 1000
 LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -48,14 +51,14 @@ class AdapterEntry:
     layout: dict | None = None  # a knowledge prefix's trained layout (prefixtune/knowledge.py): how chat is rendered
 
 
-def read_entry(name: str, directory: Path) -> AdapterEntry:
+def read_entry(name: str, directory: Path, best: bool = False) -> AdapterEntry:
     """Index one adapter directory from its config alone (no weights read): one open and one stat in the common
-    case (a training run directory is resolved to its adapter/ first)."""
+    case (a training run directory is resolved to its final adapter/ first, or with `best` to its best/)."""
     try:
         try:
             text, target = (directory / CONFIG_NAME).read_text(), directory
         except FileNotFoundError:
-            target, _ = resolve_adapter_dir(directory)
+            target, _ = resolve_adapter_dir(directory, best)
             text = (target / CONFIG_NAME).read_text()
         cfg = json.loads(text)
         p = int(cfg["num_virtual_tokens"])
@@ -73,9 +76,22 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() or (path / RUN_MARKER).is_file()
 
 
+def single_adapter_name(root: Path) -> str | None:
+    """The name `--adapters ROOT` serves ROOT under when ROOT is itself one training run or one adapter, else
+    None (a directory of them). A run is named after its directory and never serves its insides (adapter/, best/,
+    checkpoints); a run's own adapter/ or best/ given directly is named after the run too."""
+    if (root / RUN_MARKER).is_file() or (root / RUN_FINAL / CONFIG_NAME).is_file():
+        return root.name
+    if (root / CONFIG_NAME).is_file():
+        in_run = root.name in (RUN_FINAL, RUN_BEST) and (root.parent / RUN_MARKER).is_file()
+        return root.parent.name if in_run else root.name
+    return None
+
+
 class AdapterRegistry:
     def __init__(self, load: Callable[[str, Path], int], unload: Callable[[str], None], *, root: str | Path | None = None,
-                 max_loaded: int | None = None, max_bytes: int | None = None, reserved: Iterable[str] = ()):
+                 max_loaded: int | None = None, max_bytes: int | None = None, reserved: Iterable[str] = (),
+                 best: bool = False):
         if max_loaded is not None and max_loaded < 1:
             raise ConfigError(f"--max-loaded-adapters {max_loaded}: must be at least 1 (or unset for no limit)")
         if max_bytes is not None and max_bytes < 1:
@@ -84,42 +100,75 @@ class AdapterRegistry:
         self.root = Path(root).resolve() if root else None
         self.max_loaded, self.max_bytes = max_loaded, max_bytes
         self.reserved = set(reserved)  # names that are not adapters (the base model's)
+        self.best = best  # training runs serve their best/ (by eval score) instead of their final adapter/
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.RLock()
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_failures": 0}
         self.load_seconds = [0] * len(LOAD_SECONDS_BUCKETS)  # cumulative histogram counts
         self.load_seconds_sum, self.load_seconds_count = 0.0, 0
         self._bytes_per_file_byte = 1.0
+        self._indexer: threading.Thread | None = None
 
     # ---- the catalogue ---------------------------------------------------------------------------------------
-    def scan(self) -> tuple[list[str], list[str]]:
+    def scan(self, background: bool = False) -> tuple[list[str], list[str]]:
         """(Re)index the adapters directory: -> (names added, names removed). Resident adapters whose directory
-        is gone are forgotten (running rows keep their copy of the key/values)."""
+        is gone are forgotten (running rows keep their copy of the key/values). With `background`, more than
+        BACKGROUND_INDEX_OVER new directories are indexed on a thread (then none is reported added): the server
+        answers at once, and a request for one not indexed yet finds it by name (`find`)."""
         if self.root is None:
             return [], []
         if not self.root.is_dir():
             raise ConfigError(f"--adapters {self.root}: not a directory; pass the directory that holds adapter "
                               "directories (each with adapter_config.json)")
-        with os.scandir(self.root) as it:  # directory entries know their type: no stat per entry
-            found = {d.name: self.root / d.name for d in it if d.is_dir()}
+        single = single_adapter_name(self.root)
+        if single is not None:  # the root is one run (or one adapter): served whole, under one name
+            found = {single: self.root}
+        else:
+            with os.scandir(self.root) as it:  # directory entries know their type: no stat per entry
+                found = {d.name: self.root / d.name for d in it if d.is_dir()}
         with self._lock:
             ours = {n for n, e in self._entries.items() if self._under_root(e.directory)}
             removed = sorted(n for n in ours if n not in found)
             for n in removed:
                 self._forget(n)
-            added = []
-            for n in sorted(found):
-                if n in self._entries or n in self.reserved:
+            todo = sorted(n for n in found if n not in self._entries and n not in self.reserved)
+        if background and len(todo) > BACKGROUND_INDEX_OVER:
+            self._indexer = threading.Thread(target=self._add, args=(todo, found), name="adapter-index", daemon=True)
+            self._indexer.start()
+            log.info("indexing %d adapter directories in the background", len(todo))
+            return [], removed
+        return self._add(todo, found), removed
+
+    def _add(self, todo: list[str], found: dict[str, Path]) -> list[str]:
+        t0, added = time.perf_counter(), []
+        for n in todo:
+            e = read_entry(n, found[n], self.best)  # outside the lock: a request's find() never waits for the index
+            if e.problem and not is_adapter_dir(found[n]):
+                continue  # not an adapter at all (a stray directory), rather than a broken one
+            with self._lock:
+                if n in self._entries:  # found by a request meanwhile
                     continue
-                e = read_entry(n, found[n])
-                if e.problem and not is_adapter_dir(found[n]):
-                    continue  # not an adapter at all (a stray directory), rather than a broken one
                 self._entries[n] = e
-                added.append(n)
-        return added, removed
+            added.append(n)
+        if len(todo) > BACKGROUND_INDEX_OVER:
+            log.info("indexed %d adapters in %.1f s", len(added), time.perf_counter() - t0)
+        return added
+
+    @property
+    def indexing(self) -> bool:
+        """A background index is still running (the listing is not complete yet)."""
+        return self._indexer is not None and self._indexer.is_alive()
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        if self._indexer is not None:
+            self._indexer.join(timeout)
+        return not self.indexing
 
     def _under_root(self, path: Path) -> bool:
-        return self.root is not None and self.root in path.resolve().parents
+        if self.root is None:
+            return False
+        path = path.resolve()
+        return path == self.root or self.root in path.parents
 
     def names(self) -> list[str]:
         with self._lock:
@@ -138,10 +187,10 @@ class AdapterRegistry:
             e = self._entries.get(name)
             if e is not None:
                 return e
-            if self.root is not None and name not in self.reserved and _plain(name):
+            if self.root is not None and name not in self.reserved and _plain(name) and single_adapter_name(self.root) is None:
                 d = self.root / name
                 if d.is_dir() and is_adapter_dir(d):
-                    e = self._entries[name] = read_entry(name, d)
+                    e = self._entries[name] = read_entry(name, d, self.best)
                     return e
             known = sorted(self.reserved) + self.names()
             shown = f"{known[:20]}"[:-1] + (f", ... ({len(known)} in all)]" if len(known) > 20 else "]")
@@ -292,13 +341,6 @@ class AdapterRegistry:
     def _evict(self, e: AdapterEntry) -> None:
         self._unload(e.name)
         e.resident = False
-
-    def unload(self, name: str) -> None:
-        """Drop `name` from memory but keep it in the catalogue (it loads again on its next request)."""
-        with self._lock:
-            e = self.find(name)
-            if e.resident:
-                self._evict(e)
 
     def check_fits(self, names: Iterable[str]) -> None:
         """A request whose adapters alone exceed the budget can never run: say so at once."""

@@ -28,6 +28,7 @@ from transformers.utils.generic import can_return_loss, find_labels
 
 from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from ..config import ConfigError
+from ..extras import install_command
 from ..model import PrefixModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -108,7 +109,7 @@ def _make_sft_trainer():
     try:
         from trl import SFTTrainer
     except ImportError:
-        raise ImportError("PrefixSFTTrainer needs TRL: pip install trl") from None
+        raise ImportError(f"PrefixSFTTrainer needs TRL: {install_command('trl')}") from None
 
     class PrefixSFTTrainer(PrefixTrainerMixin, SFTTrainer):
         """trl.SFTTrainer that trains a PrefixModel's prefix and saves it as adapter files."""

@@ -7,24 +7,19 @@ progress bar and its messages. Only the main process writes; every process may c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 from ..adapter_io import write_text_atomic
-from ..config import ConfigError
-
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+from ..extras import require
 
 
 def tracker(report_to: str) -> str | None:
     """accelerate's log_with for --report-to, after checking its package is installed (else one clear error)."""
     if report_to in (None, "none"):
         return None
-    package = TRACKER_PACKAGES[report_to]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"--report-to {report_to} needs the {package} package: pip install {package}")
+    require(report_to, f"--report-to {report_to}")  # each tracker is an extra of its own name
     return report_to
 
 
