@@ -28,7 +28,12 @@ the whole backend list N times in turn (interleaved, so machine load hits them a
     python benchmarks/serve.py --backends torch,llamacpp-q4_1,vllm,vllm-bare --vllm-python /work/venv-vllm/bin/python
 
 vllm: the same load on vLLM through our engine (VllmEngine, fp32, prefixes through our KV connector); vllm-bare: the
-same prompts on vLLM without adapters (the cost of prefixes is vllm / vllm-bare). vLLM runs in its own environment
+same prompts on vLLM without adapters (the cost of prefixes is vllm / vllm-bare). torch-bare and llamacpp-q4_1-bare
+(any `<backend>-bare`) are the same for the other engines: the cost of a prefix on every engine is
+
+    python benchmarks/serve.py --backends torch,torch-bare,llamacpp-q4_1,llamacpp-q4_1-bare,vllm,vllm-bare ...
+
+vLLM runs in its own environment
 (--vllm-python); its model is the SmolLM2 HF directory (a copy whose config drops the GGUF quantization note) or
 --vllm-model. Its RSS is summed over its processes (engine core, worker), sampled every 0.2 s for the peak.
 --vllm-compile uses vLLM's compiled mode (slower start, faster decode); the default is eager.
@@ -114,7 +119,9 @@ def main():
     ap.add_argument("--num-adapters", type=int, default=None, help="many-adapter benchmark on SmolLM2 (many_adapters.py)")
     ap.add_argument("--startup", type=int, default=10000, help="--num-adapters: adapters on disk for the start-up test")
     ap.add_argument("--pressure", type=int, default=2000, help="--num-adapters: adapters for the eviction test")
-    ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters for tests 2 and 3")
+    ap.add_argument("--budget", type=int, default=256, help="--num-adapters: --max-loaded-adapters (every test)")
+    ap.add_argument("--distinct", type=int, default=None,
+                    help="--num-adapters: random tables written for test 1; the other directories hard-link them (default: all)")
     ap.add_argument("--save", default=None, help="--num-adapters: write the results as JSON here")
     ap.add_argument("--vllm-python", default=sys.executable, help="--backends vllm*: the Python of the vLLM environment")
     ap.add_argument("--vllm-model", default=None, help="--backends vllm*: HF model directory (default: SmolLM2's)")
@@ -173,7 +180,8 @@ def main():
 
 
 # ---- backend column: the same load on real weights, PyTorch server vs llama.cpp (Q4_1, F16) ------------------
-BACKENDS = ("torch", "llamacpp-q4_1", "llamacpp-f16", "vllm", "vllm-bare")
+BACKENDS = ("torch", "torch-bare", "llamacpp-q4_1", "llamacpp-q4_1-bare", "llamacpp-f16", "vllm", "vllm-bare")
+BARE = "-bare"  # the same prompts with no adapter (the adapters are still loaded: same memory, same engine)
 
 
 class TreeRss:
@@ -225,9 +233,7 @@ def _backend_child(args) -> None:
         engine = VllmEngine(args.vllm_model or work / "vllm-model", adapters_dir=work / "adapters", max_batch_size=len(prompts),
                             max_queue=len(prompts), max_total_tokens=1024, dtype="float32", kv_cache_gib=2,
                             enforce_eager=not args.vllm_compile)
-        if args.backend_child == "vllm-bare":
-            names = [None] * len(prompts)
-    elif args.backend_child == "torch":
+    elif args.backend_child.startswith("torch"):
         from prefixtune.loading import load_model
 
         base, tok = load_model(args.gguf, dtype="fp32", device="cpu")
@@ -238,13 +244,15 @@ def _backend_child(args) -> None:
 
         wtype = args.backend_child.split("-")[1]
         gguf = args.gguf if wtype == "q4_1" else work / f"model-{wtype}.gguf"
-        unified = args.backend_child.endswith("-unified")
+        unified = "-unified" in args.backend_child
         cells = len(prompts) * (args.prompt + args.output) + args.adapters * args.prefix
         engine = LlamaCppEngine(gguf, adapters_dir=work / "adapters", max_batch_size=len(prompts), max_queue=len(prompts),
                                 n_ctx=cells + 256, kv_unified=unified, seq_cells=args.prefix + args.prompt + args.output,
                                 n_threads=args.lcpp_threads or args.threads or torch.get_num_threads(),
                                 n_threads_batch=args.lcpp_threads_batch, n_batch=args.n_batch, n_ubatch=args.n_ubatch)
     assert len(engine.load_dir()) == args.adapters
+    if args.backend_child.endswith(BARE):
+        names = [None] * len(prompts)
     engine.start()
     load_s = time.perf_counter() - t0
     run_engine(engine, [list(zip(names, prompts))[:4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -337,9 +345,11 @@ def backend_table(args) -> None:
     for r in results:
         print(f"| {r['backend']} | {r['secs']:.1f} | {r['tps']:,.1f} | {r['tps'] / ref['tps']:.2f}x | {r['rss'] / 2**20:,.0f} | "
               f"{r['peak'] / 2**20:,.0f} | {r['peak'] / ref['peak']:.2f}x | {r['load']:.2f} |")
-    if "vllm" in best and "vllm-bare" in best:
-        print(f"\nvLLM with {args.adapters} prefix adapters / bare vLLM: {best['vllm']['tps'] / best['vllm-bare']['tps']:.2f}x "
-              "tokens/s (target >= 0.90x)")
+    print()
+    for b in args.backends:
+        if b.endswith(BARE) and b[:-len(BARE)] in best:
+            print(f"{b[:-len(BARE)]} with {args.adapters} prefix adapters / bare: "
+                  f"{best[b[:-len(BARE)]]['tps'] / best[b]['tps']:.2f}x tokens/s (target >= 0.97x)")
 
 
 if __name__ == "__main__":

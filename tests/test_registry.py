@@ -69,6 +69,40 @@ def test_index_reads_no_weights_and_lazy_equals_eager(adapters):
     assert lazy.registry.stats.adapter_misses == N and lazy.registry.stats.adapter_hits == len([a for a, _ in WORK if a]) - N
 
 
+def test_a_large_directory_is_indexed_in_the_background_and_served_meanwhile(adapters, monkeypatch):
+    """Past BACKGROUND_INDEX_OVER directories, index() returns before the index is complete; a request for an
+    adapter not indexed yet is found by name and gives the same tokens as an engine that indexed everything."""
+    import threading
+
+    from prefixtune.serving import registry as reg
+
+    ref_eng = engine(adapters)
+    ref_eng.index()
+    monkeypatch.setattr(reg, "BACKGROUND_INDEX_OVER", 2)
+    gate, read = threading.Event(), reg.read_entry
+
+    def gated(*a, **kw):  # the background indexer waits at the gate; a request's own lookup does not
+        if threading.current_thread().name == "adapter-index":
+            assert gate.wait(30)
+        return read(*a, **kw)
+
+    monkeypatch.setattr(reg, "read_entry", gated)
+    lazy = engine(adapters)
+    assert lazy.index() == [] and lazy.registry.indexing
+    work = [(f"a{N - 1}", [3, 9, 4]), ("a2", [5, 9, 4])]
+    ref_eng.start(), lazy.start()
+    try:
+        assert run(lazy, work) == run(ref_eng, work)
+        assert lazy.registry.names() == ["a2", f"a{N - 1}"]  # found by name while the index waits
+        gate.set()
+        assert lazy.registry.wait_indexed(30) and not lazy.registry.indexing
+        assert lazy.adapter_names() == ref_eng.adapter_names() == [f"a{i}" for i in range(N)]
+        assert [e.num_virtual_tokens for e in lazy.registry.entries()] == [2 + i for i in range(N)]
+    finally:
+        gate.set()
+        ref_eng.stop(), lazy.stop()
+
+
 def test_eviction_under_a_budget_keeps_outputs_exact(adapters):
     ref_eng = engine(adapters)
     ref_eng.load_dir()

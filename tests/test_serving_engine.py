@@ -179,11 +179,11 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
     eng = Engine(model, adapters_dir=tmp_path / "adapters")
     for bad in ("../outside", str(tmp_path / "outside"), "good/../../outside"):
         with pytest.raises(EngineError, match="leaves the adapters directory"):
-            eng.load_adapter("x", bad)
+            eng.load_adapter(bad, "x")
     for name in ("../x", "a/b", "", ".."):
         with pytest.raises(EngineError, match="not a plain name"):
-            eng.load_adapter(name, "good")
-    eng.load_adapter("x", "good")
+            eng.load_adapter("good", name)
+    eng.load_adapter("good", "x")  # PrefixModel.load_adapter's order: (directory, name)
     assert "x" in eng.model.prefixes
     assert Engine(three_adapters(), adapters_dir=tmp_path / "adapters").load_dir() == ["good"]
 

@@ -53,3 +53,23 @@ def test_the_tree_outside_serving_keeps_the_limits_and_has_no_circle():
     over = [r for r in rows if r[2] > S.LIMITS[r[0]] and ".serving" not in r[1]]
     assert not over
     assert S.cycles(graph) == []
+
+
+def test_import_module_strings_count_as_imports(tmp_path, capsys):
+    """`importlib.import_module("...")`, relative or absolute, closes a circle as an import statement would; a
+    computed name counts every prefixtune module the file names in a string."""
+    root = _package(tmp_path, {
+        "a.py": "import importlib\n\n\ndef f():\n    return importlib.import_module('prefixtune.b')\n",
+        "b.py": "from importlib import import_module\n\n\ndef g():\n    return import_module('.c', __package__)\n",
+        "c.py": "from . import a\n",
+        "d.py": "import importlib\nHOOKS = {'x': 'prefixtune.e'}\n\n\ndef h(k):\n    return importlib.import_module(HOOKS[k])\n",
+        "e.py": "from .d import HOOKS\n",
+        "f.py": "import importlib\nNOTE = 'prefixtune.a'\n\n\ndef k():\n    return importlib.import_module('json')\n",
+    })
+    assert S.main([str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "import cycle: prefixtune.a -> prefixtune.b -> prefixtune.c -> prefixtune.a  (3 modules)" in out
+    assert "import cycle: prefixtune.d -> prefixtune.e -> prefixtune.d  (2 modules)" in out
+    assert "prefixtune.f" not in out  # a string naming a module is no import when every import_module is literal
+    tree = S.ast.parse((root / "f.py").read_text())
+    assert S.imports(tree, "prefixtune.f", False, {"prefixtune.a", "prefixtune.f"}) == set()

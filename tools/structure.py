@@ -4,9 +4,10 @@
 
 Prints the largest module, function and class, every one over the limits (module 450 lines, function 80,
 class 300), every import cycle among prefixtune's own modules, and every import that breaks the layering
-(README "Layout": core imports none of training/, serving/, cli/; training/ none of serving/, cli/); exits 1 if
+(docs/architecture.md: core imports none of training/, serving/, cli/; training/ none of serving/, cli/); exits 1 if
 anything is over, circular or out of its layer.
-A cycle counts every import, also one inside a function (a late import hides a circle, it does not remove it);
+A cycle counts every import, also one inside a function (a late import hides a circle, it does not remove it)
+and one by `importlib.import_module("...")` (a computed name counts every prefixtune module the file names in a string);
 `if TYPE_CHECKING:` imports are left out (they never run). Line counts are physical lines, blank and comments
 included (what `wc -l` and an editor show).
 """
@@ -80,7 +81,10 @@ def imports(tree: ast.Module, name: str, is_package: bool, known: set[str]) -> s
                 for other in child.orelse:
                     visit(other)
                 continue
-            if isinstance(child, ast.Import):
+            if _is_import_module(child):
+                targets = _import_module_targets(child, package)
+                visit(child)
+            elif isinstance(child, ast.Import):
                 targets = [a.name for a in child.names]
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
@@ -100,7 +104,36 @@ def imports(tree: ast.Module, name: str, is_package: bool, known: set[str]) -> s
                     break  # `from . import x`: the first target names the submodule, the stem is the package
 
     visit(tree)
+    if any(_is_import_module(n) and not _import_module_targets(n, package) for n in ast.walk(tree)):
+        # A computed name (`import_module(HOOKS[cmd])`): every prefixtune module named by a string in this module
+        # may be the one imported, so each counts.
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in known and n.value != name:
+                found.add(n.value)
     return found
+
+
+def _is_import_module(node) -> bool:
+    """`importlib.import_module(...)` or a bare `import_module(...)` (from importlib import import_module)."""
+    if not isinstance(node, ast.Call):
+        return False
+    f = node.func
+    return (isinstance(f, ast.Attribute) and f.attr == "import_module") or (isinstance(f, ast.Name) and f.id == "import_module")
+
+
+def _import_module_targets(call: ast.Call, package: str) -> list[str]:
+    """The module an `import_module` call names with a string: absolute, or relative to this package (".x" with
+    package=__package__/__name__ or the package's own name); [] when the name is computed."""
+    arg = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "name"), None)
+    if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+        return []
+    target = arg.value
+    if target.startswith("."):
+        dots = len(target) - len(target.lstrip("."))
+        base = package.split(".")
+        base = base[: len(base) - dots + 1]
+        target = ".".join(base + ([target.lstrip(".")] if target.lstrip(".") else []))
+    return [target]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -46,7 +46,8 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
     from ..serving.api import create_app
     from ..serving.backends import build_backend
 
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO)  # a no-op under cli.main, which configured logging already:
+    logging.getLogger("prefixtune").setLevel(logging.INFO)  # so our start-up lines (adapter names) are shown anyway
     graceful = limits.pop("graceful_timeout", None)
     engine = build_backend(backend, model_path, adapters_dir, **limits)
     try:
@@ -88,13 +89,17 @@ def say_adapters(engine, adapters_dir: str | None, shown: int = 20) -> None:
     """At start-up: the name each adapter is served under (the `model` of a request) and where it comes from."""
     entries = engine.registry.entries(on_disk=True)
     log = logging.getLogger("prefixtune.serve")
-    if adapters_dir is not None and not entries:
+    if engine.registry.indexing:  # a large directory: the names come as the background index reads them
+        log.info("--adapters %s: indexing in the background; any adapter in it can be requested by name now, and "
+                 "GET /v1/models lists them as they are indexed", adapters_dir)
+    elif adapters_dir is not None and not entries:
         log.warning("--adapters %s: no adapter found (expected a training run, an adapter directory, or a directory "
                     "of them); serving the base model only", adapters_dir)
-    for e in entries[:shown]:
-        log.info("adapter %r <- %s%s", e.name, e.directory, f" (unusable: {e.problem})" if e.problem else "")
-    if len(entries) > shown:
-        log.info("... and %d more adapters (GET /v1/models lists them all)", len(entries) - shown)
+    else:
+        for e in entries[:shown]:
+            log.info("adapter %r <- %s%s", e.name, e.directory, f" (unusable: {e.problem})" if e.problem else "")
+        if len(entries) > shown:
+            log.info("... and %d more adapters (GET /v1/models lists them all)", len(entries) - shown)
     log.info("base model %r: requests with model=%r use no adapter", engine.model_name, engine.model_name)
 
 

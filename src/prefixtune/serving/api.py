@@ -29,6 +29,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from .. import knowledge
 from . import errors as E
 from .engine import Engine
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -122,15 +123,12 @@ def _tokenize(engine: Engine, text: str, special: bool = True) -> list[int]:
 
 
 def _chat_ids(req: ChatCompletionRequest, engine: Engine) -> list[int]:
-    clean = req.messages
-    tok = engine.tokenizer
-    if tok is None:
+    if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer, so chat is unavailable; use /v1/completions with token ids")
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
-        return _tokenize(engine, text, special=False)  # the template writes its own special tokens
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
-    return _tokenize(engine, text)
+    try:  # a knowledge prefix's request in its trained layout, any other by the chat template
+        return knowledge.request_ids(engine.tokenizer, req.messages, engine.registry.layout_of(req.model))
+    except knowledge.LayoutError as e:
+        raise ApiError(str(e), param="messages") from None
 
 
 # ---- responses ------------------------------------------------------------------------------------------
@@ -366,7 +364,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def load_adapter(request: HttpRequest):
         req = _parse(LoadAdapterRequest, await _json_body(request), engine)
         name = req.name
-        await asyncio.to_thread(engine.load_adapter, name, req.path)  # waits for the current step, not the batch
+        await asyncio.to_thread(engine.load_adapter, path=req.path, name=name)  # waits for the current step, not the batch
         metrics.record("/v1/adapters", 201)
         return {"id": name, "object": "model", "parent": engine.model_name}
 

@@ -30,7 +30,7 @@ def check_adapters_dir(adapters_dir) -> None:
         existing_dir(adapters_dir, "--adapters", "adapters (one subdirectory per adapter or training run)")
 
 
-def build_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto", device: str | None = None,
+def build_torch_engine(model_path: str, adapters_dir: str | None = None, *, dtype: str = "auto", device: str | None = None,
                  pin: tuple[str, ...] = (), **limits) -> Engine:
     """The PyTorch engine on a model loaded the way `train` loads it (a directory, a Hub id or a .gguf; dtype
     'auto' = bf16/fp16 on a GPU, fp32 on CPU), with the adapters under adapters_dir indexed."""
@@ -51,7 +51,7 @@ def build_backend(backend: str, model_path: str, adapters_dir: str | None = None
     """The engine for `--backend`: "torch" (ours, any supported model), "llamacpp" (a .gguf on llama.cpp) or "vllm"
     (a model directory on vLLM; dtype is passed on as vLLM's)."""
     if backend == "torch":
-        return build_engine(model_path, adapters_dir, dtype=dtype, device=device, pin=pin, **limits)
+        return build_torch_engine(model_path, adapters_dir, dtype=dtype, device=device, pin=pin, **limits)
     if backend == "llamacpp":
         if not str(model_path).lower().endswith(".gguf"):
             raise ConfigError(f"--backend llamacpp serves a .gguf file; --model {model_path} is not one")
@@ -65,3 +65,6 @@ def build_backend(backend: str, model_path: str, adapters_dir: str | None = None
 
         return build_vllm_engine(model_path, adapters_dir, dtype=dtype, pin=pin, **limits)
     raise ConfigError(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+build_engine = build_torch_engine  # its old name (it builds the torch engine only; `build_backend` picks one)

@@ -42,6 +42,18 @@ log = logging.getLogger("prefixtune.serve")
 COMPOSE = "+"  # "manual+faq" in the API's model field: the two prefixes, concatenated in that order
 
 
+def eos_ids(generation_config, config, tokenizer) -> set[int]:
+    """The ids generate() stops on: the generation config's first, then the model config's, then the tokenizer's,
+    as offline generation does (every backend asks here)."""
+    for v in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
+              getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            return {v}
+        if isinstance(v, (list, tuple)) and v:
+            return {int(x) for x in v}
+    return set()
+
+
 class Engine(ABC):
     backend = "?"
     capabilities: frozenset[str] = FEATURES  # optional request features honoured (see request.FEATURES)
@@ -63,7 +75,7 @@ class Engine(ABC):
         self.lock = threading.RLock()  # the model: worker steps vs adapter load/unload
         self.stats = EngineStats()  # the counters /metrics reads; the registry and output processor write to it too
         self.output = OutputProcessor(tokenizer, self.eos_ids, self.stats)
-        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue, request_timeout=request_timeout)
+        self.scheduler = Scheduler(max_queue=max_queue, request_timeout=request_timeout)
         self.registry = AdapterRegistry(self._load_prefix, self._unload_prefix, root=adapters_dir,
                                         max_loaded=max_loaded_adapters, max_bytes=parse_size(adapter_memory),
                                         reserved={model_name}, best=best_adapters,  # runs' best/ (serve --best)
@@ -92,10 +104,14 @@ class Engine(ABC):
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows (backends free their cache state here)."""
+        self._close_cancelled()
+        self._rows = [r for r in self._rows if not r.finished]
+
+    def _close_cancelled(self) -> None:
+        """Running rows whose client went away leave the engine (the one place; backends then free their state)."""
         for r in self._rows:
             if r.cancelled:
                 r.close()
-        self._rows = [r for r in self._rows if not r.finished]
 
     def _after_failure(self) -> None:
         """A step raised: its rows are already failed; reset whatever batch state may be half-updated."""
@@ -196,8 +212,9 @@ class Engine(ABC):
 
     # ---- adapters: load, unload, rescan ------------------------------------------------------------------
     def index(self, pin: tuple[str, ...] = ()) -> list[str]:
-        """Index the adapters directory (no weights read) and load the pinned adapters; -> all names."""
-        self.registry.scan()
+        """Index the adapters directory (no weights read; a large one on a thread, see AdapterRegistry.scan) and
+        load the pinned adapters; -> the names indexed so far."""
+        self.registry.scan(background=True)
         for name in pin:
             self.registry.pin(name)
             with self.lock:
@@ -243,8 +260,9 @@ class Engine(ABC):
             log.info("%s: %s", path, note)
         return target
 
-    def load_adapter(self, name: str, path: str) -> None:
-        """Hot load from a path inside the adapters directory."""
+    def load_adapter(self, path: str, name: str) -> None:
+        """Hot load from a path inside the adapters directory. Arguments in PrefixModel.load_adapter's order
+        (directory, name); callers name them (`path=`, `name=`)."""
         self.add_adapter(name, self.resolve_adapter_path(path))
 
     def add_adapter(self, name: str, directory: str | Path, pinned: bool = False) -> None:
@@ -281,6 +299,8 @@ class Engine(ABC):
             self._drop_finished()
 
     def _admit(self) -> list[Request]:
+        # Every iteration, also with a full batch: a queued request ends at its deadline, not when a slot frees.
+        self.scheduler.expire(self._fail)
         free = self.max_batch_size - len(self._rows)
         if free <= 0:
             return []

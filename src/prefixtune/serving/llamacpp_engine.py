@@ -126,9 +126,7 @@ class LlamaCppEngine(Engine):
         self._step_rows(rows, logits)
 
     def _drop_finished(self) -> None:
-        for r in self._rows:
-            if r.cancelled:
-                r.close()
+        self._close_cancelled()
         done = [r for r in self._rows if r.finished]
         if not done:
             return
@@ -145,7 +143,7 @@ class LlamaCppEngine(Engine):
 
 def build_llamacpp_engine(model_path: str, adapters_dir: str | None = None, pin: tuple[str, ...] = (),
                           **kw) -> LlamaCppEngine:
-    """The llama.cpp twin of api.build_engine: load the GGUF, then index the adapters under adapters_dir."""
+    """The llama.cpp twin of backends.build_torch_engine: load the GGUF, then index the adapters under adapters_dir."""
     engine = LlamaCppEngine(model_path, adapters_dir=adapters_dir, **kw)
     names = engine.index(pin)
     log.info("llama.cpp: serving %s with %d adapter(s) indexed", engine.model_name, len(names))

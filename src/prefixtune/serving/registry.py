@@ -24,10 +24,16 @@ from pathlib import Path
 
 from ..adapter_io import CONFIG_NAME, RUN_BEST, RUN_FINAL, RUN_MARKER, WEIGHTS_NAME, resolve_adapter_dir
 from ..config import ConfigError, check_adapter_name
+from ..knowledge import read_layout
 from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, InvalidRequest, UnknownAdapter
 from .stats import EngineStats
 
 log = logging.getLogger("prefixtune.serve")
+
+# More new adapter directories than this are indexed on a thread when the engine starts (scan(background=True)):
+# 100,000 configs take tens of seconds to read, and a server should answer before that.
+BACKGROUND_INDEX_OVER = 1000
+
 
 @dataclass
 class AdapterEntry:
@@ -42,6 +48,7 @@ class AdapterEntry:
     refs: int = 0  # queued and running requests that use it
     pinned: bool = False
     last_used: float = 0.0
+    layout: dict | None = None  # a knowledge prefix's trained layout (prefixtune/knowledge.py): how chat is rendered
 
 
 def read_entry(name: str, directory: Path, best: bool = False) -> AdapterEntry:
@@ -59,7 +66,7 @@ def read_entry(name: str, directory: Path, best: bool = False) -> AdapterEntry:
             size = os.stat(target / WEIGHTS_NAME).st_size
         except FileNotFoundError:
             size = 0  # read_adapter names what is missing when the adapter is loaded
-        return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size)
+        return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size, layout=read_layout(target))
     except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
         why = str(e) if isinstance(e, ConfigError) else f"{directory / CONFIG_NAME} is unreadable ({type(e).__name__}: {e})"
         return AdapterEntry(name, Path(directory), 0, None, 0, problem=why)
@@ -98,11 +105,14 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self.stats = stats if stats is not None else EngineStats()  # the engine's: hits, misses, loads, evictions
         self._bytes_per_file_byte = 1.0
+        self._indexer: threading.Thread | None = None
 
     # ---- the catalogue ---------------------------------------------------------------------------------------
-    def scan(self) -> tuple[list[str], list[str]]:
+    def scan(self, background: bool = False) -> tuple[list[str], list[str]]:
         """(Re)index the adapters directory: -> (names added, names removed). Resident adapters whose directory
-        is gone are forgotten (running rows keep their copy of the key/values)."""
+        is gone are forgotten (running rows keep their copy of the key/values). With `background`, more than
+        BACKGROUND_INDEX_OVER new directories are indexed on a thread (then none is reported added): the server
+        answers at once, and a request for one not indexed yet finds it by name (`find`)."""
         if self.root is None:
             return [], []
         if not self.root.is_dir():
@@ -119,16 +129,38 @@ class AdapterRegistry:
             removed = sorted(n for n in ours if n not in found)
             for n in removed:
                 self._forget(n)
-            added = []
-            for n in sorted(found):
-                if n in self._entries or n in self.reserved:
+            todo = sorted(n for n in found if n not in self._entries and n not in self.reserved)
+        if background and len(todo) > BACKGROUND_INDEX_OVER:
+            self._indexer = threading.Thread(target=self._add, args=(todo, found), name="adapter-index", daemon=True)
+            self._indexer.start()
+            log.info("indexing %d adapter directories in the background", len(todo))
+            return [], removed
+        return self._add(todo, found), removed
+
+    def _add(self, todo: list[str], found: dict[str, Path]) -> list[str]:
+        t0, added = time.perf_counter(), []
+        for n in todo:
+            e = read_entry(n, found[n], self.best)  # outside the lock: a request's find() never waits for the index
+            if e.problem and not is_adapter_dir(found[n]):
+                continue  # not an adapter at all (a stray directory), rather than a broken one
+            with self._lock:
+                if n in self._entries:  # found by a request meanwhile
                     continue
-                e = read_entry(n, found[n], self.best)
-                if e.problem and not is_adapter_dir(found[n]):
-                    continue  # not an adapter at all (a stray directory), rather than a broken one
                 self._entries[n] = e
-                added.append(n)
-        return added, removed
+            added.append(n)
+        if len(todo) > BACKGROUND_INDEX_OVER:
+            log.info("indexed %d adapters in %.1f s", len(added), time.perf_counter() - t0)
+        return added
+
+    @property
+    def indexing(self) -> bool:
+        """A background index is still running (the listing is not complete yet)."""
+        return self._indexer is not None and self._indexer.is_alive()
+
+    def wait_indexed(self, timeout: float | None = None) -> bool:
+        if self._indexer is not None:
+            self._indexer.join(timeout)
+        return not self.indexing
 
     def _under_root(self, path: Path) -> bool:
         if self.root is None:
@@ -161,6 +193,18 @@ class AdapterRegistry:
             known = sorted(self.reserved) + self.names()
             shown = f"{known[:20]}"[:-1] + (f", ... ({len(known)} in all)]" if len(known) > 20 else "]")
             raise UnknownAdapter(f"unknown model {name!r}; available: {shown}")
+
+    def layout_of(self, model: str) -> dict | None:
+        """The trained layout of the knowledge prefix a request names (the first part of a composed name that has
+        one); None for the base model and other adapters."""
+        for part in (model or "").split("+"):  # engine.COMPOSE
+            try:
+                e = self.find(part)
+            except UnknownAdapter:
+                return None  # the base model's name, or one the request's own lookup reports
+            if e.layout is not None:
+                return e.layout
+        return None
 
     def register(self, name: str, directory: str | Path, pinned: bool = False) -> AdapterEntry:
         """Add an adapter by name and directory (a hot load, a Python caller, --pin); not loaded yet."""
@@ -288,13 +332,6 @@ class AdapterRegistry:
     def _evict(self, e: AdapterEntry) -> None:
         self._unload(e.name)
         e.resident = False
-
-    def unload(self, name: str) -> None:
-        """Drop `name` from memory but keep it in the catalogue (it loads again on its next request)."""
-        with self._lock:
-            e = self.find(name)
-            if e.resident:
-                self._evict(e)
 
     def check_fits(self, names: Iterable[str]) -> None:
         """A request whose adapters alone exceed the budget can never run: say so at once."""

@@ -8,30 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .detokenize import IncrementalText
 from .errors import EngineError
-from .sampler import logits_processors
+from .sampler import SamplingParams, logits_processors
+
+__all__ = ["FEATURES", "Event", "Request", "SamplingParams", "adapter_tuple"]  # SamplingParams: sampler.py's
 
 # Optional request features; an engine lists those it honours in `capabilities` and the API refuses the others
 # naming the field (never a silently different result).
 FEATURES = frozenset({"logprobs", "logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
                       "seed", "echo", "top_p", "stop"})
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy (argmax), identical to generate(do_sample=False)
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: fixed output lengths
-    # OpenAI's penalties on tokens generated so far: logit -= frequency * count + presence * (count > 0).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # HF/vLLM's multiplicative penalty on every token of prompt + output (1.0 = off), as generate() applies it.
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
 
 
 @dataclass
@@ -65,7 +51,8 @@ class Request:
     # Worker-side state.
     generated: list[int] = field(default_factory=list)
     token_logprobs: list = field(default_factory=list)  # parallel to generated when params.logprobs is set
-    sent_chars: int = 0
+    sent_chars: int = 0  # text sent in events so far
+    output_text: IncrementalText | None = None  # the text of `generated` (set by output.py)
     last: int | None = None  # sampled token not yet fed to the model
     cancelled: bool = False
     finished: bool = False

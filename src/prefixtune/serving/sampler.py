@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -14,8 +15,33 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-if TYPE_CHECKING:
-    from .request import Request, SamplingParams
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy (argmax), identical to generate(do_sample=False)
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: fixed output lengths
+    # OpenAI's penalties on tokens generated so far: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF/vLLM's multiplicative penalty on every token of prompt + output (1.0 = off), as generate() applies it.
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+
+
+class Row(Protocol):
+    """What sampling reads of a request (request.Request; named here so sampler does not import request)."""
+    prompt_ids: list[int]
+    generated: list[int]
+    params: SamplingParams
+    gen: torch.Generator | None
+    shaping: LogitsProcessorList
+    warping: LogitsProcessorList
+
 
 
 class OpenAIPenaltyLogitsProcessor(LogitsProcessor):
@@ -52,7 +78,7 @@ def logits_processors(p: SamplingParams, prompt_len: int = 0) -> tuple[LogitsPro
     return shaping, warping
 
 
-def next_token(r: Request, scores: torch.Tensor) -> int:
+def next_token(r: Row, scores: torch.Tensor) -> int:
     """One row's next token from its logits [1, vocab]: shaped, then argmax (greedy) or warped and sampled with
     the request's own generator, as generate() does for one sequence."""
     ids = torch.tensor([r.prompt_ids + r.generated], device=scores.device) if r.shaping else None
@@ -67,7 +93,7 @@ def next_token(r: Request, scores: torch.Tensor) -> int:
 Logprob = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob, and the top-k (id, logprob)
 
 
-def sample_rows(rows: list[Request], logits: torch.Tensor) -> list[tuple[int, Logprob | None]]:
+def sample_rows(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, Logprob | None]]:
     """One (token, logprob entry or None) per row from the step's logits [len(rows), vocab]. Logprobs are the
     model's own distribution (before penalties and temperature), as vLLM reports them."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]

@@ -19,8 +19,7 @@ ADMIT, SKIP, WAIT = "admit", "skip", "wait"
 
 
 class Scheduler:
-    def __init__(self, *, max_batch_size: int, max_queue: int, request_timeout: float | None):
-        self.max_batch_size = max_batch_size
+    def __init__(self, *, max_queue: int, request_timeout: float | None):
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.cond = threading.Condition()

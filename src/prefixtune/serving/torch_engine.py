@@ -13,6 +13,8 @@ Each iteration it
      mixing adapters costs nothing per step;
   3. samples per row (engine.Engine._step_rows), emits text, and drops finished rows with index_select,
      trimming columns that no remaining row uses.
+Prefix key/values, masks and position ids come from PrefixModel.prefixed_inputs (the one path, shared with
+forward() and generate()); this module only merges and trims the running batch's cache rows.
 Adapters are the PrefixModel's own (`load_adapter` / `delete_adapter`), their tables kept in the model's dtype.
 A row may compose several adapters (a tuple of names): their prefixes are concatenated in order.
 """
@@ -20,7 +22,6 @@ A row may compose several adapters (a tuple of names): their prefixes are concat
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sto
 
 from .. import inject
 from ..config import ConfigError
-from .engine import Engine
+from .engine import Engine, eos_ids
 from .request import Request
 
 
@@ -40,18 +41,6 @@ def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
         return x
     pad = [0, 0] * (-dim - 1) + [missing, 0]
     return torch.nn.functional.pad(x, pad)
-
-
-def eos_ids(base, tokenizer) -> set[int]:
-    """The ids generate() stops on: the generation config's first, as offline generation does."""
-    gen_cfg = getattr(base, "generation_config", None)
-    for v in (getattr(gen_cfg, "eos_token_id", None), getattr(base.config, "eos_token_id", None),
-              getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(v, int):
-            return {v}
-        if isinstance(v, (list, tuple)) and v:
-            return {int(x) for x in v}
-    return set()
 
 
 class TorchEngine(Engine):
@@ -66,14 +55,13 @@ class TorchEngine(Engine):
         base = model.base_model
         cfg = base.config
         self.model = model.eval()
-        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=eos_ids(base, tokenizer),
+        stop_ids = eos_ids(getattr(base, "generation_config", None), cfg, tokenizer)
+        super().__init__(tokenizer, model_name=model_name, vocab_size=cfg.vocab_size, eos_ids=stop_ids,
                          max_positions=inject.max_positions(model.arch, cfg), **limits)
         for name in model.prefixes:  # attached before serving: resident for good (no directory to reload from)
             self.registry.register_resident(name, model.configs[name].num_virtual_tokens, self._resident_bytes(name))
         self.base = base
-        fwd = set(inspect.signature(base.forward).parameters)
-        self._pass_positions = model.arch.takes_position_ids and "position_ids" in fwd
-        self._logits_to_keep = "logits_to_keep" in fwd
+        self._logits_to_keep = "logits_to_keep" in self.model._fwd_params
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, S], prefix slots included
 
@@ -163,20 +151,17 @@ class TorchEngine(Engine):
     def _after_failure(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
 
-    def _prefix_cache(self, names: list[str | None]):
-        if all(n is None for n in names):
-            return DynamicCache(), torch.zeros(len(names), 0, dtype=torch.long)
-        layers, pmask = self.model.prefix_batch(names)
-        return inject.build_cache(self.model.arch, layers, "dynamic"), pmask
-
-    def _forward(self, ids, mask, cache):
-        kw = {"use_cache": True}
-        if self._pass_positions:
-            kw["position_ids"] = inject.positions_from_mask(mask, ids.shape[1])
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, names: list) -> tuple:
+        """One forward through PrefixModel.prefixed_inputs, the one path by which prefix key/values, masks and
+        position ids reach the model: for a prefill `cache` is empty and `names` the rows' adapters (the prefix
+        is put in the cache and in front of `mask`); for a decode step the prefix is in `cache` and `mask` already,
+        so every row is named None and only the mask-derived positions are added.
+        -> (next-token logits [B, vocab], the cache, the mask over every cached slot)."""
+        kw = self.model.prefixed_inputs(ids, mask, adapter_names=names, past_key_values=cache, use_cache=True)
         if self._logits_to_keep:
             kw["logits_to_keep"] = 1  # as generate() does: same logits, no [T, vocab] waste
-        out = self.base(input_ids=ids, attention_mask=mask, **{self.model.cache_kw: cache}, **kw)
-        return out.logits[:, -1].float()
+        out = self.base(**kw)
+        return out.logits[:, -1].float(), kw[self.model.cache_kw], kw["attention_mask"]
 
     def _prefill(self, ready: list[Request]) -> None:
         by_len: dict[int, list[Request]] = {}
@@ -184,9 +169,7 @@ class TorchEngine(Engine):
             by_len.setdefault(len(r.prompt_ids), []).append(r)
         for group in by_len.values():
             ids = torch.tensor([r.prompt_ids for r in group], device=self.model.device)
-            cache, pmask = self._prefix_cache([r.adapter for r in group])
-            mask = torch.cat([pmask.to(ids.device), torch.ones_like(ids)], dim=1)
-            logits = self._forward(ids, mask, cache)
+            logits, cache, mask = self._forward(ids, torch.ones_like(ids), DynamicCache(), [r.adapter for r in group])
             self.stats.prefilled(ids.numel())
             self._step_rows(group, logits)
             keep = [i for i, r in enumerate(group) if not r.finished]
@@ -209,22 +192,19 @@ class TorchEngine(Engine):
 
     @staticmethod
     def _select(cache, mask, idx):
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        cache.batch_select_indices(idx)
         return cache, mask.index_select(0, idx)
 
     def _decode(self) -> None:
         ids = torch.tensor([[r.last] for r in self._rows], device=self._mask.device)
-        self._mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
-        logits = self._forward(ids, self._mask, self._cache)
+        mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        logits, self._cache, self._mask = self._forward(ids, mask, self._cache, [None] * len(self._rows))
         self._count_step(len(self._rows))
         self._step_rows(self._rows, logits)
 
     def _drop_finished(self) -> None:
         """Remove finished/cancelled rows and the leading columns nobody attends to any more."""
-        for r in self._rows:
-            if r.cancelled:
-                r.close()
+        self._close_cancelled()
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
         if len(keep) == len(self._rows):
             return

@@ -17,10 +17,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from ..config import ConfigError
-from .engine import Engine
+from .engine import Engine, eos_ids
 from .errors import EngineError, GenerationFailed, InvalidRequest
 from .request import FEATURES, Request
 
@@ -62,7 +61,6 @@ class VllmEngine(Engine):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from ..loading import load_config, load_tokenizer
-        from .torch_engine import eos_ids
         from .vllm_prefix import CONNECTOR, arch_of_config, placeholder_vocab
 
         if tensor_parallel_size != 1:
@@ -105,7 +103,7 @@ class VllmEngine(Engine):
             pass
         super().__init__(tokenizer, model_name=model_name or Path(str(model_path).rstrip("/")).name,
                          vocab_size=int(config.get_text_config().vocab_size),
-                         eos_ids=eos_ids(SimpleNamespace(generation_config=gen_cfg, config=config), tokenizer),
+                         eos_ids=eos_ids(gen_cfg, config, tokenizer),
                          max_positions=self.llm.model_config.max_model_len, max_batch_size=max_batch_size, **limits)
         self._adapters: dict = {}  # name -> vllm_connector.AdapterId
         self._live: dict[str, Request] = {}  # vLLM request id -> our request
@@ -200,9 +198,7 @@ class VllmEngine(Engine):
             self._count_step(stepped)
 
     def _drop_finished(self) -> None:
-        for r in self._rows:
-            if r.cancelled:
-                r.close()
+        self._close_cancelled()
         gone = [rid for rid, r in self._live.items() if r.finished]
         if gone:  # finished by us (stop string, timeout, cancel) while vLLM still runs them
             with self.lock:
@@ -277,7 +273,7 @@ def _logprob_entry(lps: dict, tok: int, k: int) -> tuple[float, list[tuple[int, 
 
 
 def build_vllm_engine(model_path: str, adapters_dir: str | None = None, pin: tuple[str, ...] = (), **kw) -> VllmEngine:
-    """The vLLM twin of backends.build_engine: start vLLM on the model, then index the adapters under adapters_dir."""
+    """The vLLM twin of backends.build_torch_engine: start vLLM on the model, then index the adapters under adapters_dir."""
     engine = VllmEngine(model_path, adapters_dir=adapters_dir, **kw)
     names = engine.index(pin)
     log.info("vLLM: serving %s with %d adapter(s) indexed", engine.model_name, len(names))

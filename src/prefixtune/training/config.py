@@ -24,9 +24,12 @@ SCHEDULERS = ("linear", "cosine", "constant")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
 ON_TRUNCATE = ("warn", "error", "drop")
+# tasks that became commands of their own: --task VALUE stops with this pointer (cli/flags.py, validate)
+MOVED_TASKS = {"distill": "knowledge prefixes have their own commands: `prefixtune distill --model M --context FILE "
+               "--output RUN` and `prefixtune distill-eval` (docs/knowledge-prefixes.md)"}
 
 
-# Each task's defaults, chosen by measurement (README "Benchmarks"; raw results in benchmarks/results/). "prefix":
+# Each task's defaults, chosen by measurement (benchmarks/README.md; raw results in benchmarks/results/). "prefix":
 # PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries (kind as inject.kind_of_config
 # says) replace the task's for that kind of model. A recipe or flag always wins; `resolve` fills in the rest.
 TASK_DEFAULTS = {
@@ -65,7 +68,7 @@ class TrainConfig:
     eval: str | None = _f(None, "data", "evaluation data (same formats as --train)", default_text="split "
                           "--eval-fraction off --train")
     data_config: str | None = _f(None, "data", "Hub dataset config name, e.g. sentences_allagree")
-    task: str | None = _f(None, "data", "what the prefix learns", choices=TASKS, required=True)
+    task: str | None = _f(None, "data", "what the prefix learns", choices=TASKS, required=True, moved=MOVED_TASKS)
     text_column: str | None = _f(None, "data", "input text column", default_text="guessed from the data")
     label_column: str | None = _f(None, "data", "classify: label column", default_text="guessed from the data")
     label_words: list[str] | None = _f(None, "data", "classify: comma-separated label set, e.g. "
@@ -111,7 +114,7 @@ class TrainConfig:
     scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
     max_grad_norm: float = _f(1.0, "optimisation", "clip the gradient norm to this")
     # averaging the prefix over recent steps (training/ema.py); off by default: it smoothed the curve but did not
-    # end higher (README "Benchmarks")
+    # end higher (benchmarks/README.md)
     ema: float = _f(0.0, "optimisation", "evaluate and save a moving average of the trainable weights with this "
                     "decay, e.g. 0.98 (0 = off: the last step's weights)")
     base_dropout: bool | None = _f(None, "optimisation", "keep the frozen model's own dropout while training "
@@ -145,6 +148,8 @@ class TrainConfig:
         for name in ("model", "train", "task", "output"):
             if not getattr(self, name):
                 raise RecipeError(f"missing {name}: pass --{name} or set `{name}:` in the recipe")
+        if self.task in MOVED_TASKS:
+            raise RecipeError(f"task {self.task!r}: {MOVED_TASKS[self.task]}")
         for name, allowed in (("task", TASKS), ("precision", PRECISIONS), ("scheduler", SCHEDULERS),
                               ("eval_method", EVAL_METHODS), ("on_truncate", ON_TRUNCATE), ("report_to", REPORT_TO)):
             if getattr(self, name) not in allowed:
@@ -254,7 +259,8 @@ class EvalConfig:
     model: str | None = _f(None, "eval", "base model: directory, Hub id or .gguf file", required=True)
     data: str | None = _f(None, "eval", "CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a DatasetDict "
                           "is evaluated on its validation/test split", required=True)
-    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True)
+    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True,
+                          moved=MOVED_TASKS)
     method: str = _f("rank", "eval", "classify: rank = label log-likelihood, generate = free generation; encoder "
                      "classifiers are always scored by their head", choices=EVAL_METHODS)
     output: str | None = _f(None, "eval", "where eval.json / predictions.jsonl go", default_text="<adapter>/eval or ./eval")
