@@ -500,21 +500,20 @@ def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch)
 
     built = {}
 
-    def fake_uvicorn_run(app, **kw):
-        built["app"] = app
+    def fake_serve(server):  # instead of serving: look at the engine the command built, before serve closes it
+        eng = built["engine"]
+        built.update(indexed=set(eng.adapter_names()), resident=eng.registry.resident_names(), loaded=eng.load_dir())
 
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_serve)
     real = backends.build_backend
     monkeypatch.setattr(backends, "build_backend", lambda *a, **k: built.setdefault("engine", real(*a, **k, n_threads=1)))
     assert serve_cli.main(["--backend", "llamacpp", "--model", str(tiny["gguf"]), "--adapters", str(tiny["root"] / "adapters")]) == 0
     eng = built["engine"]
-    try:
-        assert isinstance(eng, LlamaCppEngine) and set(ADAPTERS) <= set(eng.adapter_names())  # indexed
-        assert eng.registry.resident_names() == [] and eng.load_dir() == sorted(ADAPTERS)  # all load ('wrong-model' not)
-    finally:
-        eng.close()
+    assert isinstance(eng, LlamaCppEngine) and set(ADAPTERS) <= built["indexed"]  # indexed
+    assert built["resident"] == [] and built["loaded"] == sorted(ADAPTERS)  # all load ('wrong-model' not)
+    assert not eng.is_alive() and eng.model.ctx is None  # serve closed the engine (llama.cpp's memory) on its way out
     with pytest.raises(ConfigError, match="serves a .gguf file"):
         backends.build_backend("llamacpp", str(tiny["root"]))
 
