@@ -311,8 +311,11 @@ def test_health_and_metrics(engine):
     assert metric(text, "prefixtune_request_latency_seconds_bucket", le="+Inf") == 1
     assert metric(text, "prefixtune_generation_tokens_total") >= 3
     steps = metric(text, "prefixtune_decode_steps_total")
-    assert steps >= 3 and metric(text, "prefixtune_step_batch_size_count") == steps
+    assert steps >= 1 and metric(text, "prefixtune_step_batch_size_count") == steps
     assert metric(text, "prefixtune_step_batch_size_bucket", le="+Inf") == steps
+    assert metrics.headers["content-type"].startswith("text/plain")
+    om = call(app, lambda c: c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}))
+    assert om.headers["content-type"].startswith("application/openmetrics-text") and om.text.rstrip().endswith("# EOF")
 
 
 def test_metrics_registries_are_per_app(engine):

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from .. import knowledge
 from . import errors as E
 from .engine import Engine
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
 from .request import Event, Request, SamplingParams
 
@@ -346,8 +346,9 @@ def create_app(engine: Engine) -> FastAPI:
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus(request: HttpRequest):
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

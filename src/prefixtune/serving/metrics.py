@@ -7,15 +7,15 @@ so the engine itself needs no metrics library.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from .engine import Engine
 from .stats import LOAD_SECONDS_BUCKETS
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
@@ -32,8 +32,10 @@ class ServerMetrics:
         if seconds is not None and status < 400:
             self.latency.observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type) in the format the scraper asks for (Prometheus text, or OpenMetrics)."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type
 
 
 def _histogram(name: str, help_: str, bounds, counts: list[int], total: float) -> HistogramMetricFamily:
