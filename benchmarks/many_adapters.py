@@ -119,8 +119,7 @@ def drive(eng, work, max_tokens) -> dict:
 
 
 def load_ms(eng) -> float:
-    reg = eng.registry
-    return 1000 * reg.load_seconds_sum / max(reg.load_seconds_count, 1)
+    return 1000 * eng.stats.mean_adapter_load_seconds()
 
 
 def time_loads(eng) -> list[float]:
@@ -192,7 +191,7 @@ def run(args) -> int:
         results["first_request_load_ms_per_adapter"] = cold_load_ms
         results["first_request_load_ms_p50"] = statistics.median(loads) if loads else None
         print_table("throughput", rows, ("tokens_per_s", "p50_s", "p95_s"))
-        print(f"first-request load: {cold_load_ms:.1f} ms per adapter (mean over {engN.registry.load_seconds_count}), "
+        print(f"first-request load: {cold_load_ms:.1f} ms per adapter (mean over {engN.stats.adapter_loads}), "
               f"p50 {results['first_request_load_ms_p50'] or float('nan'):.1f} ms over {len(loads)} loads (target <= 10 ms)")
         cold, ref8 = rows[f"{args.num_adapters} adapters, cold (loads on first request)"], rows["8 adapters"]
         print(f"cold {args.num_adapters} / 8 adapters: {cold['tokens_per_s'] / ref8['tokens_per_s']:.2f}x tokens/s "
@@ -243,7 +242,7 @@ def run(args) -> int:
         results["pressure"] = {"adapters": args.pressure, "requests": len(work),
                                "distinct_adapters": len({a for a, _ in work}), "errors": len(got["errors"]),
                                "outputs_equal": got["outputs"] == ref["outputs"],
-                               "evictions": budget.registry.stats["evictions"],
+                               "evictions": budget.stats.adapter_evictions,
                                "max_resident": args.budget, "resident_after": len(budget.registry.resident_names())}
         print("pressure:", json.dumps(results["pressure"]))
         return finish(args, results, work_root)

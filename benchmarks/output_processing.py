@@ -25,6 +25,15 @@ POSITIONS = (20, 2000)
 WINDOW = 10  # positions p-10 .. p+9 count as "around p"
 
 
+def engine_stats():
+    """The engine's counters as OutputProcessor takes them: EngineStats, or the dict of commits before it."""
+    try:
+        from prefixtune.serving.stats import EngineStats
+    except ImportError:
+        return {"completion_tokens": 0}
+    return EngineStats()
+
+
 def text_ids(tokenizer, n: int) -> list[int]:
     """At least `n` token ids of real prose and code (this repository's docs and sources, repeated if short)."""
     root = Path(__file__).resolve().parent.parent
@@ -55,7 +64,7 @@ def main():
     per_pos: dict[int, list[float]] = {p: [] for p in POSITIONS if p + WINDOW <= args.tokens}
     total = 0.0
     for s in range(args.streams):
-        out = OutputProcessor(tok, set(), {"completion_tokens": 0})
+        out = OutputProcessor(tok, set(), engine_stats())
         r = Request(None, [1], SamplingParams(max_tokens=args.tokens + 1, stop=stops, ignore_eos=True), lambda ev: None,
                     index=s)
         for i, t in enumerate(ids):

@@ -339,3 +339,44 @@ def offline_seq2seq(model, prompt, name, max_new):
     toks = out[0, 1:].tolist()  # after the decoder start token
     eos = model.base_model.generation_config.eos_token_id
     return toks[: toks.index(eos) + 1] if eos in toks else toks
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample of a /metrics page, parsed by prometheus_client's own parser (KeyError when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return samples[(name, tuple(sorted((k, str(v)) for k, v in labels.items())))]
+
+
+class LiveServer:
+    """The app around `engine` on a real uvicorn server on 127.0.0.1 (a free port), in a thread; leaving the block
+    is what SIGTERM does (uvicorn drains, then the app's lifespan closes the engine)."""
+
+    def __init__(self, engine):
+        import socket
+
+        import uvicorn
+
+        from prefixtune.serving.api import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -40,6 +40,7 @@ def _data(tmp_path: Path) -> str:
 CASES = {  # name -> (argv, blocked modules, the extra the message must name)
     "serve": (["serve", "--model", "{model}"], ("uvicorn",), "serve"),
     "serve without fastapi": (["serve", "--model", "{model}"], ("fastapi",), "serve"),
+    "serve without prometheus_client": (["serve", "--model", "{model}"], ("prometheus_client",), "serve"),
     "serve --backend llamacpp": (["serve", "--backend", "llamacpp", "--model", "m.gguf"], ("llama_cpp",), "llamacpp"),
     "serve --backend vllm": (["serve", "--backend", "vllm", "--model", "{model}"], ("vllm",), "vllm"),
     "generate --backend llamacpp": (["generate", "--backend", "llamacpp", "--model", "{model}", "--prompt", "hi"],

@@ -178,4 +178,4 @@ def test_serving_engine_on_cuda_matches_offline_generate(kind):
     finally:
         eng.stop()
     assert [got.tokens[i] for i in range(len(prompts))] == ref
-    assert max(eng.batch_hist) == 5 and len(eng.batch_hist) > 1
+    assert max(eng.stats.batch_sizes) == 5 and len(eng.stats.batch_sizes) > 1

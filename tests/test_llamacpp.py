@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_models import make_model, write_tiny_gguf
+from helpers import metric
 
 import prefixtune as pt
 from prefixtune.serving import llamacpp_cache
@@ -313,7 +314,7 @@ def test_backend_greedy_equals_the_pytorch_engine_per_adapter_and_mixed(backends
     rows = prompts * len(ADAPTERS) + prompts[:4]
     got = lc.generate(rows, names, max_tokens=8)
     assert got == pyt.generate(rows, names, max_tokens=8)
-    assert max(lc.engine.batch_hist) > 2 * N_PROMPTS  # decode steps held rows of every adapter at once
+    assert max(lc.engine.stats.batch_sizes) > 2 * N_PROMPTS  # decode steps held rows of every adapter at once
     assert len(set(got)) > len(rows) // 2
 
 
@@ -415,7 +416,7 @@ def test_server_hot_load_unload_and_bad_adapters(server, tiny, tmp_path):
     assert out["delete"].status_code == 200 and out["gone"].status_code == 404
     assert out["wrong"].status_code == 422 and "layers: adapter 3 vs model 2" in out["wrong"].json()["error"]["message"]
     assert out["too_long"].status_code == 400 and "max_tokens" in out["too_long"].json()["error"]["message"]
-    assert out["health"].json()["status"] == "ok" and "prefixtune_adapters_loaded 3" in out["metrics"].text
+    assert out["health"].json()["status"] == "ok" and metric(out["metrics"].text, "prefixtune_adapters_loaded") == 3
     assert server.model.used_cells == 0 and sorted(server.model.mode.blobs) == sorted(ADAPTERS)  # per-sequence: no shared
     # cells; the unloaded copy's blob is gone and the reloaded one is kept
 
@@ -450,7 +451,7 @@ def test_requests_wait_for_kv_cells_and_a_failed_step_frees_its_sequences(tiny, 
     # 4 x (prompt + 100) cells do not fit 256 - 7 at once: admission holds some back until cells free up.
     got = gen.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
     assert got == pyt.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
-    assert max(eng.batch_hist) < 4 and eng._reserved == 0
+    assert max(eng.stats.batch_sizes) < 4 and eng._reserved == 0
 
     def boom(*a, **k):
         raise RuntimeError("injected")
@@ -483,7 +484,7 @@ def test_per_sequence_engine_checks_each_requests_cells(tiny, backends):
     # 4 x (prompt + 100) cells: more than 256 in all, yet each request has its own 256 cells, so all run at once.
     got = gen.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
     assert got == pyt.generate(prompts, "mid", max_tokens=100, ignore_eos=True, return_tokens=True)
-    assert max(gen.engine.batch_hist) == 4
+    assert max(gen.engine.stats.batch_sizes) == 4
     n = len(gen.engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
     with pytest.raises(pt.ConfigError, match=r"more KV cells than a llama.cpp sequence has beside the adapter's prefix \(249 of 256\)"):
         gen.generate(prompts[0], "mid", max_tokens=250 - n)
@@ -499,21 +500,20 @@ def test_prefixtune_serve_backend_llamacpp_builds_this_engine(tiny, monkeypatch)
 
     built = {}
 
-    def fake_uvicorn_run(app, **kw):
-        built["app"] = app
+    def fake_serve(server):  # instead of serving: look at the engine the command built, before serve closes it
+        eng = built["engine"]
+        built.update(indexed=set(eng.adapter_names()), resident=eng.registry.resident_names(), loaded=eng.load_dir())
 
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_serve)
     real = backends.build_backend
     monkeypatch.setattr(backends, "build_backend", lambda *a, **k: built.setdefault("engine", real(*a, **k, n_threads=1)))
     assert serve_cli.main(["--backend", "llamacpp", "--model", str(tiny["gguf"]), "--adapters", str(tiny["root"] / "adapters")]) == 0
     eng = built["engine"]
-    try:
-        assert isinstance(eng, LlamaCppEngine) and set(ADAPTERS) <= set(eng.adapter_names())  # indexed
-        assert eng.registry.resident_names() == [] and eng.load_dir() == sorted(ADAPTERS)  # all load ('wrong-model' not)
-    finally:
-        eng.close()
+    assert isinstance(eng, LlamaCppEngine) and set(ADAPTERS) <= built["indexed"]  # indexed
+    assert built["resident"] == [] and built["loaded"] == sorted(ADAPTERS)  # all load ('wrong-model' not)
+    assert not eng.is_alive() and eng.model.ctx is None  # serve closed the engine (llama.cpp's memory) on its way out
     with pytest.raises(ConfigError, match="serves a .gguf file"):
         backends.build_backend("llamacpp", str(tiny["root"]))
 

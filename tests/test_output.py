@@ -9,6 +9,7 @@ from helpers import id_tokenizer
 from prefixtune.serving.detokenize import IncrementalText
 from prefixtune.serving.output import OutputProcessor
 from prefixtune.serving.request import Request, SamplingParams
+from prefixtune.serving.stats import EngineStats
 
 CORPUS = ["hello world, this is a test of byte level merges", "naïve café déjà vu",
           "emoji 🙂🚀👍🏽 and more 🙂", "中文字符和日本語のテキスト", "stop strings: END and ### and \n\n"] * 3
@@ -55,8 +56,8 @@ def full_decode_events(tok, eos, tokens, params):
 
 def run(tok, eos, tokens, params, logprobs=None):
     """Feed `tokens` to a fresh OutputProcessor; -> the events of the request."""
-    events, stats = [], {"completion_tokens": 0}
-    out = OutputProcessor(tok, {eos}, stats)
+    events = []
+    out = OutputProcessor(tok, {eos}, EngineStats())
     r = Request(None, [4], params, events.append)
     for i, t in enumerate(tokens):
         if r.finished:

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import Collector, id_tokenizer, make
+from helpers import Collector, id_tokenizer, make, metric
 
 import prefixtune as pt
 from prefixtune.config import ConfigError
@@ -66,7 +66,7 @@ def test_index_reads_no_weights_and_lazy_equals_eager(adapters):
         eager.stop(), lazy.stop()
     assert got == ref and len({tuple(t) for t in ref}) > N  # adapters change the output
     assert lazy.registry.resident_names() == [f"a{i}" for i in range(N)]
-    assert lazy.registry.stats["misses"] == N and lazy.registry.stats["hits"] == len([a for a, _ in WORK if a]) - N
+    assert lazy.registry.stats.adapter_misses == N and lazy.registry.stats.adapter_hits == len([a for a, _ in WORK if a]) - N
 
 
 def test_a_large_directory_is_indexed_in_the_background_and_served_meanwhile(adapters, monkeypatch):
@@ -114,7 +114,7 @@ def test_eviction_under_a_budget_keeps_outputs_exact(adapters):
     finally:
         ref_eng.stop(), small.stop()
     assert got == ref
-    assert len(small.registry.resident_names()) <= 2 and small.registry.stats["evictions"] >= N - 2
+    assert len(small.registry.resident_names()) <= 2 and small.registry.stats.adapter_evictions >= N - 2
     assert len(small.model.prefixes) <= 2  # evicted adapters left the model too
 
 
@@ -130,7 +130,7 @@ def test_eviction_never_drops_an_adapter_a_request_holds(adapters):
     assert reg.ensure(["b"]) is False and loaded == ["a", "c"]  # both held: b waits, nothing is dropped
     reg.release(["a"])
     assert reg.ensure(["b"]) and loaded == ["c", "b"]
-    assert reg.stats["evictions"] == 2
+    assert reg.stats.adapter_evictions == 2
 
 
 def test_byte_budget_pin_and_serving_dtype(adapters):
@@ -141,7 +141,7 @@ def test_byte_budget_pin_and_serving_dtype(adapters):
         for i in range(N - 1):
             assert eng.registry.ensure([f"a{i}"])
             assert eng.registry.resident_bytes() <= 8000 and "a5" in eng.registry.resident_names()
-    assert eng.registry.stats["evictions"] > 0
+    assert eng.registry.stats.adapter_evictions > 0
     half = TorchEngine(pt.PrefixModel(make("llama").to(torch.bfloat16)), id_tokenizer(), adapters_dir=adapters["root"] / "adapters")
     with half.lock:
         half.registry.ensure(["a3"])
@@ -217,10 +217,11 @@ def test_server_lists_every_adapter_rescans_and_reports_residency(adapters, tmp_
     assert rescan["added"] == ["fresh"] and "fresh" in [m["id"] for m in after]
     assert sum(m.get("resident", False) for m in after) == 2  # the budget
     # a0, a1, a2 (evicts a0, the least recent), then a0+a1: a1 is resident (a hit), a0 loads and evicts a2
-    for line in ("prefixtune_adapters_loaded 2", "prefixtune_adapter_misses_total 4", "prefixtune_adapter_hits_total 1",
-                 "prefixtune_adapter_evictions_total 2", 'prefixtune_adapter_load_seconds_bucket{le="+Inf"} 4',
-                 f"prefixtune_adapters_known {N + 1}"):
-        assert line in metrics, (line, [m for m in metrics.splitlines() if "adapter" in m and "#" not in m])
+    want = {"prefixtune_adapters_loaded": 2, "prefixtune_adapter_misses_total": 4, "prefixtune_adapter_hits_total": 1,
+            "prefixtune_adapter_evictions_total": 2, "prefixtune_adapter_load_seconds_count": 4,
+            "prefixtune_adapters_known": N + 1}
+    assert {name: metric(metrics, name) for name in want} == want
+    assert metric(metrics, "prefixtune_adapter_load_seconds_bucket", le="+Inf") == 4
 
 
 def test_every_engine_error_has_its_status():

@@ -4,8 +4,6 @@ metrics, graceful shutdown, and a bounded loopback load test."""
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 
 import pytest
@@ -15,8 +13,8 @@ pytest.importorskip("fastapi")  # before the imports it guards
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from helpers import LiveServer, lively, make, metric, offline, offline_seq2seq  # noqa: E402
 from helpers import id_tokenizer as word_tokenizer  # noqa: E402
-from helpers import lively, make, offline, offline_seq2seq  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 from prefixtune.model import PrefixModel  # noqa: E402
@@ -111,7 +109,8 @@ def test_greedy_output_equals_offline_generation_alone_and_in_mixed_batches(engi
     expected = [reference_text(engine, p, None if m == BASE else m, k) for p, m, k in cases]
 
     async def one(c, p, m, k, stream=False):
-        r = await c.post("/v1/completions", json={"model": m, "prompt": p, "max_tokens": k, "temperature": 0, "stream": stream})
+        body = {"model": m, "prompt": p, "max_tokens": k, "temperature": 0, "stream": stream}
+        r = await c.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}} if stream else body)
         assert r.status_code == 200, r.text
         if not stream:
             return r.json()["choices"][0]["text"], r.json()["usage"]
@@ -127,10 +126,10 @@ def test_greedy_output_equals_offline_generation_alone_and_in_mixed_batches(engi
     for (text, usage), (ref, n_prompt, n_out) in zip(call(app, alone), expected):
         assert text == ref
         assert usage == {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-    batch_hist_before = dict(engine.batch_hist)
+    batch_hist_before = dict(engine.stats.batch_sizes)
     got = call(app, mixed)
     assert [t for t, _ in got] == [e[0] for e in expected]
-    assert max(k for k, v in engine.batch_hist.items() if v > batch_hist_before.get(k, 0)) > 4  # really batched
+    assert max(k for k, v in engine.stats.batch_sizes.items() if v > batch_hist_before.get(k, 0)) > 4  # really batched
 
 
 def test_chat_uses_the_template_and_counts_usage(engine):
@@ -147,11 +146,16 @@ def test_chat_uses_the_template_and_counts_usage(engine):
     assert r["object"] == "chat.completion"
     assert r["choices"][0]["message"] == {"role": "assistant", "content": ref}
     assert r["usage"]["prompt_tokens"] == len(ids) == 9 and r["usage"]["completion_tokens"] == len(toks)
-    s = call(app, lambda c: c.post("/v1/chat/completions", json={**body, "stream": True}))
+    s = call(app, lambda c: c.post("/v1/chat/completions", json={**body, "stream": True,
+                                                                  "stream_options": {"include_usage": True}}))
     ev = sse_events(s.text)
     assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev if e["choices"]) == ref
-    assert ev[-1]["usage"]["completion_tokens"] == len(toks)
+    # OpenAI's include_usage contract: every chunk has "usage", null but in the last one, whose choices are empty
+    assert all(e["usage"] is None and len(e["choices"]) == 1 for e in ev[:-1])
+    assert ev[-1]["choices"] == [] and ev[-1]["usage"]["completion_tokens"] == len(toks)
+    plain = sse_events(call(app, lambda c: c.post("/v1/chat/completions", json={**body, "stream": True})).text)
+    assert all(len(e["choices"]) == 1 and "usage" not in e for e in plain)  # not asked: no usage chunk, no field
 
 
 def test_n_seed_and_stop(engine):
@@ -301,38 +305,31 @@ def test_health_and_metrics(engine):
     health, metrics = call(app, run)
     assert health.json()["status"] == "ok" and health.json()["adapters"] == sorted([*ADAPTERS, "pickled", "wrong"])
     text = metrics.text
-    assert 'prefixtune_requests_total{endpoint="/v1/completions",status="200"} 1' in text
-    assert 'prefixtune_requests_total{endpoint="/v1/completions",status="404"} 1' in text
-    assert "prefixtune_queue_depth 0" in text and "prefixtune_adapters_loaded 3" in text
-    assert 'prefixtune_request_latency_seconds_bucket{le="+Inf"} 1' in text
-    assert int(text.split("\nprefixtune_generation_tokens_total ")[1].split()[0]) >= 3
-    assert "# TYPE prefixtune_step_batch_size histogram" in text
+    assert metric(text, "prefixtune_requests_total", endpoint="/v1/completions", status=200) == 1
+    assert metric(text, "prefixtune_requests_total", endpoint="/v1/completions", status=404) == 1
+    assert metric(text, "prefixtune_queue_depth") == 0 and metric(text, "prefixtune_adapters_loaded") == 3
+    assert metric(text, "prefixtune_request_latency_seconds_bucket", le="+Inf") == 1
+    assert metric(text, "prefixtune_generation_tokens_total") >= 3
+    steps = metric(text, "prefixtune_decode_steps_total")
+    assert steps >= 1 and metric(text, "prefixtune_step_batch_size_count") == steps
+    assert metric(text, "prefixtune_step_batch_size_bucket", le="+Inf") == steps
+    assert metrics.headers["content-type"].startswith("text/plain")
+    om = call(app, lambda c: c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}))
+    assert om.headers["content-type"].startswith("application/openmetrics-text") and om.text.rstrip().endswith("# EOF")
+
+
+def test_metrics_registries_are_per_app(engine):
+    """Two apps in one process count their own requests (prometheus_client's global registry would mix them)."""
+    a, b = create_app(engine), create_app(engine)
+    call(a, lambda c: c.get("/v1/models"))
+    call(a, lambda c: c.post("/v1/completions", json={"model": "nope", "prompt": "w5"}))
+    text_a, text_b = (call(app, lambda c: c.get("/metrics")).text for app in (a, b))
+    assert metric(text_a, "prefixtune_requests_total", endpoint="/v1/completions", status=404) == 1
+    with pytest.raises(KeyError):
+        metric(text_b, "prefixtune_requests_total", endpoint="/v1/completions", status=404)
 
 
 # ---- real server on loopback --------------------------------------------------------------------------------
-class LiveServer:
-    def __init__(self, engine):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 async def complete_request(c, model, prompt, max_tokens, stream, n=1):
     """One request; returns (status, completion_tokens, finish_reasons) after checking it is complete."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1, "stream": stream,
@@ -343,7 +340,7 @@ async def complete_request(c, model, prompt, max_tokens, stream, n=1):
             return r.status_code, 0, []
         j = r.json()
         return 200, j["usage"]["completion_tokens"], [ch["finish_reason"] for ch in j["choices"]]
-    async with c.stream("POST", "/v1/completions", json=body) as r:
+    async with c.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as r:
         raw = (await r.aread()).decode()
     if r.status_code != 200:
         return r.status_code, 0, []
@@ -387,7 +384,7 @@ def test_load_loopback_mixed_adapters_and_streaming(dirs):
         assert finishes == ["length"] * n and tokens == max_tokens * n
     assert eng._cache is None and eng.running == 0 and eng.queue_depth == 0
     assert after - before < 200, f"RSS grew {after - before:.0f} MB over a repeat of the same load"
-    assert max(eng.batch_hist) > 8
+    assert max(eng.stats.batch_sizes) > 8
     print(f"load: {len(jobs)} requests in {elapsed:.1f}s")
 
 
@@ -426,7 +423,7 @@ def test_client_disconnect_frees_the_row(dirs):
     async def run(url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
             body = {"model": "alpha", "prompt": "w5 w6", "max_tokens": 100, "stream": True, "ignore_eos": True}
-            async with c.stream("POST", "/v1/completions", json=body) as r:
+            async with c.stream("POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
                         break  # first token arrived; hang up
@@ -437,7 +434,7 @@ def test_client_disconnect_frees_the_row(dirs):
 
     with LiveServer(eng) as url:
         assert asyncio.run(run(url)) == 0
-    assert eng.stats["completion_tokens"] < 100
+    assert eng.stats.completion_tokens < 100
 
 
 # ---- OpenAI extras: logprobs, penalties, logit_bias, echo, stream_options ----------------------------------
@@ -551,7 +548,10 @@ BAD_EXTRAS = [
     ({"repetition_penalty": 0}, "'repetition_penalty' must be in (0, 10]"),
     ({"logit_bias": {"w5": 1}}, "'logit_bias' must map token ids"),
     ({"logit_bias": {"5": 500}}, "'logit_bias' must map token ids"),
-    ({"stream_options": {"include_usage": "yes"}}, "'stream_options' must be an object"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "'stream_options.include_usage' must be a bool"),
+    ({"stream_options": {"include_usage": True}}, "'stream_options' is only allowed with 'stream': true"),
+    ({"top_p": 1.5}, "'top_p' must be in (0, 1], got 1.5"),
+    ({"max_completion_tokens": 0}, "'max_completion_tokens' must be at least 1, got 0"),
 ]
 
 

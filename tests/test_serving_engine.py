@@ -28,7 +28,7 @@ def test_greedy_matches_offline_generate_in_mixed_continuous_batches(kind):
     finally:
         eng.stop()
     assert [got.tokens[i] for i in range(len(prompts))] == ref
-    assert max(eng.batch_hist) == 5 and len(eng.batch_hist) > 1  # really batched, with joins/leaves
+    assert max(eng.stats.batch_sizes) == 5 and len(eng.stats.batch_sizes) > 1  # really batched, with joins/leaves
     assert eng.running == 0 and eng._cache is None  # finished rows left; nothing is held
 
 
@@ -213,8 +213,8 @@ def test_encoder_decoder_greedy_matches_prefix_model_generate_alone_and_mixed(ki
         eng.stop()
     assert [alone.tokens[i] for i in range(3)] == ref[:3]
     assert [mixed.tokens[i] for i in range(len(prompts))] == ref
-    assert max(eng.batch_hist) >= 3  # the mixed group of one prompt length decoded together
-    assert eng.running == 0 and eng.stats["completion_tokens"] == sum(len(t) for t in ref[:3] + ref)
+    assert max(eng.stats.batch_sizes) >= 3  # the mixed group of one prompt length decoded together
+    assert eng.running == 0 and eng.stats.completion_tokens == sum(len(t) for t in ref[:3] + ref)
 
 
 def test_encoder_decoder_sampling_and_stops_follow_the_request():

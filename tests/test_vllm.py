@@ -11,6 +11,7 @@ id tokenizer (every id a word); three adapters with P = 16, 20, 40 (not block-al
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -124,17 +125,17 @@ def test_all_adapters_mixed_with_bare_rows_in_one_batch_then_from_the_prefix_cac
     want = [refs[n][tiny["prompts"].index(p)] for p, n in rows]
     with gen.engine.lock:
         assert gen.engine.llm.reset_prefix_cache()  # earlier tests' blocks out: round one starts cold
-    before = dict(gen.engine.stats)
+    before = dataclasses.replace(gen.engine.stats)
     assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
-    first = gen.engine.stats["prefix_tokens_loaded"] - before.get("prefix_tokens_loaded", 0)
+    first = gen.engine.stats.prefix_tokens_loaded - before.prefix_tokens_loaded
     # Second round: the same requests, now partly served from vLLM's prefix cache (a40's first block, 32 of its 40
     # placeholders, is a full block every a40 request shares), and still equal.
-    mid = dict(gen.engine.stats)
+    mid = dataclasses.replace(gen.engine.stats)
     assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
-    second = gen.engine.stats["prefix_tokens_loaded"] - mid["prefix_tokens_loaded"]
+    second = gen.engine.stats.prefix_tokens_loaded - mid.prefix_tokens_loaded
     adapter_rows = sum(n is not None for _, n in rows)
     assert second < first <= sum(ADAPTERS[n] for _, n in rows if n)
-    assert gen.engine.stats["prefix_loads"] - mid["prefix_loads"] == adapter_rows  # every adapter row got its load
+    assert gen.engine.stats.prefix_loads - mid.prefix_loads == adapter_rows  # every adapter row got its load
 
 
 @pytest.mark.vllm
@@ -319,7 +320,7 @@ def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
         got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=24, ignore_eos=True, return_tokens=True)
         assert got == [reference(tiny["model"], n, p, 24) for p, n in rows]
         adapter_rows = sum(n is not None for _, n in rows)
-        assert g.engine.stats["prefix_loads"] > adapter_rows  # some were preempted, and reloaded
+        assert g.engine.stats.prefix_loads > adapter_rows  # some were preempted, and reloaded
     finally:
         g.close()
 
@@ -515,7 +516,7 @@ def test_smollm2_preemption_keeps_equality(smol):
         rows = smol_rows(smol)
         got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True)
         assert got == [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
-        assert g.engine.stats["prefix_loads"] > sum(n is not None for _, n in rows)  # preempted and reloaded
+        assert g.engine.stats.prefix_loads > sum(n is not None for _, n in rows)  # preempted and reloaded
     finally:
         g.close()
 

@@ -15,7 +15,7 @@ from .config import ConfigError
 # llama_cpp). Keep in step with [project.optional-dependencies] in pyproject.toml (tests/test_extras.py checks).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("accelerate", "datasets", "pandas", "yaml", "tqdm", "matplotlib", "ftfy"),
-    "serve": ("fastapi", "uvicorn"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "gguf": ("gguf",),
     "llamacpp": ("llama_cpp",),
     "vllm": ("vllm",),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 from ..extras import require
@@ -49,9 +50,39 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
     logging.getLogger("prefixtune").setLevel(logging.INFO)  # so our start-up lines (adapter names) are shown anyway
     graceful = limits.pop("graceful_timeout", None)
     engine = build_backend(backend, model_path, adapters_dir, **limits)
-    say_adapters(engine, adapters_dir)
-    # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish, then our lifespan drains the engine.
-    uvicorn.run(create_app(engine), host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
+    try:
+        say_adapters(engine, adapters_dir)
+        # uvicorn on SIGINT/SIGTERM: stop accepting, let open requests finish (up to --graceful-timeout), then the
+        # app's lifespan drains and closes the engine with every process it started.
+        app = create_app(engine)
+        config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful, log_level="info")
+        _server_class(uvicorn)(config, app).run()
+    finally:
+        engine.close()  # again (a no-op) after a clean shutdown; the one close when uvicorn failed to start (port taken)
+
+
+def _server_class(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus: requests still open shortly before --graceful-timeout runs out end with a clear
+        error (503, in-band for a stream, then [DONE]) instead of a connection uvicorn cuts without a word."""
+
+        def __init__(self, config, app):
+            super().__init__(config)
+            self.app = app
+
+        async def shutdown(self, sockets=None):
+            timeout = self.config.timeout_graceful_shutdown
+            if timeout is not None:
+                from ..serving.errors import EngineStopped
+
+                error = EngineStopped(f"the server is shutting down and stopped this request after the {timeout:g} s "
+                                      "--graceful-timeout; retry it")
+                # Half the timeout (at most 1 s) before the cut: time for the error to reach the client.
+                asyncio.get_running_loop().call_later(timeout - min(timeout / 2, 1.0),
+                                                      self.app.state.completions.abort_in_flight, error)
+            await super().shutdown(sockets)
+
+    return Server
 
 
 def say_adapters(engine, adapters_dir: str | None, shown: int = 20) -> None:

@@ -7,7 +7,11 @@ STATUS maps each typed engine error to its status.
 
     GET  /v1/models                 POST /v1/completions      POST /v1/chat/completions
     POST /v1/adapters {name, path}  DELETE /v1/adapters/{name}  POST /v1/adapters/rescan
-    GET  /health                    GET  /metrics (Prometheus text)
+    GET  /health                    GET  /metrics (Prometheus text, metrics.py)
+
+Streams follow OpenAI's API reference: one chunk per text delta ("chat.completion.chunk" / "text_completion"),
+the finish_reason on each choice's last chunk, a usage chunk (empty `choices`) only when the request sets
+`stream_options.include_usage` (then every other chunk carries `"usage": null`), then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from dataclasses import replace
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from .. import knowledge
 from . import errors as E
 from .engine import Engine
+from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
-from .registry import LOAD_SECONDS_BUCKETS
 from .request import Event, Request, SamplingParams
 
 log = logging.getLogger("prefixtune.serve")
@@ -70,64 +74,6 @@ def async_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
     return put
 
 
-# ---- metrics -----------------------------------------------------------------------------------------
-class Metrics:
-    LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-    BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency = [0] * len(self.LATENCY_BUCKETS)
-        self.latency_sum, self.latency_count = 0.0, 0
-
-    def record(self, endpoint: str, status: int, seconds: float | None = None) -> None:
-        key = (endpoint, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        if seconds is not None and status < 400:
-            self.latency_sum += seconds
-            self.latency_count += 1
-            for i, b in enumerate(self.LATENCY_BUCKETS):
-                if seconds <= b:
-                    self.latency[i] += 1
-
-    def render(self, engine: Engine) -> str:
-        out = ["# HELP prefixtune_requests_total Requests by endpoint and HTTP status.",
-               "# TYPE prefixtune_requests_total counter"]
-        for (ep, st), v in sorted(self.requests.items()):
-            out.append(f'prefixtune_requests_total{{endpoint="{ep}",status="{st}"}} {v}')
-        s, reg = engine.stats, engine.registry
-        for name, help_, val, kind in (
-            ("prompt_tokens_total", "Prompt tokens prefilled.", s["prompt_tokens"], "counter"),
-            ("generation_tokens_total", "Tokens generated.", s["completion_tokens"], "counter"),
-            ("decode_steps_total", "Batched decode forward passes.", s["steps"], "counter"),
-            ("queue_depth", "Requests waiting for a batch slot.", engine.queue_depth, "gauge"),
-            ("batch_size", "Rows in the running batch now.", engine.running, "gauge"),
-            ("adapters_known", "Adapters the server can serve (indexed).", len(engine.adapter_names()), "gauge"),
-            ("adapters_loaded", "Adapters resident in memory.", len(reg.resident_names()), "gauge"),
-            ("adapter_bytes", "Bytes the resident adapters hold.", reg.resident_bytes(), "gauge"),
-            ("adapter_hits_total", "Requests whose adapter was resident.", reg.stats["hits"], "counter"),
-            ("adapter_misses_total", "Adapter loads on demand.", reg.stats["misses"], "counter"),
-            ("adapter_evictions_total", "Adapters evicted to stay within the budget.", reg.stats["evictions"], "counter"),
-            ("adapter_load_failures_total", "Adapter loads that failed.", reg.stats["load_failures"], "counter"),
-        ):
-            out += [f"# HELP prefixtune_{name} {help_}", f"# TYPE prefixtune_{name} {kind}", f"prefixtune_{name} {val}"]
-        out += _histogram("prefixtune_request_latency_seconds", "Latency of successful generation requests.",
-                          self.LATENCY_BUCKETS, self.latency, self.latency_sum, self.latency_count)
-        out += _histogram("prefixtune_adapter_load_seconds", "Time to load an adapter on demand.", LOAD_SECONDS_BUCKETS,
-                          reg.load_seconds, reg.load_seconds_sum, reg.load_seconds_count)
-        hist = dict(engine.batch_hist)
-        counts = [sum(c for n, c in hist.items() if n <= b) for b in self.BATCH_BUCKETS]
-        out += _histogram("prefixtune_step_batch_size", "Rows per decode step.", self.BATCH_BUCKETS, counts,
-                          sum(n * c for n, c in hist.items()), sum(hist.values()))
-        return "\n".join(out) + "\n"
-
-
-def _histogram(name, help_, buckets, counts, total, count):
-    out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-    out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(buckets, counts)]
-    return out + [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {total}", f"{name}_count {count}"]
-
-
 # ---- request validation --------------------------------------------------------------------------------
 async def _json_body(request: HttpRequest) -> dict:
     size = request.headers.get("content-length")
@@ -150,7 +96,7 @@ def _parse(model, body: dict, engine: Engine):
     try:
         return model.model_validate(body, context={"vocab_size": engine.vocab_size, "max_n": engine.max_n})
     except ValidationError as e:
-        message, param = error_message(e)
+        message, param = error_message(e, model)
         raise ApiError(message, param=param) from None
 
 
@@ -252,8 +198,15 @@ def _model_list(engine: Engine) -> dict:
 class Completions:
     """POST /v1/completions and /v1/chat/completions: validate, submit to the engine, collect or stream events."""
 
-    def __init__(self, engine: Engine, metrics: Metrics):
+    def __init__(self, engine: Engine, metrics: ServerMetrics):
         self.engine, self.metrics = engine, metrics
+        self.in_flight: set[asyncio.Queue] = set()  # each open request's event queue
+
+    def abort_in_flight(self, error: E.EngineError) -> None:
+        """End every open request now with `error` (a stream in-band, then [DONE]; a plain request as its status):
+        what the server does just before its graceful-shutdown timeout would cut the connections."""
+        for queue in list(self.in_flight):
+            queue.put_nowait(Event(index=0, finish_reason="error", error=error))
 
     async def __call__(self, request: HttpRequest, chat: bool):
         engine, metrics = self.engine, self.metrics
@@ -275,6 +228,7 @@ class Completions:
         reqs = [Request(adapter, ids, replace(params, seed=None if params.seed is None else params.seed + i), sink, index=i)
                 for i in range(n)]
         engine.submit(reqs)
+        self.in_flight.add(queue)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}
@@ -296,6 +250,7 @@ class Completions:
                     finishes[ev.index], done = ev.finish_reason, done + 1
                     completion_tokens += ev.completion_tokens
         finally:
+            self.in_flight.discard(queue)
             for r in reqs:
                 r.cancel()  # no-op for finished rows; frees the others if we bailed out
         logprobs = [lp.take(i) if lp else None for i in range(n)]
@@ -312,20 +267,23 @@ class Completions:
     async def _stream(self, reqs, queue, meta, chat, endpoint, t0, echo, lp, usage_chunk):
         metrics = self.metrics
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if usage_chunk:
+            meta["usage"] = None  # OpenAI: with include_usage every chunk has the field, null until the last
         n, done, completion_tokens, status = len(reqs), 0, 0, 200
 
-        def chunk(i, text, finish):
-            logprobs = lp.take(i) if lp else None
+        def chunk(i, text, finish, role=False):
+            logprobs = lp.take(i) if lp and not role else None
             if chat:
-                return {**meta, "choices": [{"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": logprobs}]}  # noqa: E501
-            return {**meta, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                return _sse({**meta, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+            return _sse({**meta, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
         try:
             for i in range(n):
                 if chat:
-                    yield _sse({**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]})  # noqa: E501
+                    yield chunk(i, "", None, role=True)
                 elif echo:
-                    yield _sse({**meta, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
+                    yield chunk(i, echo, None, role=True)
             while done < n:
                 ev = await queue.get()
                 if ev.error:  # headers are gone already: report in-band, as OpenAI does
@@ -335,16 +293,17 @@ class Completions:
                 if lp:
                     lp.add(ev)  # held-back tokens (a possible stop string) ride on the next chunk that has text
                 if ev.text or ev.finish_reason:
-                    yield _sse(chunk(ev.index, ev.text, ev.finish_reason))
+                    yield chunk(ev.index, ev.text, ev.finish_reason)
                 if ev.finish_reason:
                     done += 1
                     completion_tokens += ev.completion_tokens
-            if usage_chunk:
+            if usage_chunk and status == 200:
                 prompt = len(reqs[0].prompt_ids)
                 yield _sse({**meta, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                                                              "total_tokens": prompt + completion_tokens}})
             yield "data: [DONE]\n\n"
         finally:
+            self.in_flight.discard(queue)
             for r in reqs:
                 r.cancel()  # client disconnects land here: the rows leave the batch at the next step
             metrics.record(endpoint, status, time.monotonic() - t0)
@@ -352,18 +311,19 @@ class Completions:
 
 def create_app(engine: Engine) -> FastAPI:
     """The web app around a (started or not) engine; the app's lifespan starts it and drains it on shutdown."""
-    metrics = Metrics()
+    metrics = ServerMetrics(engine)
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
-        # uvicorn has already waited for open connections; finish whatever is still queued, then stop.
-        await asyncio.to_thread(engine.stop)
+        # uvicorn has already waited for open connections (SIGTERM/SIGINT); finish whatever is still queued, then
+        # close the engine, which also ends every process the backend started (vLLM's engine core and workers).
+        await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="prefixtune", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
     _generate = Completions(engine, metrics)
+    app.state.engine, app.state.metrics, app.state.completions = engine, metrics, _generate
 
     def error_response(request: HttpRequest, exc: Exception, status: int):
         metrics.record(request.url.path, status)
@@ -386,8 +346,9 @@ def create_app(engine: Engine) -> FastAPI:
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: HttpRequest):
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -36,6 +36,7 @@ from .registry import AdapterRegistry, parse_size
 from .request import FEATURES, Request
 from .sampler import sample_rows
 from .scheduler import ADMIT, SKIP, WAIT, Scheduler
+from .stats import EngineStats
 
 log = logging.getLogger("prefixtune.serve")
 COMPOSE = "+"  # "manual+faq" in the API's model field: the two prefixes, concatenated in that order
@@ -72,14 +73,13 @@ class Engine(ABC):
         self.max_total_tokens = max_total_tokens or max_positions or 4096
         self.max_n = max_n
         self.lock = threading.RLock()  # the model: worker steps vs adapter load/unload
-        # Counters read by /metrics (written by the worker only).
-        self.stats = {"prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "rows_stepped": 0}
-        self.batch_hist: dict[int, int] = {}  # rows per decode step -> count
+        self.stats = EngineStats()  # the counters /metrics reads; the registry and output processor write to it too
         self.output = OutputProcessor(tokenizer, self.eos_ids, self.stats)
         self.scheduler = Scheduler(max_queue=max_queue, request_timeout=request_timeout)
         self.registry = AdapterRegistry(self._load_prefix, self._unload_prefix, root=adapters_dir,
                                         max_loaded=max_loaded_adapters, max_bytes=parse_size(adapter_memory),
-                                        reserved={model_name}, best=best_adapters)  # runs' best/ (serve --best)
+                                        reserved={model_name}, best=best_adapters,  # runs' best/ (serve --best)
+                                        stats=self.stats)
         self.adapters_dir = self.registry.root
         self._rows: list[Request] = []
         self._thread: threading.Thread | None = None
@@ -129,6 +129,11 @@ class Engine(ABC):
         self.scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def close(self) -> None:
+        """stop(), then release what the backend holds beyond Python objects (native memory, the processes it
+        started: vLLM's engine core and workers); the app's shutdown calls this. Backends extend it."""
+        self.stop()
 
     def is_alive(self) -> bool:
         """The worker runs and accepts requests."""
@@ -322,9 +327,7 @@ class Engine(ABC):
         self.output.fail(r, error, reason=reason)
 
     def _count_step(self, rows: int) -> None:
-        self.stats["steps"] += 1
-        self.stats["rows_stepped"] += rows
-        self.batch_hist[rows] = self.batch_hist.get(rows, 0) + 1
+        self.stats.stepped(rows)
 
     def _step_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample one token per row from its next-token logits [len(rows), vocab] and emit text/finish."""

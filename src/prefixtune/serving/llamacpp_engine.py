@@ -120,7 +120,7 @@ class LlamaCppEngine(Engine):
         logits = torch.from_numpy(self.model.decode(items))
         for r, (_, toks, _) in zip(rows, items):
             r.pos += len(toks)
-        self.stats["prompt_tokens"] += sum(len(r.prompt_ids) for r in fresh)
+        self.stats.prefilled(sum(len(r.prompt_ids) for r in fresh))
         if running:
             self._count_step(len(rows))
         self._step_rows(rows, logits)
@@ -137,7 +137,7 @@ class LlamaCppEngine(Engine):
             self._rows = [r for r in self._rows if not r.finished]
 
     def close(self) -> None:
-        self.stop()
+        super().close()
         self.model.close()
 
 

@@ -121,8 +121,7 @@ class Generator:
         return self.engine.registry.layout_of("+".join(adapter_tuple(name))) if name else None
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        (close or self.engine.stop)()
+        self.engine.close()
 
 
 def adapter_dirs(adapters) -> dict[str, Path]:

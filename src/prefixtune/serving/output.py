@@ -14,12 +14,13 @@ from .detokenize import REPLACEMENT, IncrementalText
 from .errors import EngineError, RequestTimeout
 from .request import Event, Request
 from .sampler import Logprob
+from .stats import EngineStats
 
 log = logging.getLogger("prefixtune.serve")
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_ids: set[int], stats: dict):
+    def __init__(self, tokenizer, eos_ids: set[int], stats: EngineStats):
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.stats = stats  # the engine's counters: completion_tokens is counted here
@@ -39,7 +40,7 @@ class OutputProcessor:
         if logprob is not None:
             r.token_logprobs.append(logprob)
         r.last = tok
-        self.stats["completion_tokens"] += 1
+        self.stats.generated()
         eos = tok in self.eos_ids and not r.params.ignore_eos
         out = r.output_text
         if out is None:

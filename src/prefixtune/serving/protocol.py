@@ -2,7 +2,8 @@
 errors to OpenAI-style 400s that name the field.
 
 Types are strict (a string is not an int, `true` is not a number), so a malformed field is refused rather than
-coerced. Limits that depend on the engine (vocabulary size, largest n) come in through the validation context:
+coerced. Ranges are pydantic constraints on the fields (`Field(ge=, gt=, le=)`); `error_message` states the
+declared range in the 400. Limits that depend on the engine (vocabulary size, largest n) come in through the validation context:
 `CompletionRequest.model_validate(body, context={"vocab_size": V, "max_n": N})`. Fields the server does not
 implement are refused by name instead of being silently ignored; other unknown fields are ignored, as OpenAI does.
 """
@@ -30,8 +31,31 @@ _KINDS = {"int_type": "int", "int_parsing": "int", "int_from_float": "int", "flo
           "float_parsing": "number", "bool_type": "bool", "bool_parsing": "bool", "string_type": "str"}
 
 
-def error_message(exc: ValidationError) -> tuple[str, str | None]:
-    """The first validation error as (message naming the field, param)."""
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def bounds_text(lo=None, hi=None, lo_open: bool = False) -> str:
+    """A field's range as the message states it: 'between 0 and 2', 'in (0, 1]', 'at least 1'."""
+    if lo is not None and hi is not None:
+        return f"in ({lo}, {hi}]" if lo_open else f"between {lo} and {hi}"
+    if lo is not None:
+        return f"greater than {lo}" if lo_open else f"at least {lo}"
+    return f"at most {hi}"
+
+
+def _field_bounds(model: type[BaseModel] | None, name: str) -> str | None:
+    """The whole range declared on `model.name` (Field(ge=, gt=, le=)), so a message states both ends."""
+    info = model.model_fields.get(name) if model is not None else None
+    if info is None:
+        return None
+    found = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le") if getattr(m, k, None) is not None}
+    if not found:
+        return None
+    return bounds_text(found.get("ge", found.get("gt")), found.get("le"), lo_open="gt" in found)
+
+
+def error_message(exc: ValidationError, model: type[BaseModel] | None = None) -> tuple[str, str | None]:
+    """The first validation error as (message naming the field, param); a range error states the field's range."""
     err = exc.errors(include_url=False)[0]
     loc = err["loc"]
     param = str(loc[0]) if loc else None
@@ -42,6 +66,11 @@ def error_message(exc: ValidationError) -> tuple[str, str | None]:
     if kind:
         v = err["input"]
         return f"'{where}' must be {'an' if kind == 'int' else 'a'} {kind}, got {type(v).__name__} {json.dumps(v)[:40]}", param
+    if err["type"] in _BOUNDS:
+        rng = (len(loc) == 1 and _field_bounds(model, param)) or err["msg"].removeprefix("Input should be ")
+        return f"'{where}' must be {rng}, got {json.dumps(err['input'])[:40]}", param
+    if err["type"] == "literal_error":
+        return f"'{where}' must be one of {err['ctx']['expected']}, got {json.dumps(err['input'])[:40]}", param
     if err["type"] == "value_error":  # our own validators write the whole message
         e = err["ctx"]["error"]
         return str(e), getattr(e, "param", param)
@@ -52,24 +81,30 @@ def _ctx(info: ValidationInfo, key: str, default):
     return (info.context or {}).get(key, default)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: Bool | None = None
+
+
 class _Generate(BaseModel):
     """Fields shared by completions and chat."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: Str
-    max_tokens: Int | None = None
-    max_completion_tokens: Int | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    n: Int | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    n: Int | None = None  # its upper bound is the engine's, known at validation only (_n)
     seed: Int | None = None
     stop: Any = None
     stream: Bool | None = None
-    stream_options: Any = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    repetition_penalty: Number | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(None, gt=0, le=10)  # 1 = off
     logit_bias: Any = None
     ignore_eos: Bool | None = None
     # Refused when set (see _refuse_unsupported).
@@ -78,33 +113,12 @@ class _Generate(BaseModel):
     functions: Any = None
     response_format: Any = None
 
-    @field_validator("max_tokens", "max_completion_tokens")
-    @classmethod
-    def _positive(cls, v, info: ValidationInfo):
-        if v is not None and v < 1:
-            raise ValueError(f"'{info.field_name}' must be at least 1, got {v}")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v):
-        if v is not None and not 0.0 <= v <= 2.0:
-            raise ValueError(f"'temperature' must be between 0 and 2, got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v):
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"'top_p' must be in (0, 1], got {v}")
-        return v
-
     @field_validator("n")
     @classmethod
     def _n(cls, v, info: ValidationInfo):
         max_n = _ctx(info, "max_n", 8)
         if v is not None and not 1 <= v <= max_n:
-            raise ValueError(f"'n' must be between 1 and {max_n}, got {v}")
+            raise ValueError(f"'n' must be {bounds_text(1, max_n)}, got {v}")
         return v
 
     @field_validator("stop")
@@ -115,20 +129,6 @@ class _Generate(BaseModel):
                                  or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty strings")
         return tuple(stop or ())
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v, info: ValidationInfo):
-        if v is not None and not -2.0 <= v <= 2.0:
-            raise ValueError(f"'{info.field_name}' must be between -2 and 2, got {v}")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _repetition(cls, v):
-        if v is not None and not 0.0 < v <= 10.0:
-            raise ValueError(f"'repetition_penalty' must be in (0, 10] (1 = off), got {v}")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -148,13 +148,6 @@ class _Generate(BaseModel):
             out.append((int(k), float(b)))
         return tuple(out)
 
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v):
-        if v is not None and not (isinstance(v, dict) and isinstance(v.get("include_usage", False), bool)):
-            raise ValueError("'stream_options' must be an object like {\"include_usage\": true}")
-        return v
-
     @model_validator(mode="after")
     def _refuse_unsupported(self):
         """Fields we do not implement fail loudly instead of being silently ignored."""
@@ -164,6 +157,8 @@ class _Generate(BaseModel):
         for key in ("tools", "functions"):
             if getattr(self, key):
                 raise _field_error(key, f"'{key}' (function calling) is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "'stream_options' is only allowed with 'stream': true")
         fmt = self.response_format
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise _field_error("response_format", "'response_format' other than {\"type\": \"text\"} (JSON mode, schemas) is not supported")
@@ -172,7 +167,8 @@ class _Generate(BaseModel):
     # ---- to the engine -------------------------------------------------------------------------------------
     @property
     def include_usage(self) -> bool:
-        return (self.stream_options or {}).get("include_usage", True)
+        """A stream ends with a usage chunk only when asked, as OpenAI's does (clients index choices[0])."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling(self, default_max: int) -> SamplingParams:
         max_tokens = self.max_tokens or self.max_completion_tokens or default_max
@@ -202,7 +198,7 @@ def _or(v, default):
 class CompletionRequest(_Generate):
     prompt: Any = Field(default=None, validate_default=True)
     echo: Bool | None = None
-    logprobs: Int | None = None
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Any = None
 
     @field_validator("prompt", mode="before")
@@ -223,13 +219,6 @@ class CompletionRequest(_Generate):
             return v
         raise ValueError("'prompt' must be a string or a list of token ids (one prompt per request)")
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _completion_only(self):
         if self.suffix:
@@ -246,7 +235,7 @@ class CompletionRequest(_Generate):
 class ChatCompletionRequest(_Generate):
     messages: Any = Field(default=None, validate_default=True)
     logprobs: Bool | None = None
-    top_logprobs: Int | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -271,13 +260,6 @@ class ChatCompletionRequest(_Generate):
         if not any(m["content"] for m in clean):
             raise ValueError("'messages' are all empty: send some text")
         return clean
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v):
-        if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

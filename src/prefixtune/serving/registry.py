@@ -26,13 +26,13 @@ from ..adapter_io import CONFIG_NAME, RUN_BEST, RUN_FINAL, RUN_MARKER, WEIGHTS_N
 from ..config import ConfigError, check_adapter_name
 from ..knowledge import read_layout
 from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, InvalidRequest, UnknownAdapter
+from .stats import EngineStats
 
 log = logging.getLogger("prefixtune.serve")
 
 # More new adapter directories than this are indexed on a thread when the engine starts (scan(background=True)):
 # 100,000 configs take tens of seconds to read, and a server should answer before that.
 BACKGROUND_INDEX_OVER = 1000
-LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass
@@ -91,7 +91,7 @@ def single_adapter_name(root: Path) -> str | None:
 class AdapterRegistry:
     def __init__(self, load: Callable[[str, Path], int], unload: Callable[[str], None], *, root: str | Path | None = None,
                  max_loaded: int | None = None, max_bytes: int | None = None, reserved: Iterable[str] = (),
-                 best: bool = False):
+                 best: bool = False, stats: EngineStats | None = None):
         if max_loaded is not None and max_loaded < 1:
             raise ConfigError(f"--max-loaded-adapters {max_loaded}: must be at least 1 (or unset for no limit)")
         if max_bytes is not None and max_bytes < 1:
@@ -103,9 +103,7 @@ class AdapterRegistry:
         self.best = best  # training runs serve their best/ (by eval score) instead of their final adapter/
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.RLock()
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_failures": 0}
-        self.load_seconds = [0] * len(LOAD_SECONDS_BUCKETS)  # cumulative histogram counts
-        self.load_seconds_sum, self.load_seconds_count = 0.0, 0
+        self.stats = stats if stats is not None else EngineStats()  # the engine's: hits, misses, loads, evictions
         self._bytes_per_file_byte = 1.0
         self._indexer: threading.Thread | None = None
 
@@ -283,7 +281,7 @@ class AdapterRegistry:
             for e in entries:
                 e.last_used = now
             missing = [e for e in entries if not e.resident]
-            self.stats["hits"] += len(entries) - len(missing)
+            self.stats.adapter_hit(len(entries) - len(missing))
             keep = {x.name for x in entries}
             for e in missing:
                 if not self._make_room(e, keep):
@@ -295,7 +293,7 @@ class AdapterRegistry:
         return True
 
     def _load_entry(self, e: AdapterEntry) -> None:
-        self.stats["misses"] += 1
+        self.stats.adapter_missed()
         if e.problem:
             raise AdapterLoadFailed(f"cannot load adapter {e.name!r}: {e.problem}")
         if not (e.directory / CONFIG_NAME).is_file():
@@ -305,19 +303,12 @@ class AdapterRegistry:
         try:
             e.resident_bytes = int(self._load(e.name, e.directory))
         except (ConfigError, OSError, ValueError, RuntimeError) as err:
-            self.stats["load_failures"] += 1
+            self.stats.adapter_load_failed()
             raise AdapterLoadFailed(f"cannot load adapter {e.name!r}: {err}") from None
         e.resident = True
         if e.file_bytes:
             self._bytes_per_file_byte = e.resident_bytes / e.file_bytes
-        self._observe(time.perf_counter() - t0)
-
-    def _observe(self, seconds: float) -> None:
-        self.load_seconds_sum += seconds
-        self.load_seconds_count += 1
-        for i, b in enumerate(LOAD_SECONDS_BUCKETS):
-            if seconds <= b:
-                self.load_seconds[i] += 1
+        self.stats.adapter_loaded(time.perf_counter() - t0)
 
     def _over(self, extra_count: int, extra_bytes: int) -> bool:
         resident = [e for e in self._entries.values() if e.resident]
@@ -335,7 +326,7 @@ class AdapterRegistry:
             if not victims:
                 return False
             self._evict(min(victims, key=lambda e: e.last_used))
-            self.stats["evictions"] += 1
+            self.stats.adapter_evicted()
         return True
 
     def _evict(self, e: AdapterEntry) -> None:

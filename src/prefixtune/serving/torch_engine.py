@@ -143,7 +143,7 @@ class TorchEngine(Engine):
         # no row can be forced to (the scores have vocab_size columns)
         cfg.eos_token_id, cfg.do_sample, cfg.num_beams, cfg.num_return_sequences = scores_width(self.base), False, 1, 1
         cfg.max_new_tokens, cfg.max_length, cfg.min_length, cfg.min_new_tokens = max(r.params.max_tokens for r in rows), None, 0, None
-        self.stats["prompt_tokens"] += ids.numel()
+        self.stats.prefilled(ids.numel())
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[r.adapter for r in rows],
                             generation_config=cfg, logits_processor=LogitsProcessorList([Drive()]),
                             stopping_criteria=StoppingCriteriaList([Done()]))
@@ -170,7 +170,7 @@ class TorchEngine(Engine):
         for group in by_len.values():
             ids = torch.tensor([r.prompt_ids for r in group], device=self.model.device)
             logits, cache, mask = self._forward(ids, torch.ones_like(ids), DynamicCache(), [r.adapter for r in group])
-            self.stats["prompt_tokens"] += ids.numel()
+            self.stats.prefilled(ids.numel())
             self._step_rows(group, logits)
             keep = [i for i, r in enumerate(group) if not r.finished]
             if keep:

@@ -160,7 +160,7 @@ class VllmEngine(Engine):
         r.vllm_id = rid
         self._live[rid] = r
         self._rows.append(r)
-        self.stats["prompt_tokens"] += len(r.prompt_ids)
+        self.stats.prefilled(len(r.prompt_ids))
 
     def _step(self, new: list[Request]) -> None:
         for r in new:
@@ -178,8 +178,7 @@ class VllmEngine(Engine):
             if out.finished:  # counted before the last token is sent, so a caller sees them once it has it
                 kv = out.kv_transfer_params or {}
                 r.prefix_loads = kv.get("prefixtune_loads", 0), kv.get("prefixtune_tokens", 0)
-                self.stats["prefix_loads"] = self.stats.get("prefix_loads", 0) + r.prefix_loads[0]
-                self.stats["prefix_tokens_loaded"] = self.stats.get("prefix_tokens_loaded", 0) + r.prefix_loads[1]
+                self.stats.prefix_loaded(*r.prefix_loads)
             toks = list(c.token_ids) if c is not None else []
             stepped += bool(toks)
             for i, tok in enumerate(toks):
@@ -214,10 +213,13 @@ class VllmEngine(Engine):
             self._live.clear()
 
     def close(self) -> None:
-        self.stop()
+        """Finish the requests, then vLLM's own shutdown: it ends the engine core process and its workers (left
+        running, they outlive the server as orphans holding the model's memory)."""
+        super().close()
         if not getattr(self, "_closed", False):
             self._closed = True
-            self.llm.engine_core.shutdown()
+            shutdown = getattr(self.llm, "shutdown", None) or self.llm.engine_core.shutdown  # LLMEngine.shutdown: newer vLLM
+            shutdown()
 
 
 def vllm_model_dir(src, dst):
