@@ -121,6 +121,9 @@ class TrainConfig:
     precision: str = _f("auto", "optimisation", "compute dtype (auto: bf16 where supported, else fp32)",
                         choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "optimisation", "recompute activations in backward to save memory")
+    # training/sharding.py; the prefix stays whole on every process (DDP's job is done by a gradient hook)
+    fsdp: bool = _f(False, "optimisation", "shard the frozen model's weights over the processes (torch FSDP2) instead "
+                    "of a full copy each; needs several processes (torchrun --nproc-per-node N)")
     # evaluation / checkpoints / logging
     eval_every: int | None = _f(None, "evaluation", "evaluate every N steps (also at the end of every epoch)",
                                 default_text="end of every epoch")

@@ -158,7 +158,11 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if report.main:
         truncate_metrics(out, state["step"])
     acc.wait_for_everyone()
-    lossmod, optimizer = acc.prepare(LossModule(pm), optimizer)
+    if cfg.fsdp:  # the base sharded (training/sharding.py); accelerate must not wrap it in DDP
+        from .sharding import shard_frozen_base
+        lossmod, optimizer = shard_frozen_base(LossModule(pm), acc), acc.prepare(optimizer)
+    else:
+        lossmod, optimizer = acc.prepare(LossModule(pm), optimizer)
     report.say(pm.parameter_summary())
     report.say(f"adapter size: {human_bytes(adapter_bytes(pm))} (fp32, projection folded) | {len(data.train)} train / "
                f"{len(data.eval_raw)} eval examples | {plan.total} steps of {cfg.batch_size * cfg.grad_accum * plan.world} "
