@@ -204,7 +204,7 @@ def _attach(cfg: TrainConfig, kind: str, model, tokenizer, data: RunData, acc, r
     labels = data.task_info["label_words"]
     if model is None:
         model, _ = load_model(cfg.model, dtype=precision_plan(cfg.precision)[0], device=str(acc.device), task=cfg.task,
-                              label_names=labels if head else None, new_head=cfg.new_head)
+                              label_names=labels if head else None, new_head=cfg.new_head, quantize=cfg.quantize)
     if head:
         check_classifier(model, labels)
         report.say(f"encoder classifier: training the prefix and the {len(labels)}-way classification "
