@@ -36,8 +36,11 @@ from prefixtune.model import PrefixModel  # noqa: E402
 from prefixtune.training import distill as D  # noqa: E402
 from prefixtune.training import distill_eval as E  # noqa: E402
 from prefixtune.training import selfstudy as S  # noqa: E402
+from prefixtune.training.distill_config import DistillConfig  # noqa: E402
+from prefixtune.training.distill_run import distill  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TIMES: dict[str, float] = {}  # seconds spent making the prefix: self-study, teacher answers, top-k, training per P
 DOC_PACKAGE = "h11"
 
 
@@ -50,9 +53,11 @@ def data(model, tok, doc, args) -> tuple[list[dict], list[dict]]:
     if cache.is_file():
         say(f"teacher data from {cache}")
         return torch.load(cache, weights_only=False)
-    cfg = D.DistillConfig(question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens, progress=False)
+    cfg = DistillConfig(question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens, progress=False)
+    t = time.time()
     train = S.self_study(model, tok, doc, args.train_questions, seed=0, chunk_tokens=cfg.chunk_tokens,
                          question_tokens=cfg.question_tokens, say=say, progress=False)
+    TIMES["self_study_train"] = round(time.time() - t, 1)
     seen = {e["query"] for e in train}
     held = [e for e in S.self_study(model, tok, doc, args.heldout_questions, seed=1,
                                     chunk_tokens=cfg.chunk_tokens, question_tokens=cfg.question_tokens, say=say,
@@ -60,9 +65,11 @@ def data(model, tok, doc, args) -> tuple[list[dict], list[dict]]:
     D.teacher_adapters(model, doc)
     t = time.time()
     D.teacher_answers(model, tok, train + held, args.answer_tokens, batch_size=8, progress=False)
+    TIMES["teacher_answers_train_and_heldout"] = round(time.time() - t, 1)
     say(f"teacher answers: {len(train) + len(held)} in {time.time() - t:.0f}s")
     t = time.time()
     D.teacher_topk(model, tok, train, args.top_k, progress=False)
+    TIMES["teacher_topk_train"] = round(time.time() - t, 1)
     say(f"teacher top-{args.top_k}: {time.time() - t:.0f}s")
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save((train, held), cache)
@@ -70,16 +77,25 @@ def data(model, tok, doc, args) -> tuple[list[dict], list[dict]]:
 
 
 def train_prefix(model, tok, doc, examples, P, name, args) -> float:
-    cfg = D.DistillConfig(num_virtual_tokens=P, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          eval_fraction=0.0, top_k=args.top_k, progress=False)
-    D.add_student(model, doc, cfg, name)
-    t = time.time()
-    D.fit(model, tok, examples, cfg, say=say, name=name)
-    return time.time() - t
+    """Distil `examples` into adapter `name` with `prefixtune distill`'s own run (training/distill_run.py)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "doc.txt").write_text(tok.decode(doc.body))  # the run records it; the student starts from doc
+        cfg = DistillConfig(model=args.model, context=[str(Path(tmp) / "doc.txt")], output=str(Path(tmp) / "run"),
+                            num_virtual_tokens=P, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            eval_fraction=0.0, top_k=args.top_k, max_context_tokens=doc.context_len + 1,
+                            eval_every=args.steps, save_every=None, progress=False)
+        t = time.time()
+        distill(cfg, model, tok, examples=examples)
+        secs = time.time() - t
+        model.delete_adapter("default")
+        model.load_adapter(Path(tmp) / "run" / "adapter", name)
+    return secs
 
 
 def half(doc: S.Document, lo: int, hi: int) -> S.Document:
-    return S.Document(doc.header, doc.body[lo:hi], doc.middle, doc.footer, [(0, hi - lo)])
+    return S.Document(doc.header, doc.body[lo:hi], [(0, hi - lo)], doc.layout)
 
 
 def train_halves(model, tok, doc, train, args) -> list[int]:
@@ -132,7 +148,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--train-questions", type=int, default=120)
-    p.add_argument("--heldout-questions", type=int, default=215)
+    p.add_argument("--heldout-questions", type=int, default=260, help="held-out drafts (seed 1); duplicates and "
+                   "training questions are dropped, leaving 200+ on SmolLM2")
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--question-tokens", type=int, default=24)
     p.add_argument("--chunk-tokens", type=int, default=256)
@@ -165,6 +182,7 @@ def main() -> None:
     def write():
         RESULTS.mkdir(exist_ok=True)
         report["loadavg_end"] = os.getloadavg()
+        report["make_seconds"] = TIMES  # empty when the teacher data came from --cache
         Path(args.out + ".json").write_text(json.dumps(report, indent=2))
         Path(args.out + ".md").write_text(markdown(report))
 
@@ -173,7 +191,7 @@ def main() -> None:
     base_res = None
     for P in sizes:
         secs = train_prefix(model, tok, doc, train, P, f"p{P}", args)
-        D.context_adapter(model, f"truncated-{P}", doc.window_ids(0)[:P])
+        S.context_adapter(model, f"truncated-{P}", doc.window_ids(0)[:P])
         methods = {"prefix": f"p{P}", "truncated": f"truncated-{P}", **({} if base_res else {"no_context": None})}
         t = time.time()
         res = E.score(model, tok, held, methods, progress=False)

@@ -1,4 +1,4 @@
-"""Knowledge prefixes (training/distill.py, selfstudy.py, distill_eval.py, `--task distill` CLI) on tiny models."""
+"""Knowledge prefixes (training/distill*.py, selfstudy.py, distill_eval.py, `prefixtune distill`) on tiny models."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 import torch
 from helpers import WORDS, make, make_tokenizer, model_dir
 
+from prefixtune import knowledge as K
 from prefixtune.cli.main import main
 from prefixtune.model import PrefixModel
 from prefixtune.training import distill as D
 from prefixtune.training import distill_eval as E
 from prefixtune.training import selfstudy as S
+from prefixtune.training.distill_run import distill
 
 
 def _text(n=300, seed=0):
@@ -66,10 +68,18 @@ def test_long_document_is_cut_into_windows_and_queries_find_theirs():
     assert S.nearest_window(doc, tok("great movie", add_special_tokens=False)["input_ids"]) == 0
 
 
-def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_and_keeps_the_sink():
-    model, tok, doc = _setup()
-    cfg = D.DistillConfig(num_virtual_tokens=6, self_study=12, max_steps=15, batch_size=4, lr=5e-2, eval_fraction=0.0,
-                          answer_tokens=8, question_tokens=8, chunk_tokens=64, progress=False)
+def _cfg(tmp_path, out="run", **kw):
+    (tmp_path / "doc.txt").write_text(_text(300))
+    base = dict(model="tiny", context=[str(tmp_path / "doc.txt")], output=str(tmp_path / out), num_virtual_tokens=6,
+                self_study=12, max_steps=15, batch_size=4, lr=5e-2, eval_fraction=0.0, answer_tokens=8,
+                question_tokens=8, chunk_tokens=64, max_context_tokens=480, progress=False, save_every=4, eval_every=5)
+    return D.DistillConfig(**{**base, **kw})
+
+
+def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_and_keeps_the_sink(tmp_path):
+    model, tok, _ = _setup()
+    cfg = _cfg(tmp_path)
+    doc = S.build_document(tok, (tmp_path / "doc.txt").read_text(), 480)
     examples = D.prepare(model, tok, doc, cfg, queries=["what is the plot"], say=lambda *a: None)
     assert {e["source"] for e in examples} == {"given", "self_study"}
     assert all(e["topk_ids"].shape == (len(e["answer_ids"]), 20) for e in examples)
@@ -79,10 +89,63 @@ def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_a
     assert res["student"] == pytest.approx(res["truncated"], abs=1e-5)  # same start
     sink = model.prefixes["default"].embedding.weight[0].detach().clone()
     before = D.mean_loss(model, examples, pad=0)
-    D.fit(model, tok, examples, cfg, say=lambda *a: None)
-    assert D.mean_loss(model, examples, pad=0) < 0.7 * before
+    summary, model = distill(cfg, model, tok, examples=examples)  # the training loop's steps
+    assert summary["steps"] == 15 and D.mean_loss(model, examples, pad=0) < 0.7 * before
     w = model.prefixes["default"].embedding.weight
     assert torch.equal(w[0], sink) and not torch.equal(w[1:], w[1:].detach() * 0)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 16)) and any("eval_loss" in r for r in recs)
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+def test_resume_matches_uninterrupted_and_reuses_the_examples(tmp_path):
+    kw = dict(grad_accum=2, eval_fraction=0.25, ema=0.5, max_steps=10)
+    distill(_cfg(tmp_path, "a", **kw), make("llama"), make_tokenizer())
+    stopped, _ = distill(_cfg(tmp_path, "b", **kw), make("llama"), make_tokenizer(), stop_after=6)
+    assert stopped == {"stopped_at": 6} and (tmp_path / "b" / "examples.pt").is_file()
+    made = (tmp_path / "b" / "examples.pt").stat().st_mtime_ns
+    with pytest.raises(D.ConfigError, match="--resume"):
+        distill(_cfg(tmp_path, "b", **kw), make("llama"), make_tokenizer())
+    with pytest.raises(D.ConfigError, match="differs in lr"):
+        distill(_cfg(tmp_path, "b", resume=True, **{**kw, "lr": 1e-3}), make("llama"), make_tokenizer())
+    distill(_cfg(tmp_path, "b", resume=True, **kw), make("llama"), make_tokenizer())
+    assert (tmp_path / "b" / "examples.pt").stat().st_mtime_ns == made  # not made again
+    torch.testing.assert_close(_adapter(tmp_path / "a"), _adapter(tmp_path / "b"), rtol=0, atol=1e-6)
+    task = json.loads((tmp_path / "b" / "adapter" / "task.json").read_text())
+    assert task["task"] == "distill" and task["layout"] == K.template_layout(make_tokenizer())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """A real crash: `prefixtune distill` is SIGKILLed once a checkpoint exists; --resume ends with the adapter of an
+    uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
+    from prefixtune.training.checkpoints import latest_checkpoint
+
+    d = model_dir(tmp_path)
+    (tmp_path / "doc.txt").write_text(_text(250))
+    args = [sys.executable, "-m", "prefixtune", "distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"),
+            "--self-study", "16", "--num-virtual-tokens", "4", "--max-steps", "300", "--save-every", "3",
+            "--eval-every", "1000", "--answer-tokens", "6", "--question-tokens", "6", "--no-progress"]
+    p = subprocess.Popen(args + ["--output", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while latest_checkpoint(tmp_path / "b") is None and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.kill()
+    assert p.wait() == -9, "the run ended before a checkpoint could be interrupted: " + p.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "b" / "adapter").exists()
+    for out, extra in (("b", ["--resume"]), ("a", [])):
+        q = subprocess.run(args + ["--output", str(tmp_path / out)] + extra, capture_output=True, text=True)
+        assert q.returncode == 0, q.stderr[-2000:]
+    torch.testing.assert_close(_adapter(tmp_path / "a"), _adapter(tmp_path / "b"), rtol=0, atol=1e-6)
 
 
 def test_cli_train_then_eval_writes_the_run_and_eval_json(tmp_path, capsys):
@@ -90,14 +153,15 @@ def test_cli_train_then_eval_writes_the_run_and_eval_json(tmp_path, capsys):
     (tmp_path / "doc.txt").write_text(_text(250))
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": _text(5, s)}) + "\n" for s in range(8)))
     run = tmp_path / "run"
-    main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
+    main(["distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
           str(tmp_path / "q.jsonl"), "--self-study", "8", "--output", str(run), "--num-virtual-tokens", "4",
           "--max-steps", "4", "--eval-every", "2", "--answer-tokens", "6", "--question-tokens", "6",
           "--save-format", "cartridge", "--no-progress"])
-    for f in ("adapter/adapter_config.json", "run.json", "task.json", "data.jsonl", "metrics.jsonl", "loss_curve.png"):
+    for f in ("adapter/adapter_config.json", "adapter/task.json", "best/task.json", "run.json", "task.json",
+              "data.jsonl", "examples.pt", "metrics.jsonl", "loss_curve.png", "eval.json"):
         assert (run / f).is_file(), f
     assert json.loads((run / "adapter/adapter_config.json").read_text())["peft_type"] == "CARTRIDGE"
-    main(["eval", "--task=distill", "--model", str(d), "--adapter", str(run), "--context", str(tmp_path / "doc.txt"),
+    main(["distill-eval", "--model", str(d), "--adapter", str(run), "--context", str(tmp_path / "doc.txt"),
           "--queries", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "ev"), "--no-progress"])
     r = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(r["baselines"]) == {"no_context", "truncated"} and r["queries"] == 8
@@ -107,14 +171,37 @@ def test_cli_train_then_eval_writes_the_run_and_eval_json(tmp_path, capsys):
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     d = model_dir(tmp_path)
+    capsys.readouterr()  # saving the model may draw a progress bar
     with pytest.raises(SystemExit) as e:
-        main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "nope.txt"), "--output",
+        main(["distill", "--model", str(d), "--context", str(tmp_path / "nope.txt"), "--output",
               str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--context" in err and "not found" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "q.jsonl").write_text('{"foo": 1}\n')
     (tmp_path / "doc.txt").write_text("the movie")
     with pytest.raises(SystemExit) as e:
-        main(["train", "--task", "distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
-              str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "r")])
+        main(["distill", "--model", str(d), "--context", str(tmp_path / "doc.txt"), "--queries",
+              str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "r2")])
     assert e.value.code == 2 and "no 'query'" in capsys.readouterr().err
+    for argv in (["train", "--task", "distill", "--model", str(d), "--context", "doc.txt"],
+                 ["eval", "--task=distill", "--model", str(d)]):  # the old spellings: a pointer to the new commands
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # argparse's usage, then its one error line: the pointer
+        assert e.value.code == 2 and "--task: knowledge prefixes have their own commands: `prefixtune distill" in last
+
+
+def test_two_turn_self_study_trains_on_whole_conversations_in_the_served_layout(tmp_path):
+    model, tok, doc = _setup()
+    cfg = _cfg(tmp_path, conversation_turns=2, self_study=8)
+    examples = D.prepare(model, tok, doc, cfg, say=lambda *a: None)
+    second = [e for e in examples if e["source"] == "self_study_turn2"]
+    assert second and all(e["topk_ids"].shape[0] == len(e["answer_ids"]) for e in second)
+    for e in second:
+        first = e["messages"][0]["content"]
+        assert [m["role"] for m in e["messages"]] == ["user", "assistant", "user"]
+        assert e["query_ids"] == K.chat_ids(tok, e["messages"], doc.layout)  # what the server renders for them
+        assert e["query_ids"][: len(K.query_ids(tok, first, doc.layout)) - len(K.encode(tok, doc.layout["footer"]))] == \
+            K.query_ids(tok, first, doc.layout)[: -len(K.encode(tok, doc.layout["footer"]))]
+    assert not any(n.startswith("chunk-") for n in model.prefixes)

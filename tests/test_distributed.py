@@ -78,3 +78,29 @@ def test_cpu_multiprocess_detection(monkeypatch):
     assert T._cpu_multiprocess()
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
     assert not T._cpu_multiprocess()  # GPUs: accelerate picks nccl by itself
+
+
+def test_distill_on_two_processes_matches_one_process_with_doubled_accumulation(tmp_path):
+    """`prefixtune distill` on the same steps: the main process makes the examples once, both train on them."""
+    mdir = model_dir(tmp_path)
+    (tmp_path / "doc.txt").write_text(" ".join(["the movie was great and the plot was good"] * 20))
+    args = ["-m", "prefixtune", "distill", "--model", str(mdir), "--context", str(tmp_path / "doc.txt"),
+            "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
+            "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    two = subprocess.run(launch + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "| 2 process(es) on cpu" in two.stdout and "| 1 process(es) on cpu" in one.stdout
+    torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
+    recs = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 5))

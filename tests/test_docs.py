@@ -22,8 +22,8 @@ INLINE = re.compile(r"`([^`\n]*\bprefixtune [^`\n]*)`")  # `prefixtune train --c
 
 
 def cli_flags() -> dict[str, set[str]]:
-    """subcommand -> its option strings, from the parsers the CLI itself runs (train's are generated from the
-    config dataclasses; `train --task distill` counts as train)."""
+    """subcommand -> its option strings, from the parsers the CLI itself runs (train's, eval's and distill's are
+    generated from the config dataclasses)."""
     from prefixtune.cli.main import all_parsers
 
     flags: dict[str, set[str]] = {}

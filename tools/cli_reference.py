@@ -1,6 +1,6 @@
-"""Write the flag tables of docs/cli.md from the parsers the CLI runs (cli.main.all_parsers: `train` and `eval`
-flags are generated from TrainConfig / PrefixConfig / EvalConfig, so a recipe key, a flag and this page are one
-fact).
+"""Write the flag tables of docs/cli.md from the parsers the CLI runs (cli.main.all_parsers: `train`, `eval` and
+`distill` flags are generated from TrainConfig / PrefixConfig / EvalConfig / DistillConfig, so a recipe key, a flag
+and this page are one fact).
 
     python tools/cli_reference.py           # rewrite the generated part of docs/cli.md
     python tools/cli_reference.py --check   # exit 1 if docs/cli.md is not what this script writes

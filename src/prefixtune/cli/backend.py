@@ -45,10 +45,19 @@ def _load(args):
     return load(args.model, adapters, max_batch_size=8)
 
 
-def generate_on_backend(args, prompts: list[str]) -> int:
-    """`prefixtune generate --backend llamacpp|vllm`: the same prompts and printing as the torch path."""
+def encode_prompts(tokenizer, prompts: list[str], layout: dict | None, seq2seq: bool = False) -> list[list[int]]:
+    """`generate`'s prompt ids on every backend: a knowledge prefix's prompts as one user turn in its trained layout
+    (prefixtune/knowledge.py), others as training encodes prompts (training.data.encode_pair)."""
+    from .. import knowledge
     from ..training.data import encode_pair
 
+    if layout is not None:
+        return [knowledge.query_ids(tokenizer, p, layout) for p in prompts]
+    return [list(x) for x in encode_pair(tokenizer, prompts, [], seq2seq)[0]]
+
+
+def generate_on_backend(args, prompts: list[str], layout: dict | None = None) -> int:
+    """`prefixtune generate --backend llamacpp|vllm`: the same prompts and printing as the torch path."""
     if args.num_beams != 1:
         raise ConfigError(f"--num-beams: beam search is not available with --backend {args.backend}; use --num-beams 1")
     if args.temperature > 0 and args.top_k != 50:
@@ -57,8 +66,8 @@ def generate_on_backend(args, prompts: list[str]) -> int:
     require_backend(args.backend)
     gen = _load(args)
     try:
-        ids, _ = encode_pair(gen.engine.tokenizer, prompts, [], False)  # tokenized exactly as the torch path does
-        texts = gen.generate([list(x) for x in ids], "default" if args.adapter else None, max_tokens=args.max_new_tokens,
+        ids = encode_prompts(gen.engine.tokenizer, prompts, layout)  # tokenized exactly as the torch path does
+        texts = gen.generate(ids, "default" if args.adapter else None, max_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     finally:
         gen.close()

@@ -20,6 +20,7 @@ from ..training.config import TASK_DEFAULTS, TrainConfig
 GROUPS = {  # metadata["group"] -> argparse group title, in --help order
     "data": "data",
     "prefix": "prefix (PrefixConfig; recipe keys flat or under `prefix:`)",
+    "student": "the prefix (the student)",
     "optimisation": "optimisation",
     "evaluation": "evaluation",
     "output": "output",
@@ -31,13 +32,23 @@ def comma_list(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
+def _moved_check(moved: dict[str, str]):
+    """A --task type that stops on a value which became a command of its own, with the pointer as the one line."""
+    def check(text: str) -> str:
+        if text in moved:
+            raise argparse.ArgumentTypeError(moved[text])
+        return text
+    return check
+
+
 def _default_text(f: dataclasses.Field, recipe: bool) -> str:
     if f.metadata.get("required"):  # validate() insists; a recipe may give it instead of the flag
         return "required, here or in --config" if recipe else "required"
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    per_task = [f"{task} {d['prefix'][f.name]}" for task, d in TASK_DEFAULTS.items() if f.name in d.get("prefix", {})]
+    per_task = [f"{task} {d['prefix'][f.name]}" for task, d in TASK_DEFAULTS.items()
+                if recipe and f.name in d.get("prefix", {})]  # TrainConfig's task defaults
     if per_task:
         return f"{default}; per task: {', '.join(per_task)}"
     if isinstance(default, bool):
@@ -89,9 +100,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type = TrainConfig
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kw.update(type=comma_list, metavar="A,B,...")
+            kw.update(type=comma_list, action="extend", metavar="A,B,...")  # comma-separated and/or repeated
         else:
-            kw["type"] = kind
+            kw["type"] = _moved_check(f.metadata["moved"]) if "moved" in f.metadata else kind
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             else:

@@ -12,8 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+from ..knowledge import read_layout
 from .adapter_args import add_adapter_args, read_task_info, resolve_adapter
-from .backend import add_backend_arg, generate_on_backend
+from .backend import add_backend_arg, encode_prompts, generate_on_backend
+from .distill import add_distill, add_distill_eval
 
 EXIT_USAGE = 2
 
@@ -31,7 +33,7 @@ def _known_errors() -> tuple[type, ...]:
 
 
 # Commands that train or read datasets: they need the [train] extra (extras.py).
-NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo")
+NEEDS_TRAIN_EXTRA = ("train", "eval", "generate", "demo", "distill", "distill-eval")
 
 
 # ----------------------------------------------------------------------------- train
@@ -133,7 +135,8 @@ def _encoder_kind(model: str, task: str | None) -> bool:
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text with (or without) an adapter",
-                       description="Generate text; prompts are wrapped in the adapter's training template unless --raw.")
+                       description="Generate text; prompts are wrapped in the adapter's training template unless --raw "
+                       "(a knowledge prefix's: each prompt is one user turn in the layout it was trained on).")
     p.add_argument("--model", required=True, help="base model: directory, Hub id or .gguf file (required)")
     add_adapter_args(p)
     g = p.add_mutually_exclusive_group(required=True)
@@ -176,13 +179,14 @@ def cmd_generate(args) -> int:
     if template and info.get("task") in ("classify", "instruct"):
         field = "text" if info["task"] == "classify" else "instruction"
         prompts = [template.replace("{" + field + "}", p).replace("{input}", "") for p in prompts]
+    layout = None if args.raw or not args.adapter else read_layout(args.adapter)  # a knowledge prefix's
     if args.backend != "torch":
-        return generate_on_backend(args, prompts)
+        return generate_on_backend(args, prompts, layout)
     torch.manual_seed(args.seed)
     base, tok = load_model(args.model)
     model = load_adapter(base, args.adapter) if args.adapter else base
     seq2seq = inject.kind_of_config(base.config) == "seq2seq"
-    ids, _ = D.encode_pair(tok, prompts, [], seq2seq)
+    ids = encode_prompts(tok, prompts, layout, seq2seq)
     collate = D.PadCollator(tok, padding_side="right" if seq2seq else "left", is_encoder_decoder=seq2seq)
     kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, pad_token_id=collate.pad_id)
     if args.temperature > 0:
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_demo(sub)
+    add_distill(sub)
+    add_distill_eval(sub)
     _add_hook(sub, "info", "describe a model or adapter")
     _add_hook(sub, "serve", "serve adapters over HTTP")
     return parser
@@ -256,16 +262,10 @@ HOOKS = {"info": "prefixtune.cli.info", "serve": "prefixtune.cli.serve"}
 
 def all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command's parser as the CLI runs it, by how the command is typed (the CLI reference, docs/cli.md,
-    and tests/test_docs.py read these): build_parser()'s subcommands, each hook's own parser, and the parsers of
-    `train`/`eval --task distill` (a document, not a dataset: flags of their own)."""
+    and tests/test_docs.py read these): build_parser()'s subcommands and each hook's own parser."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    out = {}
-    for name, parser in sub.choices.items():
-        out[name] = importlib.import_module(HOOKS[name]).build_parser() if name in HOOKS else parser
-        if name in ("train", "eval"):
-            distill = importlib.import_module("prefixtune.cli.distill")
-            out[f"{name} --task distill"] = {"train": distill._train_parser, "eval": distill._eval_parser}[name]()
-    return out
+    return {name: importlib.import_module(HOOKS[name]).build_parser() if name in HOOKS else parser
+            for name, parser in sub.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,10 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         def fn():
             return importlib.import_module(HOOKS[command]).main(rest) or 0
-    elif importlib.import_module("prefixtune.cli.distill").wants_distill(argv):  # a document, not a dataset: own flags
-        command, rest = argv[0], argv[1:]
-        def fn():
-            return importlib.import_module("prefixtune.cli.distill").main(command, rest)
     else:
         args = build_parser().parse_args(argv)
         command, fn = args.command, lambda: args.fn(args)  # noqa: E731

@@ -25,6 +25,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
+from .. import knowledge
 from . import errors as E
 from .engine import Engine
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, error_message
@@ -176,15 +177,12 @@ def _tokenize(engine: Engine, text: str, special: bool = True) -> list[int]:
 
 
 def _chat_ids(req: ChatCompletionRequest, engine: Engine) -> list[int]:
-    clean = req.messages
-    tok = engine.tokenizer
-    if tok is None:
+    if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer, so chat is unavailable; use /v1/completions with token ids")
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
-        return _tokenize(engine, text, special=False)  # the template writes its own special tokens
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
-    return _tokenize(engine, text)
+    try:  # a knowledge prefix's request in its trained layout, any other by the chat template
+        return knowledge.request_ids(engine.tokenizer, req.messages, engine.registry.layout_of(req.model))
+    except knowledge.LayoutError as e:
+        raise ApiError(str(e), param="messages") from None
 
 
 # ---- responses ------------------------------------------------------------------------------------------

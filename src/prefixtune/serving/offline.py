@@ -101,6 +101,24 @@ class Generator:
         out = [r["ids"] if return_tokens else r["text"] for r in results]
         return out[0] if single else out
 
+    def chat(self, conversations, adapter_names=None, max_tokens: int = 16, temperature: float = 0.0, **kw):
+        """`generate` for chat messages (one list of {"role", "content"} dicts, or a list of them), rendered as
+        /v1/chat/completions renders them: a knowledge prefix's in its trained layout (prefixtune/knowledge.py)."""
+        from .. import knowledge
+
+        single = bool(conversations) and isinstance(conversations[0], dict)
+        conversations = [conversations] if single else list(conversations)
+        names = adapter_names if isinstance(adapter_names, list) else [adapter_names] * len(conversations)
+        try:
+            ids = [knowledge.request_ids(self.engine.tokenizer, c, self._layout(n)) for c, n in zip(conversations, names)]
+        except knowledge.LayoutError as e:
+            raise ConfigError(str(e)) from None
+        out = self.generate(ids, names, max_tokens=max_tokens, temperature=temperature, **kw)
+        return out[0] if single else out
+
+    def _layout(self, name) -> dict | None:
+        return self.engine.registry.layout_of("+".join(adapter_tuple(name))) if name else None
+
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
         (close or self.engine.stop)()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..adapter_io import CONFIG_NAME, RUN_BEST, RUN_FINAL, RUN_MARKER, WEIGHTS_NAME, resolve_adapter_dir
 from ..config import ConfigError, check_adapter_name
+from ..knowledge import read_layout
 from .errors import AdapterExists, AdapterLoadFailed, CapacityUnavailable, InvalidRequest, UnknownAdapter
 
 log = logging.getLogger("prefixtune.serve")
@@ -47,6 +48,7 @@ class AdapterEntry:
     refs: int = 0  # queued and running requests that use it
     pinned: bool = False
     last_used: float = 0.0
+    layout: dict | None = None  # a knowledge prefix's trained layout (prefixtune/knowledge.py): how chat is rendered
 
 
 def read_entry(name: str, directory: Path, best: bool = False) -> AdapterEntry:
@@ -64,7 +66,7 @@ def read_entry(name: str, directory: Path, best: bool = False) -> AdapterEntry:
             size = os.stat(target / WEIGHTS_NAME).st_size
         except FileNotFoundError:
             size = 0  # read_adapter names what is missing when the adapter is loaded
-        return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size)
+        return AdapterEntry(name, target, p, cfg.get("base_model_name_or_path"), size, layout=read_layout(target))
     except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
         why = str(e) if isinstance(e, ConfigError) else f"{directory / CONFIG_NAME} is unreadable ({type(e).__name__}: {e})"
         return AdapterEntry(name, Path(directory), 0, None, 0, problem=why)
@@ -193,6 +195,18 @@ class AdapterRegistry:
             known = sorted(self.reserved) + self.names()
             shown = f"{known[:20]}"[:-1] + (f", ... ({len(known)} in all)]" if len(known) > 20 else "]")
             raise UnknownAdapter(f"unknown model {name!r}; available: {shown}")
+
+    def layout_of(self, model: str) -> dict | None:
+        """The trained layout of the knowledge prefix a request names (the first part of a composed name that has
+        one); None for the base model and other adapters."""
+        for part in (model or "").split("+"):  # engine.COMPOSE
+            try:
+                e = self.find(part)
+            except UnknownAdapter:
+                return None  # the base model's name, or one the request's own lookup reports
+            if e.layout is not None:
+                return e.layout
+        return None
 
     def register(self, name: str, directory: str | Path, pinned: bool = False) -> AdapterEntry:
         """Add an adapter by name and directory (a hot load, a Python caller, --pin); not loaded yet."""

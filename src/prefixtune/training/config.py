@@ -25,6 +25,9 @@ REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
 ON_TRUNCATE = ("warn", "error", "drop")
 QUANTIZE = ("8bit", "4bit")
+# tasks that became commands of their own: --task VALUE stops with this pointer (cli/flags.py, validate)
+MOVED_TASKS = {"distill": "knowledge prefixes have their own commands: `prefixtune distill --model M --context FILE "
+               "--output RUN` and `prefixtune distill-eval` (docs/knowledge-prefixes.md)"}
 
 
 # Each task's defaults, chosen by measurement (README "Benchmarks"; raw results in benchmarks/results/). "prefix":
@@ -66,7 +69,7 @@ class TrainConfig:
     eval: str | None = _f(None, "data", "evaluation data (same formats as --train)", default_text="split "
                           "--eval-fraction off --train")
     data_config: str | None = _f(None, "data", "Hub dataset config name, e.g. sentences_allagree")
-    task: str | None = _f(None, "data", "what the prefix learns", choices=TASKS, required=True)
+    task: str | None = _f(None, "data", "what the prefix learns", choices=TASKS, required=True, moved=MOVED_TASKS)
     text_column: str | None = _f(None, "data", "input text column", default_text="guessed from the data")
     label_column: str | None = _f(None, "data", "classify: label column", default_text="guessed from the data")
     label_words: list[str] | None = _f(None, "data", "classify: comma-separated label set, e.g. "
@@ -152,6 +155,8 @@ class TrainConfig:
         for name in ("model", "train", "task", "output"):
             if not getattr(self, name):
                 raise RecipeError(f"missing {name}: pass --{name} or set `{name}:` in the recipe")
+        if self.task in MOVED_TASKS:
+            raise RecipeError(f"task {self.task!r}: {MOVED_TASKS[self.task]}")
         for name, allowed in (("task", TASKS), ("precision", PRECISIONS), ("scheduler", SCHEDULERS),
                               ("eval_method", EVAL_METHODS), ("on_truncate", ON_TRUNCATE), ("report_to", REPORT_TO)):
             if getattr(self, name) not in allowed:
@@ -268,7 +273,8 @@ class EvalConfig:
     model: str | None = _f(None, "eval", "base model: directory, Hub id or .gguf file", required=True)
     data: str | None = _f(None, "eval", "CSV/JSONL/Parquet file, save_to_disk directory or Hub dataset; a DatasetDict "
                           "is evaluated on its validation/test split", required=True)
-    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True)
+    task: str | None = _f(None, "eval", "the task the adapter was trained for", choices=TASKS, required=True,
+                          moved=MOVED_TASKS)
     method: str = _f("rank", "eval", "classify: rank = label log-likelihood, generate = free generation; encoder "
                      "classifiers are always scored by their head", choices=EVAL_METHODS)
     output: str | None = _f(None, "eval", "where eval.json / predictions.jsonl go", default_text="<adapter>/eval or ./eval")

@@ -19,54 +19,14 @@ the rest of the vocabulary (`kl_topk`). Teacher top-k are computed once, before 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import ConfigError, PrefixConfig
 from . import selfstudy as S
-
-
-@dataclass
-class DistillConfig:
-    model: str | None = None
-    context: str | None = None
-    queries: str | None = None
-    output: str | None = None
-    num_virtual_tokens: int = 128
-    self_study: int | None = None  # generated questions; None: 256 without --queries, 0 with them
-    max_steps: int = 200
-    batch_size: int = 4
-    lr: float = 2e-2
-    warmup_ratio: float = 0.05
-    top_k: int = 20
-    answer_tokens: int = 48
-    question_tokens: int = 40
-    chunk_tokens: int = 256
-    max_context_tokens: int | None = None  # None: the model's position range less room for query + answer
-    init: str = "context"
-    freeze_first: int = 1
-    eval_fraction: float = 0.1
-    eval_every: int = 50
-    seed: int = 0
-    layer_scale: bool = True
-    progress: bool = True
-    save_format: str = "prefix"
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.init not in ("context", "vocab"):
-            raise ConfigError(f"--init {self.init!r}: use context (the document's first P key/values) or vocab")
-        for name in ("num_virtual_tokens", "max_steps", "batch_size", "top_k", "answer_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0 <= self.freeze_first <= self.num_virtual_tokens:
-            raise ConfigError(f"--freeze-first {self.freeze_first}: use 0..--num-virtual-tokens")
+from .distill_config import DistillConfig
 
 
 def max_context(base, cfg: DistillConfig) -> int:
@@ -90,8 +50,12 @@ def _by_window(examples: list[dict], batch_size: int):
 @torch.no_grad()
 def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, batch_size: int = 16,
                     progress: bool = True) -> None:
-    """Fill each example's "answer_ids" (and "answer") with the teacher's greedy answer."""
+    """Fill each example's "answer_ids" (and "answer") with the teacher's greedy answer; tokens/s in the log."""
+    import time
+
     from tqdm.auto import tqdm
+
+    t0, made = time.perf_counter(), 0
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = tokenizer.eos_token_id
@@ -106,8 +70,12 @@ def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, 
             cut = new.index(stop) + 1 if stop in new else len(new)
             e["answer_ids"] = new[:cut] or [stop if stop is not None else pad]
             e["answer"] = tokenizer.decode(e["answer_ids"], skip_special_tokens=True)
+            made += len(e["answer_ids"])
         bar.update(len(rows))
     bar.close()
+    took = time.perf_counter() - t0
+    if examples:
+        bar.write(f"teacher answers: {made} tokens in {took:.1f}s, {made / max(took, 1e-9):.0f} tokens/s")
 
 
 def answer_logits(model, rows: list[dict], adapter_names, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +152,10 @@ def prepare(model, tokenizer, doc: S.Document, cfg: DistillConfig, queries: list
         raise ConfigError("no training queries: give --queries FILE or --self-study N (N > 0)")
     teacher_adapters(model, doc)
     teacher_answers(model, tokenizer, examples, cfg.answer_tokens, progress=cfg.progress)
+    if cfg.conversation_turns == 2:  # second turns need the first answers in view
+        second = S.follow_ups(model, tokenizer, doc, examples, seed=cfg.seed, question_tokens=cfg.question_tokens, say=say)
+        teacher_answers(model, tokenizer, second, cfg.answer_tokens, progress=cfg.progress)
+        examples += second
     teacher_topk(model, tokenizer, examples, cfg.top_k, progress=cfg.progress)
     mean = sum(len(e["answer_ids"]) for e in examples) / len(examples)
     say(f"teacher: {len(examples)} answers (greedy, up to {cfg.answer_tokens} tokens, mean {mean:.0f}); top-{cfg.top_k} "
@@ -199,6 +171,7 @@ def add_student(model, doc: S.Document, cfg: DistillConfig, name: str = "default
     else:
         pcfg = PrefixConfig(num_virtual_tokens=P, init="vocab", layer_scale=cfg.layer_scale)
     pcfg.extra["num_frozen_tokens"] = cfg.freeze_first  # written as peft CARTRIDGE's num_frozen_tokens
+    pcfg.extra["task"] = "distill"  # shown by `prefixtune info` and the model card
     if name in model.prefixes:
         model.delete_adapter(name)
     model.add_adapter(name, pcfg)
@@ -232,53 +205,28 @@ def mean_loss(model, rows: list[dict], pad: int, batch_size: int = 8, name: str 
     return total / max(n, 1)
 
 
-def fit(model, tokenizer, examples: list[dict], cfg: DistillConfig, out: Path | None = None, say=print,
-        name: str = "default") -> dict:
-    """Train adapter `name` (made by `add_student`) on `examples`; logs to out/metrics.jsonl when `out` is given."""
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_rows, eval_rows = split(examples, cfg.eval_fraction, cfg.seed)
-    params = [p for p in model.prefixes[name].parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-    history = []
-    model.train()
-    bar = tqdm(total=cfg.max_steps, desc="distill", disable=not cfg.progress, dynamic_ncols=True)
-    first = mean_loss(model.eval(), eval_rows, pad, name=name) if eval_rows else None
-    model.train()
-    if first is not None:
-        history.append({"step": 0, "eval_loss": first})
-    for step in range(1, cfg.max_steps + 1):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(train_rows)), len(train_rows))
-        rows = [train_rows[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
-        loss = batch_loss(model, rows, pad, name)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-        if eval_rows and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            rec["eval_loss"] = mean_loss(model.eval(), eval_rows, pad, name=name)
-            model.train()
-        history.append(rec)
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        bar.update(1)
-    bar.close()
-    model.eval()
-    last = next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None)
-    say(f"distill: {cfg.max_steps} steps on {len(train_rows)} examples; held-out top-{cfg.top_k} KL "
-        f"{first if first is None else round(first, 4)} -> {last if last is None else round(last, 4)}")
-    return {"train_examples": len(train_rows), "eval_examples": len(eval_rows), "eval_kl_start": first, "eval_kl": last,
-            "final_loss": history[-1].get("loss")}
+def collate(rows: list[dict], pad: int) -> dict:
+    """A training batch: query + answer ids (right-padded), where each answer token is predicted, the teacher's top-k."""
+    ids, mask = S.right_pad([e["query_ids"] + e["answer_ids"] for e in rows], pad)
+    width = max(len(e["answer_ids"]) for e in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    amask = torch.zeros(len(rows), width)
+    for i, e in enumerate(rows):
+        q, a = len(e["query_ids"]), len(e["answer_ids"])
+        index[i, :a] = torch.arange(q - 1, q + a - 1)
+        amask[i, :a] = 1
+    return {"input_ids": ids, "attention_mask": mask, "answer_index": index, "answer_mask": amask,
+            "topk_ids": _stack(rows, "topk_ids", width, "cpu"), "topk_logp": _stack(rows, "topk_logp", width, "cpu")}
 
 
-def config_dict(cfg: DistillConfig) -> dict:
-    return dataclasses.asdict(cfg)
+class DistillLoss(nn.Module):
+    """The top-k KL of the active adapter's answers against the teacher's (the loop's loss module, DDP-wrappable)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        index = batch["answer_index"][..., None].expand(-1, -1, logits.shape[-1])
+        return kl_topk(logits.gather(1, index).float(), batch["topk_ids"], batch["topk_logp"], batch["answer_mask"])

@@ -1,4 +1,4 @@
-"""How well a knowledge prefix stands in for its document (`prefixtune eval --task distill`).
+"""How well a knowledge prefix stands in for its document (`prefixtune distill-eval`).
 
 For each held-out query the teacher (the document's window in view, training.distill) answers greedily; every
 method then reads the same query + teacher answer tokens with its own context, and is scored against the

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,11 @@ class Run:
     state: dict  # step, best, bad_evals, tokens: what a checkpoint stores besides the weights
     last_eval: dict | None = None
     last_preds: list | None = None
+    # Another task on the same steps (training/distill_run.py): its rows' lengths, collate and evaluation.
+    # None: the dataset's (`data.train["input_ids"]`, PadCollator, run_eval).
+    lengths: list[int] | None = None
+    collate: Callable[[list], dict] | None = None
+    evaluate: Callable[[nn.Module], tuple[dict, list | None]] | None = None
 
 
 def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
@@ -132,10 +138,10 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     kind = kind_of_config(model.config if model is not None else load_config(cfg.model), cfg.task)
     resolved = resolve(cfg, kind)
     cfg = resolved.config
-    acc = _accelerator(cfg)
+    acc = make_accelerator(cfg)
     report = Reporter(Path(cfg.output), acc, cfg.progress)
     report.say(resolved.describe(kind))
-    out, resuming = _claim_output(cfg, acc)
+    out, resuming = claim_output(cfg, acc)
     set_seed(cfg.seed)
     report.start_tracker(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
@@ -170,7 +176,7 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     return Run(cfg, acc, report, out, data, tokenizer, pm, lossmod, optimizer, scheduler, ema, plan, kind, state)
 
 
-def _accelerator(cfg: TrainConfig):
+def make_accelerator(cfg):
     from accelerate import Accelerator
 
     _, mixed = precision_plan(cfg.precision)
@@ -183,7 +189,7 @@ def _accelerator(cfg: TrainConfig):
     return acc
 
 
-def _claim_output(cfg: TrainConfig, acc) -> tuple[Path, bool]:
+def claim_output(cfg, acc) -> tuple[Path, bool]:
     """-> (the output directory, whether it holds a run to resume); --overwrite empties it first."""
     out = Path(cfg.output)
     resuming = check_output_dir(cfg)
@@ -232,8 +238,8 @@ def run_steps(run: Run, stop_after: int | None = None) -> bool:
     run.model.train()
     batches, batches_epoch = None, None
     stopped_early = False
-    lengths = [len(x) for x in run.data.train["input_ids"]]
-    collate = D.PadCollator(run.tokenizer, is_encoder_decoder=run.kind == "seq2seq")
+    lengths = run.lengths if run.lengths is not None else [len(x) for x in run.data.train["input_ids"]]
+    collate = run.collate or D.PadCollator(run.tokenizer, is_encoder_decoder=run.kind == "seq2seq")
     while state["step"] < plan.total:
         t_start = time.perf_counter()
         epoch, k = divmod(state["step"], plan.steps_per_epoch)
@@ -296,7 +302,10 @@ def _evaluate(run: Run, step: int, epochs: float) -> None:
     """Evaluate (the EMA average if any), keep best/ if it is the best so far, log."""
     state, t_eval = run.state, time.perf_counter()
     with run.ema.applied():
-        ev, run.last_preds = run_eval(run.model, run.tokenizer, run.data, run.cfg)
+        if run.evaluate is not None:
+            ev, run.last_preds = run.evaluate(run.model)
+        else:
+            ev, run.last_preds = run_eval(run.model, run.tokenizer, run.data, run.cfg)
         ev["eval_seconds"] = round(time.perf_counter() - t_eval, 2)  # what evaluating costs the run
         better = state["best"] is None or _score(ev) > state["best"]
         if better and run.report.main:

@@ -1,15 +1,16 @@
 """What a knowledge prefix is distilled on: the document as token windows, and the queries about it.
 
-Layout. The document is the system message of the model's chat template (raw text plus a blank line for
-models without one), so every method sees the same tokens after its context:
+Layout (prefixtune/knowledge.py, recorded in the adapter so serving renders requests the same way). The document
+is the system message of the model's chat template (raw text plus a blank line for models without one), so every
+method sees the same tokens after its context:
 
     teacher:     [header + document]           [middle + query + footer] answer
     student:     [P trained key/values]        [middle + query + footer] answer
     no context:  []                            [middle + query + footer] answer
     truncated:   [first P tokens of the first] [middle + query + footer] answer
 
-`header` is what the template puts before the system text, `middle` what lies between the system text and the
-user's query, `footer` what follows the query up to the answer.
+Several documents (several --context, or a directory of .txt/.md files) are joined, in the order given (a
+directory's files by name), with a blank line between them, and distilled into one prefix.
 
 Long documents. When header + document exceed `max_context` tokens (default: the model's position range less
 room for a query and its answer) the document is cut into consecutive windows of at most that size, each with
@@ -17,88 +18,98 @@ its own header; a query's teacher sees one window: the window its self-study chu
 queries the window sharing the most distinct tokens with the query (a cheap lexical match). The student's one
 prefix is trained on queries from every window.
 
-Self-study (Cartridges, Eyuboglu et al. 2025). For each of `n` questions (seeded): pick a chunk of
-`chunk_tokens` document tokens uniformly, pick one of `SEED_PROMPTS`, and let the model write one question with
-only that chunk in view (sampling at temperature 0.7, at most `question_tokens` tokens, first line kept,
-duplicates dropped). The teacher answers afterwards with its whole window in view (training.distill).
+Self-study (Cartridges, Eyuboglu et al. 2025, section 4). For each of `n` drafts (all seeded): a chunk of the
+document (its size drawn between a quarter of `chunk_tokens` and `chunk_tokens`, its place uniform), a seed prompt
+from one of the five families of SEED_PROMPTS (facts, structure, summary, use case, creative; the family first,
+uniformly, then a prompt in it), and the model writes one question with only that chunk in view (temperature 0.7,
+at most `question_tokens` tokens, first line kept). Exact duplicates (case and spaces folded) are dropped. Drafts
+are generated in batches (one `generate` per batch; tokens/s in the log). With `turns=2`, the teacher's answer to
+each question is followed by a second question written the same way on the conversation so far, and the student
+also learns the teacher's answer to it (training/distill_run.py).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .. import knowledge as K
 from ..config import PrefixConfig
 from .data import DataError
 
-SEED_PROMPTS = (
-    "Write one question about a specific fact stated in the text above. Reply with the question only.",
-    "Write one question asking how to do something the text above describes. Reply with the question only.",
-    "Write one question asking to explain a part of the text above. Reply with the question only.",
-    "Write one question about a name, number, option or command in the text above. Reply with the question only.",
-)
-_DOC, _QUERY = "QQDOCUMENTQQ", "QQQUERYQQ"  # sentinels that locate the slots in the rendered chat template
+_ONLY = " Reply with the question only."
+SEED_PROMPTS = {  # the paper's five families (its Appendix: seed prompts), reworded for a small instruct model
+    "facts": ("Write one question about a specific fact stated in the text above.",
+              "Write one question about a name, number, option or command in the text above."),
+    "structure": ("Write one question about how the text above is organised: its parts and what each covers.",
+                  "Write one question asking where in the text above a particular topic is described."),
+    "summary": ("Write one question asking to summarise a part of the text above.",
+                "Write one question asking to explain a part of the text above."),
+    "use_case": ("Write one question a user of the text above would ask to get a task done.",
+                 "Write one question asking how to do something the text above describes."),
+    "creative": ("Write one unusual question that can only be answered with the details of the text above.",
+                 "Write one question comparing two things the text above mentions."),
+}
+FOLLOW_UP = "Write one follow-up question to the conversation above about the same text." + _ONLY
 
 
 @dataclass
 class Document:
     header: list[int]
     body: list[int]
-    middle: list[int]
-    footer: list[int]
     windows: list[tuple[int, int]]  # body token spans; a teacher sees header + body[start:end]
+    layout: dict = field(default_factory=dict)  # knowledge.template_layout: what follows the document
 
     def window_ids(self, w: int) -> list[int]:
         start, end = self.windows[w]
         return self.header + self.body[start:end]
-
-    def query_ids(self, query: list[int]) -> list[int]:
-        return self.middle + query + self.footer
 
     @property
     def context_len(self) -> int:
         return len(self.header) + len(self.body)
 
 
-def _template_parts(tokenizer) -> tuple[str, str, str]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": _DOC}, {"role": "user", "content": _QUERY}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        if text.count(_DOC) == 1 and text.count(_QUERY) == 1 and text.index(_DOC) < text.index(_QUERY):
-            header, rest = text.split(_DOC)
-            middle, footer = rest.split(_QUERY)
-            return header, middle, footer
-    return "", "\n\nQuestion: ", "\nAnswer:"
-
-
-def read_context(path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"--context {p}: file not found (give a text file holding the document)")
+def _read_one(p: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"--context {p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
-    if not text.strip():
-        raise DataError(f"--context {p} is empty; give the document to distil")
+
+
+def read_context(paths) -> str:
+    """The document(s): files and/or directories (their .txt/.md files, by name), joined by a blank line."""
+    texts = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".txt", ".md"))
+            if not files:
+                raise DataError(f"--context {p} is a directory without .txt or .md files")
+            texts += [_read_one(f) for f in files]
+        elif p.is_file():
+            texts.append(_read_one(p))
+        else:
+            raise DataError(f"--context {p}: file not found (give a text file, or a directory of .txt/.md files)")
+    text = "\n\n".join(t.strip() for t in texts if t.strip())
+    if not text:
+        raise DataError(f"--context {', '.join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))} is "
+                        "empty; give the document to distil")
     return text
 
 
 def build_document(tokenizer, text: str, max_context: int) -> Document:
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    header, middle, footer = (enc(s) for s in _template_parts(tokenizer))
-    body = enc(text)
+    layout = K.template_layout(tokenizer)
+    header, body = K.encode(tokenizer, layout["header"]), K.encode(tokenizer, text)
     width = max_context - len(header)
     if width < 16:
         raise DataError(f"max context {max_context} tokens leaves no room for the document after the template")
     windows = [(s, min(s + width, len(body))) for s in range(0, len(body), width)]
-    return Document(header, body, middle, footer, windows)
+    return Document(header, body, windows, layout)
 
 
 def read_queries(path) -> list[str]:
@@ -135,54 +146,124 @@ def nearest_window(doc: Document, query_ids: list[int]) -> int:
 def given_examples(tokenizer, doc: Document, queries: list[str]) -> list[dict]:
     out = []
     for q in queries:
-        ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-        out.append({"query": q, "query_ids": doc.query_ids(ids), "window": nearest_window(doc, ids), "source": "given"})
+        ids = K.encode(tokenizer, q)
+        out.append({"query": q, "query_ids": K.query_ids(tokenizer, q, doc.layout), "window": nearest_window(doc, ids),
+                    "source": "given"})
     return out
 
 
-def _chunks(doc: Document, chunk_tokens: int) -> list[tuple[int, int, int]]:
-    """(window, start, end) chunks that never straddle two windows."""
-    return [(w, s, min(s + chunk_tokens, end)) for w, (start, end) in enumerate(doc.windows)
-            for s in range(start, end, chunk_tokens)]
+def _sample_chunk(doc: Document, rng: random.Random, chunk_tokens: int) -> tuple[int, int, int]:
+    """(window, start, end): a chunk of a sampled size inside one window; starts on a grid of half the size, so
+    chunks repeat and their key/values are computed once."""
+    w = rng.randrange(len(doc.windows))
+    start, end = doc.windows[w]
+    size = min(rng.randint(max(1, chunk_tokens // 4), chunk_tokens), end - start)
+    step = max(1, size // 2)
+    a = start + step * rng.randrange(max(1, (end - start - size) // step + 1))
+    return w, a, min(a + size, end)
 
 
-@torch.no_grad()
+def _fold(q: str) -> str:
+    return " ".join(q.lower().split())
+
+
+class _Writer:
+    """Writes questions with a document chunk in view: one temporary adapter per distinct chunk (its key/values
+    computed once), batched sampling, tokens/s counted."""
+
+    def __init__(self, model, tokenizer, doc: Document, question_tokens: int):
+        self.model, self.tok, self.doc, self.question_tokens = model, tokenizer, doc, question_tokens
+        self.names: dict[tuple[int, int], str] = {}
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokens, self.seconds = 0, 0.0
+
+    def adapter(self, a: int, b: int) -> str:
+        if (a, b) not in self.names:
+            self.names[(a, b)] = context_adapter(self.model, f"chunk-{len(self.names)}", self.doc.header + self.doc.body[a:b])
+        return self.names[(a, b)]
+
+    @torch.no_grad()
+    def write(self, prompts: list[list[int]], chunks: list[tuple[int, int]]) -> list[str]:
+        t0 = time.perf_counter()
+        ids, mask = left_pad(prompts, self.pad)
+        gen = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                  adapter_names=[self.adapter(a, b) for a, b in chunks], do_sample=True,
+                                  temperature=0.7, top_p=0.95, max_new_tokens=self.question_tokens, pad_token_id=self.pad)
+        new = gen[:, ids.shape[1]:]
+        self.tokens += int((new != self.pad).sum())
+        self.seconds += time.perf_counter() - t0
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
+        return [next((line.strip() for line in t.splitlines() if line.strip()), "") for t in texts]
+
+    def rate(self) -> str:
+        return f"{self.tokens} tokens in {self.seconds:.1f}s, {self.tokens / max(self.seconds, 1e-9):.0f} tokens/s"
+
+    def close(self) -> None:
+        for name in self.names.values():
+            self.model.delete_adapter(name)
+
+
 def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_tokens: int = 256,
                question_tokens: int = 40, batch_size: int = 16, say=print, progress: bool = True) -> list[dict]:
-    """`n` seeded questions, each written by `model` (a PrefixModel; its base model) with one chunk of the document
-    in view. Each chunk's key/values (header + chunk) are computed once, as a temporary adapter, and reused for
-    every question about it: only the seed prompt and the question run per question."""
+    """`n` seeded drafts -> the distinct questions, each written by `model` (a PrefixModel) with one sampled chunk of
+    the document in view and a seed prompt from a sampled family."""
     from tqdm.auto import tqdm
 
-
     rng = random.Random(seed)
-    chunks = _chunks(doc, chunk_tokens)
-    names = [context_adapter(model, f"chunk-{i}", doc.header + doc.body[a:b]) for i, (_, a, b) in enumerate(chunks)]
-    plans = [(rng.choice(chunks), rng.randrange(len(SEED_PROMPTS))) for _ in range(n)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    families = list(SEED_PROMPTS)
+    plans = []
+    for _ in range(n):
+        fam = rng.choice(families)
+        plans.append((_sample_chunk(doc, rng, chunk_tokens), fam, rng.randrange(len(SEED_PROMPTS[fam]))))
+    writer = _Writer(model, tokenizer, doc, question_tokens)
     seen, out = set(), []
     torch.manual_seed(seed)
-    for s in tqdm(range(0, n, batch_size), desc="self-study", disable=not progress, dynamic_ncols=True):
-        part = plans[s : s + batch_size]
-        prompts = [doc.query_ids(tokenizer(SEED_PROMPTS[k], add_special_tokens=False)["input_ids"]) for _, k in part]
-        ids, mask = left_pad(prompts, pad)
-        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             adapter_names=[names[chunks.index(c)] for c, _ in part], do_sample=True,
-                             temperature=0.7, top_p=0.95, max_new_tokens=question_tokens,
-                             pad_token_id=pad)
-        for ((w, a, b), k), text in zip(part, tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)):
-            q = next((line.strip() for line in text.splitlines() if line.strip()), "")
-            if len(q) < 8 or q in seen:
-                continue
-            seen.add(q)
-            qids = tokenizer(q, add_special_tokens=False)["input_ids"]
-            out.append({"query": q, "query_ids": doc.query_ids(qids), "window": w, "chunk": [a, b],
-                        "seed_prompt": k, "source": "self_study"})
-    for name in names:
-        model.delete_adapter(name)
-    say(f"self-study: {len(out)} distinct questions from {n} drafts (seed {seed}; chunks of {chunk_tokens} tokens, "
-        f"{len(chunks)} chunks; questions up to {question_tokens} tokens, mean "
-        f"{sum(len(e['query_ids']) for e in out) / max(len(out), 1):.0f} with the template)")
+    try:
+        for s in tqdm(range(0, n, batch_size), desc="self-study", disable=not progress, dynamic_ncols=True):
+            part = plans[s : s + batch_size]
+            prompts = [K.query_ids(tokenizer, SEED_PROMPTS[f][k] + _ONLY, doc.layout) for _, f, k in part]
+            for ((w, a, b), f, k), q in zip(part, writer.write(prompts, [(a, b) for (_, a, b), _, _ in part])):
+                if len(q) < 8 or _fold(q) in seen:
+                    continue
+                seen.add(_fold(q))
+                out.append({"query": q, "query_ids": K.query_ids(tokenizer, q, doc.layout), "window": w, "chunk": [a, b],
+                            "family": f, "seed_prompt": k, "source": "self_study"})
+    finally:
+        writer.close()
+    counts = ", ".join(f"{f} {sum(e['family'] == f for e in out)}" for f in families)
+    say(f"self-study: {len(out)} distinct questions from {n} drafts (seed {seed}; chunks of {max(1, chunk_tokens // 4)}-"
+        f"{chunk_tokens} tokens, {len(writer.names)} distinct; families "
+        f"{counts}); {writer.rate()}")
+    return out
+
+
+def follow_ups(model, tokenizer, doc: Document, first: list[dict], *, seed: int = 0, question_tokens: int = 40,
+               batch_size: int = 16, say=print) -> list[dict]:
+    """Second turns: for each answered self-study question, a follow-up question written with its chunk and the
+    conversation so far in view; -> examples whose query is the whole conversation (in the trained layout)."""
+    if doc.layout.get("between") is None:
+        say("self-study: no second turns: this chat template renders later turns otherwise than the first")
+        return []
+    writer, seen, out = _Writer(model, tokenizer, doc, question_tokens), set(), []
+    rows = [e for e in first if e.get("chunk")]
+    torch.manual_seed(seed + 1)
+    try:
+        for s in range(0, len(rows), batch_size):
+            part = rows[s : s + batch_size]
+            convs = [[{"role": "user", "content": e["query"]}, {"role": "assistant", "content": e["answer"]}] for e in part]
+            prompts = [K.chat_ids(tokenizer, c + [{"role": "user", "content": FOLLOW_UP}], doc.layout) for c in convs]
+            for e, conv, q in zip(part, convs, writer.write(prompts, [tuple(e["chunk"]) for e in part])):
+                key = (_fold(e["query"]), _fold(q))
+                if len(q) < 8 or key in seen:
+                    continue
+                seen.add(key)
+                msgs = conv + [{"role": "user", "content": q}]
+                out.append({"query": q, "messages": msgs, "query_ids": K.chat_ids(tokenizer, msgs, doc.layout),
+                            "window": e["window"], "chunk": e["chunk"], "family": e.get("family"),
+                            "source": "self_study_turn2"})
+    finally:
+        writer.close()
+    say(f"self-study: {len(out)} second turns from {len(rows)} conversations; {writer.rate()}")
     return out
 
 
