@@ -91,3 +91,22 @@ def test_fsdp_is_a_flag():
     with pytest.raises(RecipeError):
         TrainConfig.from_sources(None, {"fsdb": True})
 
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over the loopback interface 'lo'")
+def test_distill_fsdp_two_processes_match_one_process(tmp_path):
+    """`prefixtune distill --fsdp`: the main process makes the examples on the whole model, then the base is sharded."""
+    mdir = model_dir(tmp_path)
+    (tmp_path / "doc.txt").write_text(" ".join(["the movie was great and the plot was good"] * 20))
+    args = ["-m", "prefixtune", "distill", "--model", str(mdir), "--context", str(tmp_path / "doc.txt"),
+            "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
+            "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), *args, "--fsdp", "--grad-accum", "1",
+                          "--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert len(re.findall(r"process \d holds \d+ of its \d+ weight bytes \((4[5-9]|5[0-5])%\)", two.stdout)) == 2, two.stdout
+    torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
