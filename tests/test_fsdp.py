@@ -73,6 +73,28 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     torch.testing.assert_close(_table(resumed), b, rtol=0, atol=1e-6)
 
 
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over the loopback interface 'lo'")
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_fsdp_tied_embeddings_and_seq2seq(tmp_path, kind):
+    """GPT-2 (the head tied to the token embedding: both stay whole; position embeddings sharded) and T5 (two stacks
+    of blocks, the whole model's forward): the same adapter as one process, about half the weights each."""
+    mdir = model_dir(tmp_path, kind)
+    data = write_jsonl(tmp_path / "cls.jsonl", classify_rows())
+    args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify", "--max-steps",
+            "3", "--batch-size", "4", "--num-virtual-tokens", "4", "--lr", "3e-2", "--save-every", "10", "--no-progress",
+            "--no-base-dropout"]  # GPT-2 and T5 have dropout: random draws differ between 1 and 2 processes
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), *args, "--fsdp", "--output", str(tmp_path / "two")],
+                         env=_env(), capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    shares = [int(h) / int(f) for h, f in re.findall(r"holds (\d+) of its (\d+) weight bytes", two.stdout)]
+    assert len(shares) == 2 and all(0.45 <= x <= 0.56 for x in shares), shares
+    torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
+
 def test_fsdp_alone_is_refused_with_the_launch_command(tmp_path):
     from prefixtune.training.loop import train
 

@@ -2,8 +2,8 @@
 
     lossmod = shard_frozen_base(LossModule(pm), acc)   # instead of acc.prepare(LossModule(pm)) (DDP)
 
-Each transformer block, the input embedding and the output head (unless tied) become FSDP2 units (norms outside
-the blocks, and a tied embedding, stay whole):
+Each transformer block, the embeddings outside them and the output head (unless tied to an embedding) become FSDP2
+units (norms outside the blocks, and a tied embedding, stay whole):
 every process keeps 1/world of those weights and all-gathers a unit's full weights only while it runs (forward,
 and again in backward, where the prefix's gradient flows through the frozen weights). The prefix (and projection,
 and an encoder classifier's head) is not sharded: every process holds it whole, and a gradient hook averages its
@@ -33,15 +33,23 @@ def _blocks(base: nn.Module) -> list[nn.Module]:
     return [block for stack in found for block in stack]
 
 
-def _rest(base: nn.Module) -> list[nn.Module]:
-    """The input embedding and output head, each a unit of its own, unless they share one weight (tied): then both
-    stay whole on every process. Why units of their own and not the whole model: a causal LM's loss runs its body
-    and then its head on the label positions only (training/evaluate.py), so no forward encloses both, and FSDP2
-    cannot make one unit (a root) of two modules. Every unit is its own root, gathered when its module runs."""
-    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if head is not None and any(p is q for p in emb.parameters() for q in head.parameters()):
-        return []
-    return [m for m in (emb, head) if m is not None and any(True for _ in m.parameters())]
+def _rest(base: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The embeddings outside the blocks (tokens, positions) and the output head, each a unit of its own; an
+    embedding that shares its weight with the head (tied) stays whole on every process, and so does the head.
+    Why units of their own and not the whole model: a causal LM's loss runs its body and then its head on the label
+    positions only (training/evaluate.py), so no forward encloses both, and FSDP2 cannot make one unit (a root) of
+    two modules. Every unit is its own root, gathered when its module runs."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    head = base.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    embeddings, tied = [], False
+    for m in base.modules():
+        if isinstance(m, nn.Embedding) and id(m) not in inside:
+            if any(id(p) in head_params for p in m.parameters()):
+                tied = True
+            else:
+                embeddings.append(m)
+    return embeddings + ([head] if head_params and not tied else [])
 
 
 def _inside(module: nn.Module, stack: nn.ModuleList) -> bool:
@@ -62,9 +70,8 @@ def shard_frozen_base(lossmod: nn.Module, acc) -> nn.Module:
     base = lossmod.model.base_model
     full = _param_bytes(base)
     mesh = init_device_mesh(acc.device.type, (world,))
-    for block in _blocks(base):
-        fully_shard(block, mesh=mesh)
-    for module in _rest(base):
+    blocks = _blocks(base)
+    for module in blocks + _rest(base, blocks):
         fully_shard(module, mesh=mesh)
     for p in lossmod.parameters():
         if p.requires_grad:
