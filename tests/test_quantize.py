@@ -70,3 +70,20 @@ def test_missing_quant_extra_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(X, "_installed", lambda m: m != "optimum.quanto")
     with pytest.raises(MissingExtra, match=r"--quantize 8bit needs the \[quant\] extra .*pip install 'prefixtune\[quant\]'"):
         load_model(str(model_dir(tmp_path)), quantize="8bit")
+
+
+def test_a_directory_converted_from_gguf_quantizes_and_a_quantized_one_is_refused(tmp_path):
+    """SmolLM2 as cli/assets.py converts it keeps `quantization_config: {quant_method: gguf}` over plain weights."""
+    from prefixtune.loading import ModelLoadError
+
+    mdir = model_dir(tmp_path)
+    config = json.loads((mdir / "config.json").read_text())
+    for method, ok in (("gguf", True), ("bitsandbytes", False)):
+        config["quantization_config"] = {"quant_method": method, "gguf_file": "x.gguf"}
+        (mdir / "config.json").write_text(json.dumps(config))
+        if ok:
+            model, _ = load_model(str(mdir), dtype="fp32", device="cpu", quantize="8bit")
+            assert "quanto" in type(model.model.layers[0].mlp.up_proj.weight).__module__
+        else:
+            with pytest.raises(ModelLoadError, match="stored quantized already .*drop --quantize"):
+                load_model(str(mdir), dtype="fp32", device="cpu", quantize="8bit")

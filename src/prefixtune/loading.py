@@ -163,6 +163,24 @@ def quantization_config(quantize: str):
     return QuantoConfig(weights=QUANTIZE[quantize])
 
 
+def _quantize_kwargs(path: str, config, kw: dict, quantize: str) -> dict:
+    """from_pretrained kwargs that load `path` quantized. A directory converted from a GGUF file keeps a
+    quantization_config naming that file although its weights are plain (cli/assets.py): dropped here, else
+    transformers refuses a second quantization config. A model stored quantized is refused in one line."""
+    if "gguf_file" in kw:
+        raise ModelLoadError(f"--quantize {quantize}: --model {path} is a GGUF file, quantized already; pass a transformers "
+                             "model directory, or drop --quantize")
+    method = getattr(config, "quantization_config", None)
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
+    if method is not None and str(getattr(method, "value", method)) != "gguf":
+        raise ModelLoadError(f"--quantize {quantize}: --model {path} is stored quantized already ({method}); drop --quantize")
+    extra = {"quantization_config": quantization_config(quantize)}
+    if method is not None:
+        del config.quantization_config
+        extra["config"] = config
+    return extra
+
+
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None, task: str | None = None,
                label_names: list[str] | None = None, new_head: bool = False, quantize: str | None = None):
     """-> (model in eval mode on `device`, tokenizer).
@@ -194,7 +212,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
     torch_dtype = resolve_dtype(dtype, device)
     head = kind == "encoder" and label_names is not None
     if quantize:
-        kw["quantization_config"] = quantization_config(quantize)
+        kw.update(_quantize_kwargs(path, config, kw, quantize))
     try:
         model = cls.from_pretrained(src, dtype=torch_dtype, output_loading_info=head, **kw)
     except Exception as e:
