@@ -70,6 +70,9 @@ def test_missing_extra_is_one_line_with_the_pip_command(case, tmp_path):
     assert lines[0].startswith(f"prefixtune {command}: error: "), lines[0]
     assert f"needs the [{extra}] extra (missing {blocked[0]})" in lines[0], lines[0]
     assert lines[0].endswith(f"pip install 'prefixtune[{extra}]'") or "(on CPUs" in lines[0], lines[0]
+    if case == "serve":  # the README and docs quote this very line
+        for doc in ("README.md", "README.zh-CN.md", "docs/getting-started.md", "docs/cli.md"):
+            assert lines[0] in (ROOT / doc).read_text(encoding="utf-8"), doc
 
 
 def test_a_stray_missing_module_still_names_its_extra(monkeypatch, capsys):

@@ -87,6 +87,16 @@ def test_serve_says_the_names_and_serves_the_final_adapter(runs, caplog, tmp_pat
     assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == served[0].strip()
 
 
+def test_the_python_entries_take_runs_the_same_way(runs):
+    """prefixtune.llamacpp.load / prefixtune.vllm.load(..., adapters=DIR) go through offline.adapter_dirs."""
+    from prefixtune.serving.offline import adapter_dirs
+
+    assert adapter_dirs(runs / "demo") == {"default": runs / "demo" / "adapter"}
+    assert adapter_dirs(runs / "plain") == {"default": runs / "plain"}
+    assert adapter_dirs(runs) == {"demo": runs / "demo" / "adapter", "other": runs / "other" / "adapter",
+                                  "plain": runs / "plain"}
+
+
 def test_serve_flags_are_checked_by_the_cli(runs, capsys):
     code, _, err = run_cli(["serve", "--model", "m", "--adapters", runs / "nope"], capsys)
     assert code == 2 and "--adapters" in err and "Traceback" not in err

@@ -1,6 +1,6 @@
 """The vLLM backend: prefixes written into vLLM's paged KV cache by our connector give PrefixModel.generate's tokens.
 
-Opt-in (`-m vllm`), in their own environment (vLLM pins torch and transformers; see README "vLLM" and .ci/run):
+Opt-in (`-m vllm`), in their own environment (vLLM pins torch and transformers; see docs/serving-vllm.md and .ci/run):
     /work/venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py
 Selected without vLLM installed they fail (the engine raises its install message), never skip. The one test
 without the marker checks that message in the main suite.

@@ -4,7 +4,7 @@
 
 Prints the largest module, function and class, every one over the limits (module 450 lines, function 80,
 class 300), every import cycle among prefixtune's own modules, and every import that breaks the layering
-(README "Layout": core imports none of training/, serving/, cli/; training/ none of serving/, cli/); exits 1 if
+(docs/architecture.md: core imports none of training/, serving/, cli/; training/ none of serving/, cli/); exits 1 if
 anything is over, circular or out of its layer.
 A cycle counts every import, also one inside a function (a late import hides a circle, it does not remove it)
 and one by `importlib.import_module("...")` (a computed name counts every prefixtune module the file names in a string);

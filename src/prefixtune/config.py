@@ -52,14 +52,14 @@ class PrefixConfig:
     projection: bool = field(default=False, metadata={"help": "train through an MLP (Li & Liang's "
                                                       "reparameterisation), folded away at save time"})
     projection_dim: int = field(default=512, metadata={"help": "the projection MLP's hidden width"})
-    # on: it trained better in the benchmarks (README "Benchmarks")
+    # on: it trained better in the benchmarks (benchmarks/README.md)
     layer_scale: bool = field(default=True, metadata={"help": "train the table in each layer's own key/value scale "
                                                       "(--no-layer-scale: plain key/value units, as peft)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the prefix key/values while training"})
     placement: str = field(default="decoder", metadata={
         "help": "seq2seq only: decoder = decoder self-attention (loads in peft), full = encoder + decoder + "
                 "cross-attention", "choices": PLACEMENTS})
-    # "vocab": the lowest step-0 loss and the best accuracy after training (README "Benchmarks")
+    # "vocab": the lowest step-0 loss and the best accuracy after training (benchmarks/README.md)
     init: str = field(default="vocab", metadata={
         "help": "prefix start: vocab = the model's key/values for sampled vocabulary tokens, text = the same for "
                 "--init-text, examples = the same for a few training examples (prompt and answer; not saved), "

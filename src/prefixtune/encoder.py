@@ -8,7 +8,7 @@ Laid out exactly as peft's `PrefixEncoder` so a state dict maps 1:1 onto peft's 
 
 layer_scale (table only): the table holds key/values in units of a fixed per-layer, per-key/value `scale` (the
 std of the model's own key/values, set by initialize.py). Adam moves every parameter by about lr per step whatever its
-size, and real value scales differ about 50x across layers (SmolLM2-135M; see the README), so in plain
+size, and real value scales differ about 50x across layers (SmolLM2-135M; docs/python-api.md), so in plain
 units one learning rate is too large for some layers and too small for others. Saving folds the scale away.
 """
 

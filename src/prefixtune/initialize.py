@@ -11,7 +11,7 @@
   description (Li & Liang), so the prefix starts out as something the model has seen.
 - "examples": the same for a few formatted training examples (prompt and answer): the prefix starts as an
   in-context demonstration of the task, which training then refines (the classification default, by measurement:
-  README "Benchmarks").
+  benchmarks/README.md).
 """
 
 from __future__ import annotations

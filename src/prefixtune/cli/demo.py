@@ -162,7 +162,7 @@ def print_serve_hint(model_path: str, adapter: Path, gguf: Path | None) -> None:
     """How to serve the adapter just trained, on either engine (the server serves every adapter under a directory)."""
     from ..extras import install_command, missing
 
-    print("\nserve it (OpenAI-compatible API; the adapter is named after the run directory):")
+    print(f"\nserve it (OpenAI-compatible API; requests name the adapter {adapter.parent.name!r}, after the run directory):")
     first = f"{install_command('serve')} && " if missing("serve") else ""  # the demo's install may lack [serve]
     print(f"  {first}prefixtune serve --model {model_path} --adapters {adapter.parent}")
     if gguf is not None:

@@ -45,7 +45,8 @@ def run_server(model_path: str, adapters_dir: str | None = None, host: str = "12
     from ..serving.api import create_app
     from ..serving.backends import build_backend
 
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO)  # a no-op under cli.main, which configured logging already:
+    logging.getLogger("prefixtune").setLevel(logging.INFO)  # so our start-up lines (adapter names) are shown anyway
     graceful = limits.pop("graceful_timeout", None)
     engine = build_backend(backend, model_path, adapters_dir, **limits)
     say_adapters(engine, adapters_dir)

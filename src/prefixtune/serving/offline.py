@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..adapter_io import CONFIG_NAME
+from ..adapter_io import CONFIG_NAME, resolve_adapter_dir
 from ..config import ConfigError
 from .errors import EngineError
+from .registry import is_adapter_dir, single_adapter_name
 from .request import Event, Request, SamplingParams, adapter_tuple
 
 
@@ -125,17 +126,18 @@ class Generator:
 
 
 def adapter_dirs(adapters) -> dict[str, Path]:
-    """{name: dir}, or a directory: itself if it is one adapter ("default"), else each adapter subdirectory."""
+    """{name: dir}, or a directory: itself if it is one adapter or one training run ("default"; a run's final
+    adapter/), else each adapter or run subdirectory under its name (never a run's best/ or checkpoints)."""
     if adapters is None:
         return {}
     if isinstance(adapters, dict):
         return {n: Path(d) for n, d in adapters.items()}
     root = Path(adapters)
-    if (root / CONFIG_NAME).is_file():
-        return {"default": root}
+    if single_adapter_name(root) is not None:
+        return {"default": resolve_adapter_dir(root)[0]}
     if not root.is_dir():
         raise ConfigError(f"adapters {root}: not a directory; pass an adapter directory, a directory of them, or a dict")
-    found = {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_NAME).is_file()}
+    found = {p.name: resolve_adapter_dir(p)[0] for p in sorted(root.iterdir()) if p.is_dir() and is_adapter_dir(p)}
     if not found:
         raise ConfigError(f"adapters {root}: no adapter directories inside (each needs {CONFIG_NAME})")
     return found

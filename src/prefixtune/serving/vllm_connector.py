@@ -19,7 +19,7 @@ What makes a request an adapter request, and keeps it exact (a mistake here give
   finishes it with an error. The worker logs the reason.
 
 The adapter identity and key/values come from vllm_prefix (no vLLM there: clients of vLLM's own OpenAI server build
-their requests with `vllm_prefix.request_fields`, README "vLLM").
+their requests with `vllm_prefix.request_fields`, docs/serving-vllm.md).
 """
 
 from __future__ import annotations

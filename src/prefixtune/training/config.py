@@ -30,7 +30,7 @@ MOVED_TASKS = {"distill": "knowledge prefixes have their own commands: `prefixtu
                "--output RUN` and `prefixtune distill-eval` (docs/knowledge-prefixes.md)"}
 
 
-# Each task's defaults, chosen by measurement (README "Benchmarks"; raw results in benchmarks/results/). "prefix":
+# Each task's defaults, chosen by measurement (benchmarks/README.md; raw results in benchmarks/results/). "prefix":
 # PrefixConfig fields that differ from the library's defaults. "TASK:KIND" entries (kind as inject.kind_of_config
 # says) replace the task's for that kind of model. A recipe or flag always wins; `resolve` fills in the rest.
 TASK_DEFAULTS = {
@@ -115,7 +115,7 @@ class TrainConfig:
     scheduler: str = _f("linear", "optimisation", "learning-rate schedule after warmup", choices=SCHEDULERS)
     max_grad_norm: float = _f(1.0, "optimisation", "clip the gradient norm to this")
     # averaging the prefix over recent steps (training/ema.py); off by default: it smoothed the curve but did not
-    # end higher (README "Benchmarks")
+    # end higher (benchmarks/README.md)
     ema: float = _f(0.0, "optimisation", "evaluate and save a moving average of the trainable weights with this "
                     "decay, e.g. 0.98 (0 = off: the last step's weights)")
     base_dropout: bool | None = _f(None, "optimisation", "keep the frozen model's own dropout while training "

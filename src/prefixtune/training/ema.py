@@ -2,8 +2,8 @@
 
 With a small batch and a learning rate high enough to learn in a few hundred steps, the live prefix jitters from
 step to step; the average of its recent values does not, so evaluations, `best/` and an early stop see a steady
-prefix. On the tweet benchmark it smoothed the accuracy curve but ended level with the last step's prefix (README
-"Benchmarks", at 300 steps), so `prefixtune train` uses it only when asked (`--ema`).
+prefix. On the tweet benchmark it smoothed the accuracy curve but ended level with the last step's prefix
+(benchmarks/README.md, at 300 steps), so `prefixtune train` uses it only when asked (`--ema`).
 Not torch.optim.swa_utils.AveragedModel: that deep-copies the whole module, frozen base model included; this keeps a
 copy of the trainable tensors only (the prefix, an encoder's head).
 """
