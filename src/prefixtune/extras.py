@@ -20,6 +20,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "llamacpp": ("llama_cpp",),
     "vllm": ("vllm",),
     "peft": ("peft",),
+    "quant": ("optimum.quanto",),
     "trl": ("trl",),
     "tensorboard": ("tensorboard",),
     "wandb": ("wandb",),

@@ -150,8 +150,39 @@ def _mismatch(path: str, config, names: list[str]) -> ModelLoadError:
         "trained weights are dropped), or train on data with the head's labels")
 
 
+# --quantize -> optimum-quanto's weight type; transformers quantizes every Linear but the output head as it loads,
+# on CPU and GPU alike, and runs the rest (embeddings, norms, the prefix) in the compute dtype
+QUANTIZE = {"8bit": "int8", "4bit": "int4"}
+
+
+def quantization_config(quantize: str):
+    """transformers' QuantoConfig for `--quantize 8bit|4bit`; a missing extra is one line naming the pip command."""
+    require("quant", f"--quantize {quantize}")
+    from transformers import QuantoConfig
+
+    return QuantoConfig(weights=QUANTIZE[quantize])
+
+
+def _quantize_kwargs(path: str, config, kw: dict, quantize: str) -> dict:
+    """from_pretrained kwargs that load `path` quantized. A directory converted from a GGUF file keeps a
+    quantization_config naming that file although its weights are plain (cli/assets.py): dropped here, else
+    transformers refuses a second quantization config. A model stored quantized is refused in one line."""
+    if "gguf_file" in kw:
+        raise ModelLoadError(f"--quantize {quantize}: --model {path} is a GGUF file, quantized already; pass a transformers "
+                             "model directory, or drop --quantize")
+    method = getattr(config, "quantization_config", None)
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
+    if method is not None and str(getattr(method, "value", method)) != "gguf":
+        raise ModelLoadError(f"--quantize {quantize}: --model {path} is stored quantized already ({method}); drop --quantize")
+    extra = {"quantization_config": quantization_config(quantize)}
+    if method is not None:
+        del config.quantization_config
+        extra["config"] = config
+    return extra
+
+
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None = None, task: str | None = None,
-               label_names: list[str] | None = None, new_head: bool = False):
+               label_names: list[str] | None = None, new_head: bool = False, quantize: str | None = None):
     """-> (model in eval mode on `device`, tokenizer).
 
     The head follows `inject.kind_of_config`: encoders (BERT family) get AutoModelForSequenceClassification with one
@@ -159,6 +190,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
     others AutoModelForCausalLM. With `task`, a model/task pair the CLI cannot train correctly is refused.
     An encoder checkpoint's own head is reused when its labels are the data's (in the data's order); a head of another
     size is an error unless `new_head` (transformers' ignore_mismatched_sizes: a new head, said in the log).
+    `quantize` ("8bit"/"4bit"): the weights are stored quantized (QUANTIZE), frozen; for prefix training.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
@@ -179,6 +211,8 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | None 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     head = kind == "encoder" and label_names is not None
+    if quantize:
+        kw.update(_quantize_kwargs(path, config, kw, quantize))
     try:
         model = cls.from_pretrained(src, dtype=torch_dtype, output_loading_info=head, **kw)
     except Exception as e:

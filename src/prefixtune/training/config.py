@@ -24,6 +24,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 EVAL_METHODS = ("rank", "generate", "head")  # head: encoder classifiers (rank means head there too)
 ON_TRUNCATE = ("warn", "error", "drop")
+QUANTIZE = ("8bit", "4bit")
 # tasks that became commands of their own: --task VALUE stops with this pointer (cli/flags.py, validate)
 MOVED_TASKS = {"distill": "knowledge prefixes have their own commands: `prefixtune distill --model M --context FILE "
                "--output RUN` and `prefixtune distill-eval` (docs/knowledge-prefixes.md)"}
@@ -124,6 +125,12 @@ class TrainConfig:
     precision: str = _f("auto", "optimisation", "compute dtype (auto: bf16 where supported, else fp32)",
                         choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "optimisation", "recompute activations in backward to save memory")
+    # training/sharding.py; the prefix stays whole on every process (DDP's job is done by a gradient hook)
+    fsdp: bool = _f(False, "optimisation", "shard the frozen model's weights over the processes (torch FSDP2) instead "
+                    "of a full copy each; needs several processes (torchrun --nproc-per-node N)")
+    quantize: str | None = _f(None, "optimisation", "load the frozen model's Linear weights in 8 or 4 bits "
+                              "(optimum-quanto; the prefix trains in --precision and loads on the full model)",
+                              choices=QUANTIZE, default_text="off: full precision")
     # evaluation / checkpoints / logging
     eval_every: int | None = _f(None, "evaluation", "evaluate every N steps (also at the end of every epoch)",
                                 default_text="end of every epoch")
@@ -175,6 +182,11 @@ class TrainConfig:
             raise RecipeError(f"ema must be a decay in [0, 1), e.g. 0.95 (0 = off), got {self.ema!r}")
         if self.base_dropout is not None and not isinstance(self.base_dropout, bool):
             raise RecipeError(f"base_dropout must be true or false, got {self.base_dropout!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise RecipeError(f"quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)} (or leave it out)")
+        if self.quantize and self.fsdp:
+            raise RecipeError("--quantize and --fsdp cannot be combined: FSDP2 shards plain tensors, not quantized ones; "
+                              "drop one of them")
         if self.resume and self.overwrite:
             raise RecipeError("--resume and --overwrite contradict each other; pick one")
         if not isinstance(self.prefix, (PrefixConfig, dict, type(None))):
@@ -197,6 +209,8 @@ class TrainConfig:
             ident["placement"] = self.prefix.placement
         if self.ema:  # likewise: runs from before ema was a setting had none
             ident["ema"] = self.ema
+        if self.quantize:  # another frozen model: a resume must load it the same way
+            ident["quantize"] = self.quantize
         if self.base_dropout is False:
             ident["base_dropout"] = False
         for key in ("drop_incomplete", "fix_text"):  # they change the rows trained on; absent from older runs

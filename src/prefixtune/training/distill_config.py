@@ -63,6 +63,8 @@ class DistillConfig:
     seed: int = _f(0, "optimisation", "self-study, split and data-order seed")
     precision: str = _f("auto", "optimisation", "compute dtype (auto: bf16 where supported, else fp32)",
                         choices=list(PRECISIONS))
+    fsdp: bool = _f(False, "optimisation", "shard the frozen model's weights over the processes (torch FSDP2; "
+                    "training/sharding.py) once the examples are made; needs several processes (torchrun)")
     eval_every: int | None = _f(50, "evaluation", "steps between held-out KL evaluations")
     patience: int | None = _f(None, "evaluation", "stop after this many evaluations without improvement",
                               default_text="never stop early")

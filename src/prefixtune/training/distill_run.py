@@ -100,7 +100,11 @@ def prepare(cfg: DistillConfig, model=None, tokenizer=None, examples=None) -> L.
     if report.main:
         truncate_metrics(out, state["step"])
     acc.wait_for_everyone()
-    lossmod, optimizer = acc.prepare(D.DistillLoss(pm), optimizer)
+    if cfg.fsdp:  # the teacher's work is done: the frozen base can be sharded now (training/sharding.py)
+        from .sharding import shard_frozen_base
+        lossmod, optimizer = shard_frozen_base(D.DistillLoss(pm), acc), acc.prepare(optimizer)
+    else:
+        lossmod, optimizer = acc.prepare(D.DistillLoss(pm), optimizer)
     report.say(f"distill: P = {cfg.num_virtual_tokens} over a {doc.context_len}-token document in {len(doc.windows)} "
                f"window(s) | {len(train_rows)} train / {len(eval_rows)} held-out examples | {plan.total} steps of "
                f"{cfg.batch_size * cfg.grad_accum * plan.world} | {plan.world} process(es) on {acc.device}")

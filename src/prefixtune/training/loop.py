@@ -164,7 +164,11 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if report.main:
         truncate_metrics(out, state["step"])
     acc.wait_for_everyone()
-    lossmod, optimizer = acc.prepare(LossModule(pm), optimizer)
+    if cfg.fsdp:  # the base sharded (training/sharding.py); accelerate must not wrap it in DDP
+        from .sharding import shard_frozen_base
+        lossmod, optimizer = shard_frozen_base(LossModule(pm), acc), acc.prepare(optimizer)
+    else:
+        lossmod, optimizer = acc.prepare(LossModule(pm), optimizer)
     report.say(pm.parameter_summary())
     report.say(f"adapter size: {human_bytes(adapter_bytes(pm))} (fp32, projection folded) | {len(data.train)} train / "
                f"{len(data.eval_raw)} eval examples | {plan.total} steps of {cfg.batch_size * cfg.grad_accum * plan.world} "
@@ -206,7 +210,7 @@ def _attach(cfg: TrainConfig, kind: str, model, tokenizer, data: RunData, acc, r
     labels = data.task_info["label_words"]
     if model is None:
         model, _ = load_model(cfg.model, dtype=precision_plan(cfg.precision)[0], device=str(acc.device), task=cfg.task,
-                              label_names=labels if head else None, new_head=cfg.new_head)
+                              label_names=labels if head else None, new_head=cfg.new_head, quantize=cfg.quantize)
     if head:
         check_classifier(model, labels)
         report.say(f"encoder classifier: training the prefix and the {len(labels)}-way classification "
