@@ -78,11 +78,8 @@ def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, 
         bar.write(f"teacher answers: {made} tokens in {took:.1f}s, {made / max(took, 1e-9):.0f} tokens/s")
 
 
-def answer_logits(model, rows: list[dict], adapter_names, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (logits at the positions predicting each answer token [B, A, V], mask [B, A]); A = longest answer."""
-    ids, mask = S.right_pad([e["query_ids"] + e["answer_ids"] for e in rows], pad)
-    dev = model.device
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), adapter_names=adapter_names).logits
+def answer_positions(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (the position predicting each answer token in query + answer [B, A], its mask [B, A]); A = longest answer."""
     width = max(len(e["answer_ids"]) for e in rows)
     index = torch.zeros(len(rows), width, dtype=torch.long)
     amask = torch.zeros(len(rows), width)
@@ -90,6 +87,15 @@ def answer_logits(model, rows: list[dict], adapter_names, pad: int) -> tuple[tor
         q, a = len(e["query_ids"]), len(e["answer_ids"])
         index[i, :a] = torch.arange(q - 1, q + a - 1)
         amask[i, :a] = 1
+    return index, amask
+
+
+def answer_logits(model, rows: list[dict], adapter_names, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits at the positions predicting each answer token [B, A, V], mask [B, A]); A = longest answer."""
+    ids, mask = S.right_pad([e["query_ids"] + e["answer_ids"] for e in rows], pad)
+    dev = model.device
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), adapter_names=adapter_names).logits
+    index, amask = answer_positions(rows)
     picked = logits.gather(1, index.to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
     return picked.float(), amask.to(dev)
 
@@ -208,13 +214,8 @@ def mean_loss(model, rows: list[dict], pad: int, batch_size: int = 8, name: str 
 def collate(rows: list[dict], pad: int) -> dict:
     """A training batch: query + answer ids (right-padded), where each answer token is predicted, the teacher's top-k."""
     ids, mask = S.right_pad([e["query_ids"] + e["answer_ids"] for e in rows], pad)
-    width = max(len(e["answer_ids"]) for e in rows)
-    index = torch.zeros(len(rows), width, dtype=torch.long)
-    amask = torch.zeros(len(rows), width)
-    for i, e in enumerate(rows):
-        q, a = len(e["query_ids"]), len(e["answer_ids"])
-        index[i, :a] = torch.arange(q - 1, q + a - 1)
-        amask[i, :a] = 1
+    index, amask = answer_positions(rows)
+    width = index.shape[1]
     return {"input_ids": ids, "attention_mask": mask, "answer_index": index, "answer_mask": amask,
             "topk_ids": _stack(rows, "topk_ids", width, "cpu"), "topk_logp": _stack(rows, "topk_logp", width, "cpu")}
 

@@ -27,11 +27,10 @@ from ..adapter_io import write_text_atomic
 from . import distill as D
 from . import loop as L
 from . import selfstudy as S
-from .checkpoints import latest_checkpoint, load_checkpoint, write_run_record
+from .checkpoints import write_run_record
 from .distill_config import DistillConfig
-from .ema import ParamEMA
-from .optim import make_scheduler, param_groups
-from .reporting import Reporter, dir_bytes, human_bytes, plot_curves, truncate_metrics
+from .optim import param_groups
+from .reporting import Reporter, dir_bytes, human_bytes, plot_curves
 
 EXAMPLES = "examples.pt"
 
@@ -86,25 +85,9 @@ def prepare(cfg: DistillConfig, model=None, tokenizer=None, examples=None) -> L.
             "top_k": cfg.top_k, "max_context_tokens": D.max_context(pm.base_model, cfg), "answer_tokens": cfg.answer_tokens}
     if report.main:
         write_run_record(out, cfg, {}, info)
-    plan = L.StepPlan.of(cfg, len(train_rows), acc.num_processes)
-    optimizer = torch.optim.AdamW(param_groups(pm, cfg.lr))
-    scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_ratio, plan.total)
-    ema = ParamEMA([p for p in pm.parameters() if p.requires_grad], cfg.ema)
-    state = {"step": 0, "best": None, "bad_evals": 0, "tokens": 0}
-    ckpt = latest_checkpoint(out) if resuming else None
-    if ckpt is not None:
-        state.update(load_checkpoint(ckpt, pm, optimizer, scheduler))
-        if cfg.ema:
-            ema.load_state_dict(state.pop("ema"))
-        report.say(f"resuming from {ckpt.name} (step {state['step']} of {plan.total})")
-    if report.main:
-        truncate_metrics(out, state["step"])
-    acc.wait_for_everyone()
-    if cfg.fsdp:  # the teacher's work is done: the frozen base can be sharded now (training/sharding.py)
-        from .sharding import shard_frozen_base
-        lossmod, optimizer = shard_frozen_base(D.DistillLoss(pm), acc), acc.prepare(optimizer)
-    else:
-        lossmod, optimizer = acc.prepare(D.DistillLoss(pm), optimizer)
+    # the teacher's work is done by now: under --fsdp the frozen base can be sharded
+    plan, lossmod, optimizer, scheduler, ema, state = L.optimise(cfg, pm, param_groups(pm, cfg.lr), len(train_rows),
+                                                                 D.DistillLoss(pm), acc, report, out, resuming)
     report.say(f"distill: P = {cfg.num_virtual_tokens} over a {doc.context_len}-token document in {len(doc.windows)} "
                f"window(s) | {len(train_rows)} train / {len(eval_rows)} held-out examples | {plan.total} steps of "
                f"{cfg.batch_size * cfg.grad_accum * plan.world} | {plan.world} process(es) on {acc.device}")

@@ -149,8 +149,23 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     pm = _attach(cfg, kind, model, tokenizer, data, acc, report)
     if report.main:
         write_run_record(out, cfg, resolved.defaults, data.task_info)
-    plan = StepPlan.of(cfg, len(data.train), acc.num_processes)
-    optimizer = torch.optim.AdamW(param_groups(pm, cfg.lr, cfg.projection_lr, cfg.weight_decay, cfg.head_lr))
+    groups = param_groups(pm, cfg.lr, cfg.projection_lr, cfg.weight_decay, cfg.head_lr)
+    plan, lossmod, optimizer, scheduler, ema, state = optimise(cfg, pm, groups, len(data.train), LossModule(pm), acc, report,
+                                                               out, resuming)
+    report.say(pm.parameter_summary())
+    report.say(f"adapter size: {human_bytes(adapter_bytes(pm))} (fp32, projection folded) | {len(data.train)} train / "
+               f"{len(data.eval_raw)} eval examples | {plan.total} steps of {cfg.batch_size * cfg.grad_accum * plan.world} "
+               f"examples ({plan.steps_per_epoch} per epoch) | {plan.world} process(es) on {acc.device}")
+    return Run(cfg, acc, report, out, data, tokenizer, pm, lossmod, optimizer, scheduler, ema, plan, kind, state)
+
+
+def optimise(cfg, pm, groups, n_train: int, lossmod: nn.Module, acc, report, out: Path, resuming: bool) -> tuple:
+    """The step plan, AdamW over `groups`, the schedule, the EMA and the step state (restored from the latest
+    checkpoint when resuming), and `lossmod` prepared by accelerate (or over a sharded base under --fsdp): the part
+    of `prepare` that train and distill (training/distill_run.py) share.
+    -> (plan, lossmod, optimizer, scheduler, ema, state)"""
+    plan = StepPlan.of(cfg, n_train, acc.num_processes)
+    optimizer = torch.optim.AdamW(groups)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_ratio, plan.total)
     # evaluated and saved in place of the live weights (--ema 0: a no-op)
     ema = ParamEMA([p for p in pm.parameters() if p.requires_grad], cfg.ema)
@@ -166,14 +181,10 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     acc.wait_for_everyone()
     if cfg.fsdp:  # the base sharded (training/sharding.py); accelerate must not wrap it in DDP
         from .sharding import shard_frozen_base
-        lossmod, optimizer = shard_frozen_base(LossModule(pm), acc), acc.prepare(optimizer)
+        lossmod, optimizer = shard_frozen_base(lossmod, acc), acc.prepare(optimizer)
     else:
-        lossmod, optimizer = acc.prepare(LossModule(pm), optimizer)
-    report.say(pm.parameter_summary())
-    report.say(f"adapter size: {human_bytes(adapter_bytes(pm))} (fp32, projection folded) | {len(data.train)} train / "
-               f"{len(data.eval_raw)} eval examples | {plan.total} steps of {cfg.batch_size * cfg.grad_accum * plan.world} "
-               f"examples ({plan.steps_per_epoch} per epoch) | {plan.world} process(es) on {acc.device}")
-    return Run(cfg, acc, report, out, data, tokenizer, pm, lossmod, optimizer, scheduler, ema, plan, kind, state)
+        lossmod, optimizer = acc.prepare(lossmod, optimizer)
+    return plan, lossmod, optimizer, scheduler, ema, state
 
 
 def make_accelerator(cfg):
