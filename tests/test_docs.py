@@ -141,7 +141,6 @@ def test_cli_reference_is_what_the_script_writes():
 
 
 # The demo's accuracy curve, committed by the lead after the demo's real run on the final main (README's picture).
-PENDING = {"docs/img/demo_accuracy_curve.png"}
 
 
 @pytest.mark.parametrize("doc", READMES)
@@ -150,5 +149,5 @@ def test_readme_is_short_and_its_links_resolve(doc):
     assert len(text.splitlines()) <= 150, f"{doc}: {len(text.splitlines())} lines; the detail belongs in docs/"
     targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"\w+://", t)]
     assert len(targets) >= 10
-    broken = [t for t in targets if t and t not in PENDING and not (ROOT / t).exists()]
+    broken = [t for t in targets if t and not (ROOT / t).exists()]
     assert not broken, f"{doc} links to missing files: {broken}"
