@@ -6,7 +6,10 @@ seeded prefixes for the parity tests.
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -380,3 +383,29 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(30)
+
+
+# ---- several processes and servers on this machine ---------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_env() -> dict:
+    """The environment for a two-process CPU run: one thread each, gloo over loopback only."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """`accelerate launch` starting N CPU processes. On a machine without GPUs `--cpu --num_processes N` starts ONE
+    process (accelerate's simple launcher; multi-CPU there means mpirun); --multi_gpu is the launcher that starts N
+    processes (torch.distributed.run), and prefixtune then sets accelerate up on CPU with gloo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]

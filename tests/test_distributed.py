@@ -2,25 +2,17 @@
 as 1 process with twice the gradient accumulation, with only the main process writing the output directory."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import classify_rows, model_dir, untimed, write_jsonl
+from helpers import accelerate_launch, classify_rows, gloo_env, model_dir, untimed, write_jsonl
 from safetensors.torch import load_file
 
 from prefixtune.training import loop as T
 
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _table(out):
@@ -34,16 +26,7 @@ def test_two_processes_match_one_process_with_doubled_accumulation(tmp_path):
     args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify",
             "--max-steps", str(STEPS), "--batch-size", "4", "--num-virtual-tokens", "4", "--projection",
             "--projection-dim", "16", "--lr", "3e-2", "--seed", "3", "--save-every", "3", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    if sys.platform == "linux":
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only
-    env.pop("WORLD_SIZE", None)
-    # On a machine without GPUs `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's
-    # simple launcher; multi-CPU there means mpirun); --multi_gpu is the launcher that starts N processes
-    # (torch.distributed.run), and prefixtune then sets accelerate up on CPU with gloo.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    env, launch = gloo_env(), accelerate_launch(2)
     two = subprocess.run(launch + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -87,13 +70,7 @@ def test_distill_on_two_processes_matches_one_process_with_doubled_accumulation(
     args = ["-m", "prefixtune", "distill", "--model", str(mdir), "--context", str(tmp_path / "doc.txt"),
             "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
             "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    if sys.platform == "linux":
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    env.pop("WORLD_SIZE", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    env, launch = gloo_env(), accelerate_launch(2)
     two = subprocess.run(launch + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]

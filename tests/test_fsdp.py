@@ -2,7 +2,6 @@
 train the same adapter as one process with twice the gradient accumulation, hold about half the frozen weights per
 process, and resume exactly from a checkpoint."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -10,19 +9,13 @@ import sys
 
 import pytest
 import torch
-from helpers import classify_rows, model_dir, write_jsonl
+from helpers import classify_rows, free_port, gloo_env, model_dir, write_jsonl
 from safetensors.torch import load_file
-from test_distributed import _free_port, _table
+from test_distributed import _table
 
 from prefixtune.training.config import RecipeError, TrainConfig
 
 STEPS = 6
-
-
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over the loopback interface 'lo'")
@@ -33,11 +26,11 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify",
             "--max-steps", str(STEPS), "--batch-size", "4", "--num-virtual-tokens", "4", "--projection",
             "--projection-dim", "16", "--lr", "3e-2", "--seed", "3", "--save-every", "3", "--no-progress"]
-    env = _env()
+    env = gloo_env()
 
     def torchrun(*extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), *args, "--fsdp", "--grad-accum", "1", *extra]
+               "--master-port", str(free_port()), *args, "--fsdp", "--grad-accum", "1", *extra]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
@@ -85,10 +78,10 @@ def test_fsdp_tied_embeddings_and_seq2seq(tmp_path, kind):
             "3", "--batch-size", "4", "--num-virtual-tokens", "4", "--lr", "3e-2", "--save-every", "10", "--no-progress",
             "--no-base-dropout"]  # GPT-2 and T5 have dropout: random draws differ between 1 and 2 processes
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(_free_port()), *args, "--fsdp", "--output", str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True, timeout=180)
+                          "127.0.0.1", "--master-port", str(free_port()), *args, "--fsdp", "--output", str(tmp_path / "two")],
+                         env=gloo_env(), capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=_env(),
+    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=gloo_env(),
                          capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr[-3000:]
     shares = [int(h) / int(f) for h, f in re.findall(r"holds (\d+) of its (\d+) weight bytes", two.stdout)]
@@ -124,10 +117,10 @@ def test_distill_fsdp_two_processes_match_one_process(tmp_path):
             "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
             "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(_free_port()), *args, "--fsdp", "--grad-accum", "1",
-                          "--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=180)
+                          "127.0.0.1", "--master-port", str(free_port()), *args, "--fsdp", "--grad-accum", "1",
+                          "--output", str(tmp_path / "two")], env=gloo_env(), capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=_env(),
+    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=gloo_env(),
                          capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr[-3000:]
     assert len(re.findall(r"process \d holds \d+ of its \d+ weight bytes \((4[5-9]|5[0-5])%\)", two.stdout)) == 2, two.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import torch
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("uvicorn")
 from gguf_models import write_tiny_gguf  # noqa: E402
-from helpers import id_tokenizer  # noqa: E402
+from helpers import free_port, id_tokenizer  # noqa: E402
 
 import prefixtune as pt  # noqa: E402
 
@@ -34,12 +33,6 @@ def gguf(tmp_path_factory):
     path, hf = write_tiny_gguf(root / "tiny-llama.gguf", "llama")
     pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=4), "sent").save_adapter(root / "adapters" / "sent", "sent")
     return root, path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float = 300) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import SPECIAL_TOKENS, make
+from helpers import SPECIAL_TOKENS, free_port, make
 
 import prefixtune
 
@@ -88,12 +87,6 @@ TUTORIALS = {"t5-financial": scratch_t5, "bloom-alpaca-zh": scratch_bloom}
 # what the pages' Python blocks must have printed: the data as described, the run's metrics, the served adapter's name
 PRINTED = {"t5-financial": ["['negative', 'neutral', 'positive']", "accuracy ", "held-out sentences", "'fpb-t5'"],
            "bloom-alpaca-zh": ["'instruction': '介绍一下北京'"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shell_commands(body: str) -> list[str]:

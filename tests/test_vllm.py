@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import urllib.request
 
 import pytest
 import torch
-from helpers import SPECIAL, id_tokenizer
+from helpers import SPECIAL, free_port, id_tokenizer
 
 import prefixtune as pt
 from prefixtune.config import ConfigError
@@ -376,12 +375,6 @@ def test_serve_and_generate_offer_the_vllm_backend():
 
 
 # ---- vLLM's own OpenAI server with our connector --------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(url, proc, log_path, seconds: int = 900) -> None:
     for _ in range(seconds):
         try:

@@ -10,18 +10,13 @@ report_to) mean what they mean for TrainConfig: the same loop (training/loop.py 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import ConfigError
-from .config import PRECISIONS, REPORT_TO, SCHEDULERS, RecipeError
+from .config import PRECISIONS, REPORT_TO, SCHEDULERS, RecipeError, _f  # the one field-with-flag-metadata maker
 
 INITS = ("context", "vocab")
 SAVE_FORMATS = ("prefix", "cartridge")
-
-
-def _f(default, group: str, help: str, **meta):
-    kind = "default_factory" if callable(default) else "default"
-    return field(**{kind: default}, metadata={"group": group, "help": help, **meta})
 
 
 @dataclass
