@@ -1,7 +1,7 @@
 """EngineStats: the one set of counters an engine keeps (its registry writes the adapter ones); /metrics reads it.
 
 Plain numbers, no metrics library: engines also run offline (`generate --backend`) without the serve extra, and
-api_metrics.py turns these into Prometheus metrics at scrape time. Written by the worker thread and, for adapter
+serving/metrics.py turns these into Prometheus metrics at scrape time. Written by the worker thread and, for adapter
 loads, under the registry's lock; readers take a consistent-enough snapshot (each field is one int or float).
 """
 
