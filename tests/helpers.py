@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -409,3 +410,16 @@ def accelerate_launch(num_processes: int = 2) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+
+
+def torchrun(num_processes: int = 2) -> list[str]:
+    """`torchrun` starting N CPU processes on a free loopback port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(num_processes), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port())]
+
+
+def run_ok(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a command under gloo_env(); it must exit 0 (the tail of its stderr says why not)."""
+    res = subprocess.run(cmd, env=gloo_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

@@ -2,12 +2,11 @@
 as 1 process with twice the gradient accumulation, with only the main process writing the output directory."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import accelerate_launch, classify_rows, gloo_env, model_dir, untimed, write_jsonl
+from helpers import accelerate_launch, classify_rows, model_dir, run_ok, untimed, write_jsonl
 from safetensors.torch import load_file
 
 from prefixtune.training import loop as T
@@ -26,13 +25,8 @@ def test_two_processes_match_one_process_with_doubled_accumulation(tmp_path):
     args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify",
             "--max-steps", str(STEPS), "--batch-size", "4", "--num-virtual-tokens", "4", "--projection",
             "--projection-dim", "16", "--lr", "3e-2", "--seed", "3", "--save-every", "3", "--no-progress"]
-    env, launch = gloo_env(), accelerate_launch(2)
-    two = subprocess.run(launch + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ok(accelerate_launch(2) + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], 120)
+    one = run_ok([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], 120)
 
     assert "| 2 process(es) on cpu" in two.stdout and two.stdout.count("process(es)") == 1, two.stdout[-2000:]
     assert "| 1 process(es) on cpu" in one.stdout
@@ -70,13 +64,8 @@ def test_distill_on_two_processes_matches_one_process_with_doubled_accumulation(
     args = ["-m", "prefixtune", "distill", "--model", str(mdir), "--context", str(tmp_path / "doc.txt"),
             "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
             "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
-    env, launch = gloo_env(), accelerate_launch(2)
-    two = subprocess.run(launch + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ok(accelerate_launch(2) + args + ["--grad-accum", "1", "--output", str(tmp_path / "two")], 180)
+    one = run_ok([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], 180)
     assert "| 2 process(es) on cpu" in two.stdout and "| 1 process(es) on cpu" in one.stdout
     torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
     recs = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -4,12 +4,11 @@ process, and resume exactly from a checkpoint."""
 
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import classify_rows, free_port, gloo_env, model_dir, write_jsonl
+from helpers import classify_rows, model_dir, run_ok, torchrun, write_jsonl
 from safetensors.torch import load_file
 from test_distributed import _table
 
@@ -26,19 +25,12 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify",
             "--max-steps", str(STEPS), "--batch-size", "4", "--num-virtual-tokens", "4", "--projection",
             "--projection-dim", "16", "--lr", "3e-2", "--seed", "3", "--save-every", "3", "--no-progress"]
-    env = gloo_env()
 
-    def torchrun(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), *args, "--fsdp", "--grad-accum", "1", *extra]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res
+    def sharded(*extra):
+        return run_ok(torchrun(2) + [*args, "--fsdp", "--grad-accum", "1", *extra])
 
-    two = torchrun("--output", str(tmp_path / "two"))
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = sharded("--output", str(tmp_path / "two"))
+    run_ok([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], 120)
     assert "| 2 process(es) on cpu" in two.stdout, two.stdout[-2000:]
 
     # each process holds about half the frozen weights: the bytes of its local shards, measured by each process
@@ -61,7 +53,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed)
     shutil.rmtree(resumed / "adapter")
-    res = torchrun("--output", str(resumed), "--resume")
+    res = sharded("--output", str(resumed), "--resume")
     assert "resuming from checkpoint-000003" in res.stdout, res.stdout[-2000:]
     torch.testing.assert_close(_table(resumed), b, rtol=0, atol=1e-6)
 
@@ -77,13 +69,8 @@ def test_fsdp_tied_embeddings_and_seq2seq(tmp_path, kind):
     args = ["-m", "prefixtune", "train", "--model", str(mdir), "--train", str(data), "--task", "classify", "--max-steps",
             "3", "--batch-size", "4", "--num-virtual-tokens", "4", "--lr", "3e-2", "--save-every", "10", "--no-progress",
             "--no-base-dropout"]  # GPT-2 and T5 have dropout: random draws differ between 1 and 2 processes
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(free_port()), *args, "--fsdp", "--output", str(tmp_path / "two")],
-                         env=gloo_env(), capture_output=True, text=True, timeout=180)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=gloo_env(),
-                         capture_output=True, text=True, timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ok(torchrun(2) + [*args, "--fsdp", "--output", str(tmp_path / "two")])
+    run_ok([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")])
     shares = [int(h) / int(f) for h, f in re.findall(r"holds (\d+) of its (\d+) weight bytes", two.stdout)]
     assert len(shares) == 2 and all(0.45 <= x <= 0.56 for x in shares), shares
     torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
@@ -116,12 +103,7 @@ def test_distill_fsdp_two_processes_match_one_process(tmp_path):
     args = ["-m", "prefixtune", "distill", "--model", str(mdir), "--context", str(tmp_path / "doc.txt"),
             "--self-study", "16", "--max-steps", "4", "--batch-size", "2", "--num-virtual-tokens", "4",
             "--answer-tokens", "4", "--question-tokens", "4", "--save-every", "2", "--no-progress"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(free_port()), *args, "--fsdp", "--grad-accum", "1",
-                          "--output", str(tmp_path / "two")], env=gloo_env(), capture_output=True, text=True, timeout=180)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")], env=gloo_env(),
-                         capture_output=True, text=True, timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ok(torchrun(2) + [*args, "--fsdp", "--grad-accum", "1", "--output", str(tmp_path / "two")])
+    run_ok([sys.executable, *args, "--grad-accum", "2", "--output", str(tmp_path / "one")])
     assert len(re.findall(r"process \d holds \d+ of its \d+ weight bytes \((4[5-9]|5[0-5])%\)", two.stdout)) == 2, two.stdout
     torch.testing.assert_close(_table(tmp_path / "two"), _table(tmp_path / "one"), rtol=0, atol=1e-5)
