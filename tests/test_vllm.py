@@ -32,12 +32,12 @@ NEW = 12
 VOCAB = 128
 
 
-def tiny_llama(layers: int = 2):
+def tiny_llama(layers: int = 2, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                                        num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                        num_attention_heads=2, num_key_value_heads=kv_heads, head_dim=64,
                                         max_position_embeddings=512, **SPECIAL)).eval()
 
 
@@ -243,13 +243,11 @@ def test_connector_fails_requests_it_cannot_serve_exactly(gen, tiny):
 
 
 @pytest.mark.vllm
-def test_tensor_parallel_and_other_architectures_are_refused(tiny, tmp_path):
+def test_other_architectures_are_refused(tmp_path):  # (tensor/pipeline parallelism: tests/test_vllm_tp.py)
     from helpers import model_dir
 
     from prefixtune.serving.vllm_engine import VllmEngine
 
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        VllmEngine(tiny["root"] / "model", tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="'gpt2'.*--backend torch"):
         VllmEngine(model_dir(tmp_path, "gpt2"))
 

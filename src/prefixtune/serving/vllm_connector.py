@@ -48,12 +48,17 @@ from .vllm_prefix import (  # noqa: F401 - CONNECTOR, request_fields: importable
     adapter_sha,
     arch_of_config,
     check_fits,
+    kv_head_slice,
     placeholder_vocab,
     prefix_layers,
     request_fields,
 )
 
 log = logging.getLogger("prefixtune.vllm")
+# Pipeline parallelism is untested (each stage holds some layers; the scheduler-side loads would need checking per
+# stage): refused in one line, here for vLLM's own server and in vllm_engine for ours.
+PP_REFUSED = ("pipeline_parallel_size {} is not supported for prefix adapters on vLLM; use pipeline_parallel_size 1 "
+              "and tensor_parallel_size N to spread the model over N devices")
 
 
 # ---- the connector ------------------------------------------------------------------------------------------
@@ -80,12 +85,8 @@ class PrefixConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
-        par = vllm_config.parallel_config
-        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-            raise ValueError(
-                "prefixtune's vLLM connector is not tested with tensor/pipeline parallelism "
-                f"(tensor_parallel_size={par.tensor_parallel_size}, pipeline_parallel_size="
-                f"{par.pipeline_parallel_size}); run with 1 and 1")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(PP_REFUSED.format(vllm_config.parallel_config.pipeline_parallel_size))
         self.model_config = vllm_config.model_config
         self.model_label = str(self.model_config.model)
         self.arch = arch_of_config(self.model_config.hf_config)
@@ -107,6 +108,8 @@ class PrefixConnector(KVConnectorBase_V1):
         self._per_req: dict[str, list[int]] = {}  # req id -> [loads, tokens loaded], reported when it finishes
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
+        self._heads = slice(None)  # the KV heads this tensor-parallel rank holds (register_kv_caches)
+        self._tp = (0, 1)  # (rank, size)
         self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._failed: set[int] = set()
 
@@ -201,7 +204,12 @@ class PrefixConnector(KVConnectorBase_V1):
 
     # ---- worker side: write the key/values ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         self._kv_caches = dict(kv_caches)
+        # Under tensor parallelism each rank's cache holds only its KV heads: it writes that slice of the prefix.
+        self._tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        self._heads = kv_head_slice(self.arch.kv_heads, self._tp[1], self._tp[0])
 
     def _prefix(self, load: Load) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if load.sha not in self._prefixes:
@@ -232,15 +240,33 @@ class PrefixConnector(KVConnectorBase_V1):
             bs = self.block_size
             slots = torch.tensor([load.block_ids[p // bs] * bs + p % bs for p in range(load.start, load.end)],
                                  dtype=torch.long)
+            try:
+                self._check_heads(forward_context)
+            except ConfigError as e:  # a slice that is not this rank's heads would write plausible, wrong keys
+                log.error("prefixtune: request %s: %s", load.req_id, e)
+                self._failed.add(load.block_ids[load.start // self.block_size])
+                continue
             for name, kv_cache in self._kv_caches.items():
                 layer = forward_context.no_compile_layers[name]
-                k, v = layers[extract_layer_index(name)]
+                k, v = (t[self._heads] for t in layers[extract_layer_index(name)])
                 # [kv_heads, P, head_dim] -> [tokens, kv_heads, head_dim] as the backend's cache write takes them;
                 # the keys as the adapter stores them (transformers' cache: no second rotary rotation).
                 key = k[:, load.start:load.end].transpose(0, 1).to(kv_cache.device, self.model_config.dtype)
                 value = v[:, load.start:load.end].transpose(0, 1).to(key.device, key.dtype)
                 layer.impl.do_kv_cache_update(layer, key.contiguous(), value.contiguous(), kv_cache,
                                               slots.to(kv_cache.device))
+
+    def _check_heads(self, forward_context) -> None:
+        """This rank's slice of the adapter's KV heads must be what each of its attention layers caches."""
+        want = len(range(self.arch.kv_heads)[self._heads])
+        for name, kv_cache in self._kv_caches.items():
+            layer = forward_context.no_compile_layers[name]
+            heads, size = getattr(layer, "num_kv_heads", None), getattr(layer, "head_size", None)
+            if (heads, size) != (want, self.arch.head_dim) or heads not in kv_cache.shape:
+                raise ConfigError(
+                    f"tensor-parallel rank {self._tp[0]} of {self._tp[1]}: layer {name} caches {heads} KV heads of "
+                    f"size {size} (cache shape {tuple(kv_cache.shape)}), but the adapter's slice for this rank is "
+                    f"{want} of {self.arch.kv_heads} heads of size {self.arch.head_dim}")
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed = self._failed, set()

@@ -63,11 +63,17 @@ class VllmEngine(Engine):
         from ..loading import load_config, load_tokenizer
         from .vllm_prefix import CONNECTOR, arch_of_config, placeholder_vocab
 
-        if tensor_parallel_size != 1:
-            raise ConfigError(f"tensor_parallel_size {tensor_parallel_size}: prefix adapters on vLLM are tested with "
-                              "tensor_parallel_size 1 only; use 1")
+        from .vllm_connector import PP_REFUSED
+        from .vllm_prefix import kv_head_slice
+
+        pp = int((vllm_args or {}).get("pipeline_parallel_size", 1))
+        if pp != 1:
+            raise ConfigError(PP_REFUSED.format(pp))
         config = load_config(str(model_path))
         self.arch = arch_of_config(config)  # ConfigError naming the supported types
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size {tensor_parallel_size}: use 1 or more")
+        kv_head_slice(self.arch.kv_heads, tensor_parallel_size, 0)  # heads that split or replicate evenly
         if self.arch.model_type not in ARCHS:
             raise ConfigError(f"--backend vllm serves prefixes on {', '.join(ARCHS)} models; {model_path} is "
                               f"{self.arch.model_type!r} ({self.arch.kind}): use --backend torch")
@@ -79,10 +85,11 @@ class VllmEngine(Engine):
         if (os.cpu_count() or 1) <= 4:
             # With a KV connector vLLM reserves 2 CPUs for itself; on a small machine that leaves the model one core.
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+        kw_tp = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}
         extra = {"accept_request_dirs": True, "vocab": self._vocab}
         kw = dict(model=str(model_path), tokenizer=str(model_path), dtype=dtype, max_num_seqs=max_batch_size,
                   enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
-                  kv_transfer_config={**CONNECTOR, "kv_connector_extra_config": extra})
+                  kv_transfer_config={**CONNECTOR, "kv_connector_extra_config": extra}, **kw_tp)
         if max_model_len:
             kw["max_model_len"] = max_model_len
         if block_size:

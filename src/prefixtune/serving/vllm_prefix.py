@@ -117,3 +117,18 @@ def prefix_layers(directory, arch: inject.Arch, model: str) -> list[tuple[torch.
     enc.load_state_dict(state)
     with torch.no_grad():
         return [(k.clone(), v.clone()) for k, v in inject.split_layers(enc.eval()(), arch)]
+
+
+def kv_head_slice(total_kv_heads: int, tp_size: int, tp_rank: int) -> slice:
+    """The KV heads tensor-parallel rank `tp_rank` of `tp_size` holds in its cache, as vLLM's QKVParallelLinear splits
+    them: total/tp consecutive heads each when tp <= total; when tp > total each head is replicated on tp/total
+    consecutive ranks (rank r holds head r // (tp/total)). A count that divides neither way is refused (vLLM too)."""
+    if tp_size <= total_kv_heads:
+        if total_kv_heads % tp_size:
+            raise ConfigError(f"tensor_parallel_size {tp_size} does not divide the model's {total_kv_heads} KV heads")
+        n = total_kv_heads // tp_size
+        return slice(tp_rank * n, (tp_rank + 1) * n)
+    if tp_size % total_kv_heads:
+        raise ConfigError(f"tensor_parallel_size {tp_size} is not a multiple of the model's {total_kv_heads} KV heads")
+    head = tp_rank // (tp_size // total_kv_heads)
+    return slice(head, head + 1)
