@@ -6,6 +6,8 @@ PrefixModel.generate for two adapters mixed with bare rows, with the KV heads sp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import id_tokenizer
@@ -16,8 +18,6 @@ from prefixtune.config import ConfigError
 
 ADAPTERS = {"a16": 16, "a20": 20}
 N_PROMPTS = 8
-# One core per rank on this 2-core machine (vLLM's automatic binding gives each rank a NUMA node, and there is one).
-TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def build(root, kv_heads: int) -> dict:
@@ -44,9 +44,14 @@ def build(root, kv_heads: int) -> dict:
 
 
 @pytest.fixture
-def tp_env(monkeypatch):
-    for k, v in TP_ENV.items():
-        monkeypatch.setenv(k, v)
+def tp_env():
+    """vLLM binds each CPU rank to a NUMA node and this machine has one: the engine splits the CPUs between the
+    ranks instead (one core each here). Unset before, restored after."""
+    old = os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    yield
+    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    if old is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
 
 
 @pytest.mark.vllm
@@ -58,6 +63,7 @@ def test_tp2_adapters_mixed_with_bare_rows_equal_prefixmodel_generate(tmp_path, 
     g = load(t["root"] / "model", t["root"] / "adapters", max_batch_size=64, tensor_parallel_size=2, **engine_kw())
     try:
         assert g.engine.llm.vllm_config.parallel_config.tensor_parallel_size == 2
+        assert len(os.environ["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 2  # (on one NUMA node: a CPU share per rank)
         rows = t["rows"]
         got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=NEW, ignore_eos=True,
                          return_tokens=True)

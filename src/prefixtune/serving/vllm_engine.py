@@ -85,7 +85,10 @@ class VllmEngine(Engine):
         if (os.cpu_count() or 1) <= 4:
             # With a KV connector vLLM reserves 2 CPUs for itself; on a small machine that leaves the model one core.
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-        kw_tp = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}
+        kw_tp = {}
+        if tensor_parallel_size > 1:
+            kw_tp["tensor_parallel_size"] = tensor_parallel_size
+            _bind_cpu_ranks(tensor_parallel_size)
         extra = {"accept_request_dirs": True, "vocab": self._vocab}
         kw = dict(model=str(model_path), tokenizer=str(model_path), dtype=dtype, max_num_seqs=max_batch_size,
                   enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
@@ -260,6 +263,26 @@ def vllm_model_dir(src, dst):
     cfg.pop("quantization_config", None)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def _bind_cpu_ranks(tp: int) -> None:
+    """On CPUs vLLM binds rank r's threads to NUMA node r and refuses to start with fewer nodes than ranks ("Not
+    enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"): there, unless VLLM_CPU_OMP_THREADS_BIND is
+    set, give each rank its own consecutive share of this process's CPUs instead."""
+    import torch
+
+    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    numa_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    if numa_nodes >= tp:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tp:
+        raise ConfigError(f"tensor_parallel_size {tp} on CPUs needs a CPU per rank; this process may use {len(cpus)}")
+    share = len(cpus) // tp
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, cpus[r * share:(r + 1) * share]))
+                                                       for r in range(tp))
+    log.info("vLLM CPU threads per tensor-parallel rank: VLLM_CPU_OMP_THREADS_BIND=%s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
 
 
 def _vllm_dtype(dtype: str) -> str:
