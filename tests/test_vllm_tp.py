@@ -84,3 +84,75 @@ def test_pipeline_parallelism_is_refused_in_one_line(tmp_path):
         VllmEngine(t, vllm_args={"pipeline_parallel_size": 2})
     with pytest.raises(ConfigError, match="tensor_parallel_size 3 is not a multiple of the model's 2 KV heads"):
         VllmEngine(t, tensor_parallel_size=3)
+
+
+def vllm_kv_heads(total_kv: int, tp: int, rank: int, head_size: int = 4) -> list[int]:
+    """The KV heads vLLM's own QKVParallelLinear loads on rank `rank` of `tp`: a k_proj whose rows of head h all
+    hold h, loaded through its weight_loader with the tensor-parallel group faked, read back in order."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import vllm.distributed.parallel_state as ps
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    group = SimpleNamespace(rank_in_group=rank, world_size=tp)
+    with mock.patch.object(ps, "get_tp_group", return_value=group), set_current_vllm_config(VllmConfig()):
+        qkv = QKVParallelLinear(16, head_size, 8, total_kv, bias=False, params_dtype=torch.float32)
+        k = torch.arange(total_kv).repeat_interleave(head_size)[:, None].float().expand(-1, 16).contiguous()
+        qkv.weight_loader(qkv.weight, k, "k")
+    start = qkv.num_heads * head_size
+    return qkv.weight.data[start:start + qkv.num_kv_heads * head_size, 0].view(-1, head_size)[:, 0].long().tolist()
+
+
+@pytest.mark.vllm
+def test_head_slices_are_vllms_own():
+    from prefixtune.serving.vllm_prefix import kv_head_slice
+
+    cases = [(kv, tp) for kv in (1, 2, 4, 8) for tp in (1, 2, 4, 8) if kv % tp == 0 or tp % kv == 0]
+    for kv, tp in cases:
+        for rank in range(tp):
+            assert list(range(kv))[kv_head_slice(kv, tp, rank)] == vllm_kv_heads(kv, tp, rank), (kv, tp, rank)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 4 does not divide the model's 6 KV heads"):
+        kv_head_slice(6, 4, 0)
+
+
+@pytest.mark.vllm
+def test_serve_with_tensor_parallel_size_2_equals_generate(tmp_path, tp_env):
+    """The user's path: `prefixtune serve --backend vllm --tensor-parallel-size 2`, a completion per adapter and a
+    bare one over HTTP, each equal to generate(); SIGTERM then ends the server with vLLM's rank processes."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from helpers import free_port
+    from test_vllm import post, until_eos, wait_healthy
+
+    t = build(tmp_path, kv_heads=2)
+    port, log_path = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "prefixtune", "serve", "--backend", "vllm", "--tensor-parallel-size", "2", "--dtype",
+           "float32", "--model", str(t["root"] / "model"), "--adapters", str(t["root"] / "adapters"), "--port",
+           str(port), "--max-total-tokens", "256"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log_path)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        tok = id_tokenizer()
+        one_each = {name: (prompt, want) for (prompt, name), want in zip(t["rows"], t["want"])}
+        assert set(one_each) == {*ADAPTERS, None}
+        for name, (prompt, want) in one_each.items():
+            status, body = post(url + "/v1/completions", {"model": name or "model", "prompt": prompt,
+                                                          "max_tokens": NEW, "temperature": 0})
+            assert status == 200, body
+            assert body["choices"][0]["text"] == tok.decode(until_eos(want), skip_special_tokens=True), name
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) in (0, -signal.SIGTERM), log_path.read_text()[-3000:]
+        alive = psutil.wait_procs(children, timeout=30)[1]
+        assert len(children) >= 3 and not alive, f"left running: {[(c.pid, c.name()) for c in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

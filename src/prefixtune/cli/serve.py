@@ -15,6 +15,9 @@ def add_serve_args(p) -> None:
     add_backend_arg(p)
     p.add_argument("--dtype", default="auto", help="torch and vllm backends: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16, "
                    "fp16")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="vllm backend: split the model over N devices (GPUs; on CPUs N worker processes), each holding "
+                   "its share of the KV heads and of every adapter's prefix (docs/serving-vllm.md)")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="a training run directory (`train --output`: its final adapter, named after the run), one adapter "
@@ -111,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`prefixtune serve ...` (cli.main hands us the arguments after 'serve')."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensor_parallel_size is not None and args.backend != "vllm":
+        parser.error(f"--tensor-parallel-size is for --backend vllm (not {args.backend}); drop it or use --backend vllm")
     require("serve", "")  # printed after "prefixtune serve: error:"
     require_backend(args.backend)
-    kw = {"torch": dict(dtype=args.dtype, device=args.device), "vllm": dict(dtype=args.dtype)}.get(args.backend, {})
+    kw = {"torch": dict(dtype=args.dtype, device=args.device),
+          "vllm": dict(dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size or 1)}.get(args.backend, {})
     run_server(args.model, args.adapters, host=args.host, port=args.port, backend=args.backend, **kw,
                max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                max_total_tokens=args.max_total_tokens, request_timeout=args.timeout,
