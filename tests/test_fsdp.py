@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import classify_rows, model_dir, run_ok, torchrun, write_jsonl
+from helpers import classify_rows, model_dir, run_cli, run_ok, torchrun, write_jsonl
 from safetensors.torch import load_file
 from test_distributed import _table
 
@@ -84,6 +84,17 @@ def test_fsdp_alone_is_refused_with_the_launch_command(tmp_path):
                       batch_size=4, fsdp=True, progress=False)
     with pytest.raises(Exception, match="torchrun --nproc-per-node N"):
         train(cfg)
+
+
+def test_deepspeed_launch_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """`accelerate launch --use_deepspeed` sets ACCELERATE_USE_DEEPSPEED; accelerate ignores it on CPUs (cpu=True), so
+    the run would silently be plain data parallel: refused, naming --fsdp (docs/multi-device.md says why)."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    data = write_jsonl(tmp_path / "cls.jsonl", classify_rows())
+    code, _, err = run_cli(["train", "--model", model_dir(tmp_path), "--train", data, "--task", "classify",
+                            "--output", tmp_path / "run", "--max-steps", "1", "--no-progress"], capsys)
+    assert code == 2 and "--use_deepspeed) is not supported" in err and "--fsdp" in err, err
+    assert "Traceback" not in err
 
 
 def test_fsdp_is_a_flag():

@@ -370,6 +370,15 @@ def test_serve_and_generate_offer_the_vllm_backend():
     serve = argparse.ArgumentParser()
     add_serve_args(serve)
     assert serve.parse_args(["--model", "m", "--backend", "vllm"]).backend == "vllm"
+    assert serve.parse_args(["--model", "m", "--backend", "vllm", "--tensor-parallel-size", "2"]).tensor_parallel_size == 2
+
+
+def test_tensor_parallel_size_on_another_backend_is_refused(capsys):
+    from prefixtune.cli.serve import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "m", "--tensor-parallel-size", "2"])
+    assert e.value.code == 2 and "--tensor-parallel-size is for --backend vllm (not torch)" in capsys.readouterr().err
 
 
 # ---- vLLM's own OpenAI server with our connector --------------------------------------------------------------

@@ -61,22 +61,20 @@ class VllmEngine(Engine):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from ..loading import load_config, load_tokenizer
-        from .vllm_prefix import CONNECTOR, arch_of_config, placeholder_vocab
-
         from .vllm_connector import PP_REFUSED
-        from .vllm_prefix import kv_head_slice
+        from .vllm_prefix import CONNECTOR, arch_of_config, kv_head_slice, placeholder_vocab
 
         pp = int((vllm_args or {}).get("pipeline_parallel_size", 1))
         if pp != 1:
             raise ConfigError(PP_REFUSED.format(pp))
         config = load_config(str(model_path))
         self.arch = arch_of_config(config)  # ConfigError naming the supported types
-        if tensor_parallel_size < 1:
-            raise ConfigError(f"tensor_parallel_size {tensor_parallel_size}: use 1 or more")
-        kv_head_slice(self.arch.kv_heads, tensor_parallel_size, 0)  # heads that split or replicate evenly
         if self.arch.model_type not in ARCHS:
             raise ConfigError(f"--backend vllm serves prefixes on {', '.join(ARCHS)} models; {model_path} is "
                               f"{self.arch.model_type!r} ({self.arch.kind}): use --backend torch")
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size {tensor_parallel_size}: use 1 or more")
+        kv_head_slice(self.arch.kv_heads, tensor_parallel_size, 0)  # heads that split or replicate evenly
         tokenizer = tokenizer or load_tokenizer(str(model_path))
         dtype = _vllm_dtype(dtype)
         self._vocab = placeholder_vocab(config, tokenizer)

@@ -190,6 +190,11 @@ def optimise(cfg, pm, groups, n_train: int, lossmod: nn.Module, acc, report, out
 def make_accelerator(cfg):
     from accelerate import Accelerator
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # accelerate uses DeepSpeed only off CPU (cpu=False), and a CPU multi-process run needs cpu=True: on CPUs the
+        # run would be plain data parallel without a word, and on GPUs nothing here gathers a ZeRO-3-partitioned prefix.
+        raise TrainingError("DeepSpeed (accelerate launch --use_deepspeed) is not supported; shard the frozen base "
+                            "with --fsdp under torchrun or `accelerate launch --multi_gpu` (docs/multi-device.md)")
     _, mixed = precision_plan(cfg.precision)
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed, cpu=_cpu_multiprocess(),
                       log_with=tracker(cfg.report_to), project_dir=cfg.output)
