@@ -261,33 +261,36 @@ def until_eos(ids, eos=2):
     return ids[:ids.index(eos)] if eos in ids else ids
 
 
-@pytest.mark.vllm
-def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
+def http_client(engine):
+    """Our HTTP app on a started engine, without the app's lifespan: its shutdown closes the engine, vLLM's processes
+    included, and the module's engine serves the tests that follow."""
     from fastapi.testclient import TestClient
 
     from prefixtune.serving.api import create_app
 
+    return TestClient(create_app(engine.start()))
+
+
+@pytest.mark.vllm
+def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
     tok = gen.engine.tokenizer
-    try:
-        with TestClient(create_app(gen.engine)) as c:
-            assert {"a16", "a20", "a40"} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
-            for i, name in enumerate([*ADAPTERS, None]):
-                p = tiny["prompts"][3 + i]
-                r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": NEW,
-                                                    "temperature": 0})
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["text"] == tok.decode(until_eos(refs[name][3 + i]), skip_special_tokens=True)
-            r = c.post("/v1/completions", json={"model": "nope", "prompt": "w5 w6", "max_tokens": 2})
-            assert r.status_code == 404 and "nope" in r.text
-            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 2, "repetition_penalty": 1.3})
-            assert r.status_code == 400 and "repetition_penalty" in r.text
-            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 3, "logprobs": 2,
-                                                "temperature": 0})
-            lp = r.json()["choices"][0]["logprobs"]
-            assert r.status_code == 200 and len(lp["top_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
-            assert c.get("/health").status_code == 200
-    finally:
-        gen.engine.start()  # the app's lifespan stopped the worker
+    c = http_client(gen.engine)  # (no `with`: that would run the app's lifespan)
+    assert {"a16", "a20", "a40"} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
+    for i, name in enumerate([*ADAPTERS, None]):
+        p = tiny["prompts"][3 + i]
+        r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": NEW,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(until_eos(refs[name][3 + i]), skip_special_tokens=True)
+    r = c.post("/v1/completions", json={"model": "nope", "prompt": "w5 w6", "max_tokens": 2})
+    assert r.status_code == 404 and "nope" in r.text
+    r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 2, "repetition_penalty": 1.3})
+    assert r.status_code == 400 and "repetition_penalty" in r.text
+    r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 3, "logprobs": 2,
+                                        "temperature": 0})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.status_code == 200 and len(lp["top_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert c.get("/health").status_code == 200
 
 
 @pytest.mark.vllm
@@ -316,9 +319,11 @@ def test_composed_prefixes_equal_prefixmodel_generate_in_one_batch(gen, tiny, re
     want = reference_batch(tiny["model"], [n for _, n in rows], [p for p, _ in rows], NEW)
     for (p, n), w in zip(rows, want):  # the one-batch reference: single rows as each alone
         assert isinstance(n, list) or w == refs[n][tiny["prompts"].index(p)]
-    ab = [w for (_, n), w in zip(rows, want) if n == COMPOSED[0]]
-    ba = [reference(tiny["model"], COMPOSED[3], p) for p, n in rows if n == COMPOSED[0]]
-    assert sum(x != y for x, y in zip(ab, ba)) >= len(ab) // 2  # a+b and b+a really differ: equality proves order
+    # Composition changes the answer (a+b is not a alone), so equality shows both parts were written. (It does not
+    # show their order: prefix keys carry no rotary position, so attention sees a+b and b+a as the same set of
+    # key/values; the positions that matter are the prompt's, from P_a + P_b, which a wrong offset would change.)
+    ab = [(w, refs["a16"][tiny["prompts"].index(p)]) for (p, n), w in zip(rows, want) if n == COMPOSED[0]]
+    assert sum(x != y for x, y in ab) >= len(ab) // 2
     assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
 
 
@@ -403,10 +408,7 @@ def test_connector_fails_composed_requests_it_cannot_serve_exactly(gen, tiny):
 def test_composed_names_over_http_and_the_knowledge_layout_as_on_torch(gen, tiny, tmp_path):
     """`model: "a+b"` through our HTTP layer equals generate(); a composed knowledge prefix renders a chat request in
     its trained layout (registry.layout_of) on vLLM exactly as the torch engine does."""
-    from fastapi.testclient import TestClient
-
     from prefixtune import knowledge as K
-    from prefixtune.serving.api import create_app
     from prefixtune.serving.backends import build_torch_engine
 
     tok = gen.engine.tokenizer
@@ -420,31 +422,29 @@ def test_composed_names_over_http_and_the_knowledge_layout_as_on_torch(gen, tiny
     chat_want = tok.decode(until_eos(reference(tiny["model"], ["a16", "a20"], ids)), skip_special_tokens=True)
     torch_engine = build_torch_engine(str(tiny["root"] / "model"), str(tiny["root"] / "adapters"))
     answers = {}
-    for eng in (torch_engine, gen.engine):
-        eng.add_adapter("k", k)
-        try:
-            with TestClient(create_app(eng)) as c:
-                for i, name in enumerate((COMPOSED[0], COMPOSED[3])):
-                    p = tiny["prompts"][6 + i]
-                    r = c.post("/v1/completions", json={"model": "+".join(name), "prompt": p, "max_tokens": NEW,
-                                                        "temperature": 0})
-                    assert r.status_code == 200, r.text
-                    assert r.json()["choices"][0]["text"] == tok.decode(
-                        until_eos(reference(tiny["model"], name, p)), skip_special_tokens=True), (eng.backend, name)
-                r = c.post("/v1/chat/completions", json={"model": "k+a20", "messages": msgs, "max_tokens": NEW,
-                                                         "temperature": 0})
+    try:
+        for eng in (torch_engine, gen.engine):
+            eng.add_adapter("k", k)
+            c = http_client(eng)
+            for i, name in enumerate((COMPOSED[0], COMPOSED[3])):
+                p = tiny["prompts"][6 + i]
+                r = c.post("/v1/completions", json={"model": "+".join(name), "prompt": p, "max_tokens": NEW,
+                                                    "temperature": 0})
                 assert r.status_code == 200, r.text
-                answers[eng.backend] = r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
-                r = c.post("/v1/chat/completions", json={"model": "k+a20", "max_tokens": 2,
-                                                         "messages": [{"role": "system", "content": "w4"}, *msgs]})
-                assert r.status_code == 400 and "knowledge prefix" in r.text
-                r = c.post("/v1/completions", json={"model": "a16+nope", "prompt": "w5 w6", "max_tokens": 2})
-                assert r.status_code == 404 and "nope" in r.text
-        finally:
+                assert r.json()["choices"][0]["text"] == tok.decode(
+                    until_eos(reference(tiny["model"], name, p)), skip_special_tokens=True), (eng.backend, name)
+            r = c.post("/v1/chat/completions", json={"model": "k+a20", "messages": msgs, "max_tokens": NEW,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            answers[eng.backend] = r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+            r = c.post("/v1/chat/completions", json={"model": "k+a20", "max_tokens": 2,
+                                                     "messages": [{"role": "system", "content": "w4"}, *msgs]})
+            assert r.status_code == 400 and "knowledge prefix" in r.text
+            r = c.post("/v1/completions", json={"model": "a16+nope", "prompt": "w5 w6", "max_tokens": 2})
+            assert r.status_code == 404 and "nope" in r.text
             eng.unload_adapter("k")
-            if eng is gen.engine:
-                eng.start()  # the app's lifespan stopped the worker
-    torch_engine.close()
+    finally:
+        torch_engine.close()
     assert answers["vllm"] == answers["torch"] == (chat_want, len(ids))
 
 
@@ -493,7 +493,6 @@ def test_adapter_identity_is_unique_per_adapter_and_version(tmp_path):
     check_fits(tmp_path / "a", arch_of_config(tiny_llama().config), "tiny")
     with pytest.raises(ConfigError, match=r"another model.*layers: adapter 2 vs model 3"):
         check_fits(tmp_path / "a", arch_of_config(tiny_llama(layers=3).config), "tiny3")
-
 
 
 def test_composed_identity_names_the_parts_in_order_and_their_versions(tmp_path):
@@ -589,11 +588,18 @@ def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
             st, out = post(url + "/v1/completions", body)
             assert st == 200, out
             assert out["choices"][0]["token_ids"] == refs[name][i], name
+        # A composed request: the parts and their directories, in order.
+        for names in (["a16", "a40"], ["a40", "a16"]):
+            body = {"model": "tiny", "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                    **request_fields(names, [root / "adapters" / n for n in names], p, VOCAB)}
+            st, out = post(url + "/v1/completions", body)
+            assert st == 200 and out["choices"][0]["token_ids"] == reference(tiny["model"], names, p), (names, out)
         # An unknown adapter fails the request (the server stays up), never computes the placeholders as text.
         body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **request_fields("a16", root / "adapters" / "a16", p, VOCAB)}
-        body["kv_transfer_params"] = {"prefixtune_adapter": "nope"}
-        st, out = post(url + "/v1/completions", body)
-        assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
+        for nope in ("nope", ["a16", "nope"]):  # (a composed request with an unknown part)
+            body["kv_transfer_params"] = {"prefixtune_adapter": nope}
+            st, out = post(url + "/v1/completions", body)
+            assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
         st, out = post(url + "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 2})
         assert st == 200
     finally:

@@ -139,16 +139,19 @@ class PrefixConnector(KVConnectorBase_V1):
     def _parts(self, params: dict) -> PrefixId:
         """The adapter(s) kv_transfer_params name, in order: {ADAPTER_KEY: name} or {ADAPTER_KEY: [a, b, ...]} (our
         engine adds DIR_KEY / SHA_KEY, each a value or a list of the same shape)."""
-        def listed(key):
-            v = params.get(key)
-            return v if isinstance(v, list) else [v]
-
-        names = listed(ADAPTER_KEY)
+        names = params.get(ADAPTER_KEY)
+        names = names if isinstance(names, list) else [names]
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"{ADAPTER_KEY} must be an adapter name or a non-empty list of names (composed, in "
                               f"order); got {params.get(ADAPTER_KEY)!r}")
-        located = self.accept_request_dirs and DIR_KEY in params
-        dirs, shas = (listed(DIR_KEY), listed(SHA_KEY)) if located else ([None] * len(names), [None] * len(names))
+
+        def listed(key):  # what our engine says of each part; None: find it by name / hash its files
+            v = params.get(key) if self.accept_request_dirs else None
+            if v is None:
+                return [None] * len(names)
+            return v if isinstance(v, list) else [v]
+
+        dirs, shas = listed(DIR_KEY), listed(SHA_KEY)
         if len(dirs) != len(names) or len(shas) != len(names):
             raise ConfigError(f"{DIR_KEY} / {SHA_KEY} must list one entry per adapter named in {ADAPTER_KEY}")
         return PrefixId(tuple(self._lookup(n, d, s) for n, d, s in zip(names, dirs, shas)))
