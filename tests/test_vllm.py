@@ -458,7 +458,7 @@ def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
     kw["max_model_len"] = 96
     g = load(tiny["root"] / "model", tiny["root"] / "adapters", max_batch_size=64, **kw)
     try:
-        names = [*ADAPTERS, None]
+        names = [*ADAPTERS, None, ["a40", "a16"]]  # a composed row too (56 positions rewritten on resume)
         rows = [(p, names[i % len(names)]) for i, p in enumerate(tiny["prompts"])]
         got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=24, ignore_eos=True, return_tokens=True)
         assert got == [reference(tiny["model"], n, p, 24) for p, n in rows]
