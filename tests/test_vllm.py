@@ -612,6 +612,7 @@ SMOL_ADAPTERS = {"s16": 16, "s20": 20, "s40": 40}
 SMOL_TEXTS = [f"{a} {b}" for a in ("The movie was", "I think that", "Write a short poem about", "My favourite food is",
                                     "The capital of France is") for b in ("", "really", "the sea", "and then")]
 SMOL_NEW = 16
+SMOL_COMPOSED = ("s16", "s40")  # "s16+s40": 56 positions, the second block shared between its requests
 
 
 @pytest.fixture(scope="module")
@@ -633,6 +634,7 @@ def smol(tmp_path_factory):
         model.save_adapter(root / "adapters" / name, name)
     prompts = [tok(t.strip())["input_ids"] for t in SMOL_TEXTS]
     refs = {name: reference_batch(model, [name] * len(prompts), prompts, SMOL_NEW) for name in [*SMOL_ADAPTERS, None]}
+    refs[SMOL_COMPOSED] = reference_batch(model, [list(SMOL_COMPOSED)] * len(prompts), prompts, SMOL_NEW)
     return {"root": root, "model_dir": vllm_model_dir(src, root / "model"), "prompts": prompts, "refs": refs, "tok": tok}
 
 
@@ -654,6 +656,9 @@ def test_smollm2_greedy_equal_alone_mixed_cached_and_served(smol):
         for name in [*SMOL_ADAPTERS, None]:
             assert g.generate(smol["prompts"], name, max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True) == \
                 smol["refs"][name], name
+        for _ in range(2):  # composed, the second round partly from vLLM's prefix cache
+            assert g.generate(smol["prompts"], [list(SMOL_COMPOSED)] * len(smol["prompts"]), max_tokens=SMOL_NEW,
+                              ignore_eos=True, return_tokens=True) == smol["refs"][SMOL_COMPOSED]
         rows = smol_rows(smol)
         want = [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
         for _ in range(2):  # the second round partly from vLLM's prefix cache
