@@ -21,14 +21,20 @@ from helpers import LiveServer, id_tokenizer, offline  # noqa: E402
 import prefixtune as pt  # noqa: E402
 
 ADAPTER, P = "sent", 5
+SECOND = "faq"  # a second adapter (P = 3) for composed names: "sent+faq"
 CHAT = [{"role": "user", "content": "the movie was great"}]
 
 
-def _random_prefix(model):
-    with torch.no_grad():  # random prefixes (zero-init ones change nothing) so the adapter matters
+def _two_adapters(base, root):
+    """ADAPTER and SECOND with random prefixes (zero-init ones change nothing) so each adapter matters, saved."""
+    model = pt.attach(base, pt.PrefixConfig(num_virtual_tokens=P), ADAPTER)
+    model.add_adapter(SECOND, pt.PrefixConfig(num_virtual_tokens=3))
+    with torch.no_grad():
         for p in model.prefixes.parameters():
             p.copy_(torch.randn_like(p) * 2)
-    return model
+    for name in (ADAPTER, SECOND):
+        model.save_adapter(root / "adapters" / name, name)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,7 @@ def tiny(tmp_path_factory):
 
     base, tok = load_model(str(path), "fp32", "cpu")
     torch.manual_seed(0)
-    model = _random_prefix(pt.attach(base, pt.PrefixConfig(num_virtual_tokens=P), ADAPTER)).eval()
-    model.save_adapter(root / "adapters" / ADAPTER, ADAPTER)
+    model = _two_adapters(base, root)
     return {"root": root, "gguf": path, "model": model, "tokenizer": tok, "prompt": "the movie was great"}
 
 
@@ -56,8 +61,7 @@ def _vllm_setup(tmp_path_factory):
     tok = id_tokenizer()
     hf.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    model = _random_prefix(pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=P), ADAPTER)).eval()
-    model.save_adapter(root / "adapters" / ADAPTER, ADAPTER)
+    model = _two_adapters(hf, root)
     from prefixtune.serving.vllm_engine import build_vllm_engine
 
     engine = build_vllm_engine(str(root / "model"), str(root / "adapters"), dtype="float32", enforce_eager=True, block_size=32,
@@ -122,6 +126,21 @@ def test_completions_greedy_equals_prefix_model_generate(served):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=ADAPTER, prompt=ref["prompt"], max_tokens=10,
                                                                             temperature=0, stream=True))
     assert r.choices[0].text == streamed == want and r.usage.prompt_tokens == len(ids)
+
+
+def test_composed_name_equals_prefix_model_generate(served):
+    """`model: "sent+faq"` (both prefixes, in that order) on every backend, vLLM included, equals PrefixModel.generate
+    with the composed entry; streamed too."""
+    url, ref = served
+    c = client(url)
+    ids = ref["tokenizer"](ref["prompt"])["input_ids"]
+    for names in ([ADAPTER, SECOND], [SECOND, ADAPTER]):
+        want = ref["tokenizer"].decode(offline(ref["model"], ids, names, 10), skip_special_tokens=True)
+        r = c.completions.create(model="+".join(names), prompt=ref["prompt"], max_tokens=10, temperature=0)
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="+".join(names), prompt=ref["prompt"], max_tokens=10, temperature=0, stream=True))
+        assert r.choices[0].text == streamed == want, names
+    assert want != reference(ref, ids, 10)  # the second prefix changes the answer: both were applied
 
 
 def test_n_choices_stream_with_include_usage(served):

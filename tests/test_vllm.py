@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -77,13 +78,14 @@ def reference(model, name, ids, new=NEW):
     return out[0, len(ids):].tolist()
 
 
-def reference_batch(model, name, prompts, new):
-    """PrefixModel.generate over all prompts at once, left-padded (rows equal rows run alone: tests/test_engine.py)."""
+def reference_batch(model, names, prompts, new):
+    """PrefixModel.generate over all prompts at once, left-padded, `names` one adapter_names entry per row (rows equal
+    rows run alone: tests/test_engine.py)."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(prompts), max_new_tokens=new,
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=list(names), max_new_tokens=new,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[:, width:].tolist()
 
@@ -257,33 +259,36 @@ def until_eos(ids, eos=2):
     return ids[:ids.index(eos)] if eos in ids else ids
 
 
-@pytest.mark.vllm
-def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
+def http_client(engine):
+    """Our HTTP app on a started engine, without the app's lifespan: its shutdown closes the engine, vLLM's processes
+    included, and the module's engine serves the tests that follow."""
     from fastapi.testclient import TestClient
 
     from prefixtune.serving.api import create_app
 
+    return TestClient(create_app(engine.start()))
+
+
+@pytest.mark.vllm
+def test_our_http_layer_serves_adapters_on_vllm(gen, tiny, refs):
     tok = gen.engine.tokenizer
-    try:
-        with TestClient(create_app(gen.engine)) as c:
-            assert {"a16", "a20", "a40"} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
-            for i, name in enumerate([*ADAPTERS, None]):
-                p = tiny["prompts"][3 + i]
-                r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": NEW,
-                                                    "temperature": 0})
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["text"] == tok.decode(until_eos(refs[name][3 + i]), skip_special_tokens=True)
-            r = c.post("/v1/completions", json={"model": "nope", "prompt": "w5 w6", "max_tokens": 2})
-            assert r.status_code == 404 and "nope" in r.text
-            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 2, "repetition_penalty": 1.3})
-            assert r.status_code == 400 and "repetition_penalty" in r.text
-            r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 3, "logprobs": 2,
-                                                "temperature": 0})
-            lp = r.json()["choices"][0]["logprobs"]
-            assert r.status_code == 200 and len(lp["top_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
-            assert c.get("/health").status_code == 200
-    finally:
-        gen.engine.start()  # the app's lifespan stopped the worker
+    c = http_client(gen.engine)  # (no `with`: that would run the app's lifespan)
+    assert {"a16", "a20", "a40"} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
+    for i, name in enumerate([*ADAPTERS, None]):
+        p = tiny["prompts"][3 + i]
+        r = c.post("/v1/completions", json={"model": name or "model", "prompt": p, "max_tokens": NEW,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(until_eos(refs[name][3 + i]), skip_special_tokens=True)
+    r = c.post("/v1/completions", json={"model": "nope", "prompt": "w5 w6", "max_tokens": 2})
+    assert r.status_code == 404 and "nope" in r.text
+    r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 2, "repetition_penalty": 1.3})
+    assert r.status_code == 400 and "repetition_penalty" in r.text
+    r = c.post("/v1/completions", json={"model": "a16", "prompt": "w5 w6", "max_tokens": 3, "logprobs": 2,
+                                        "temperature": 0})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.status_code == 200 and len(lp["top_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert c.get("/health").status_code == 200
 
 
 @pytest.mark.vllm
@@ -302,6 +307,145 @@ def test_generate_command_on_vllm(tiny, refs):
     assert bad.returncode == 2 and "layers: adapter 3 vs model 2" in bad.stderr, bad.stderr[-2000:]
 
 
+# ---- composed prefixes ("a+b": a's prefix, then b's) ------------------------------------------------------------
+COMPOSED = [["a16", "a40"], "a16", None, ["a40", "a16"]]  # a+b, a, bare, b+a: the order matters
+
+
+@pytest.mark.vllm
+def test_composed_prefixes_equal_prefixmodel_generate_in_one_batch(gen, tiny, refs):
+    rows = [(p, COMPOSED[i % len(COMPOSED)]) for i, p in enumerate(tiny["prompts"])]
+    want = reference_batch(tiny["model"], [n for _, n in rows], [p for p, _ in rows], NEW)
+    for (p, n), w in zip(rows, want):  # the one-batch reference: single rows as each alone
+        assert isinstance(n, list) or w == refs[n][tiny["prompts"].index(p)]
+    # Composition changes the answer (a+b is not a alone), so equality shows both parts were written. (It does not
+    # show their order: prefix keys carry no rotary position, so attention sees a+b and b+a as the same set of
+    # key/values; the positions that matter are the prompt's, from P_a + P_b, which a wrong offset would change.)
+    ab = [(w, refs["a16"][tiny["prompts"].index(p)]) for (p, n), w in zip(rows, want) if n == COMPOSED[0]]
+    assert sum(x != y for x, y in ab) >= len(ab) // 2
+    assert run(gen, [p for p, _ in rows], [n for _, n in rows]) == want
+
+
+@pytest.mark.vllm
+def test_composed_prefixes_share_cached_blocks_only_with_the_same_composition(gen, tiny):
+    """vLLM's prefix cache: block size 32, so a40's first block (placeholders 0..31) is full, and so is that of
+    a40+a16 (56 positions). Each composition reuses its own first block and nothing of a40's (its salt names the
+    composition: the rule chosen, vllm_prefix.PrefixId), every answer exact, round after round."""
+    eng, ab, a, ba = gen.engine, ["a40", "a16"], "a40", ["a16", "a40"]
+    prompts = iter(tiny["prompts"])
+
+    def loaded(name) -> int:  # prefix positions the connector wrote for one request
+        p, before = next(prompts), eng.stats.prefix_tokens_loaded
+        assert run(gen, [p], [name]) == [reference(tiny["model"], name, p)], name
+        return eng.stats.prefix_tokens_loaded - before
+
+    with eng.lock:
+        assert eng.llm.reset_prefix_cache()
+    assert [loaded(n) for n in (a, ab, a, ba)] == [40, 56, 40 - 32, 56]
+    for _ in range(3):  # "a+b", "a", "b+a" repeated: each from its own cached block
+        assert [loaded(n) for n in (ab, a, ba)] == [56 - 32, 40 - 32, 56 - 32]
+
+
+@pytest.mark.vllm
+def test_composed_prefix_errors_fail_the_request_clearly(gen, tiny, refs, tmp_path):
+    p = tiny["prompts"][0]
+    with pytest.raises(ConfigError, match=r"unknown adapter.*nope"):
+        gen.generate([p], [["a16", "nope"]])
+    # A part changed on disk after it was loaded: the connector finds another version than the request names.
+    shutil.copytree(tiny["root"] / "adapters" / "a20", tmp_path / "c")
+    gen.load_adapter(tmp_path / "c", "c")
+    try:
+        weights = tmp_path / "c" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+        with pytest.raises(RuntimeError, match="could not load"):
+            gen.generate([p], [["a16", "c"]])
+    finally:
+        gen.unload_adapter("c")
+    assert run(gen, [p], [["a16", "a20"]]) == [reference(tiny["model"], ["a16", "a20"], p)]  # and it serves on
+
+
+@pytest.mark.vllm
+def test_connector_fails_composed_requests_it_cannot_serve_exactly(gen, tiny):
+    """As a client of vLLM's own server could send them: parts swapped, a part's salt, a part for another model."""
+    from vllm import SamplingParams
+
+    from prefixtune.serving.vllm_prefix import request_fields
+
+    root, p = tiny["root"], tiny["prompts"][2]
+    dirs = {n: str(root / "adapters" / n) for n in ADAPTERS} | {"wrong": str(root / "other" / "wrong")}
+
+    def fields(names, prompt_names=None):
+        f = request_fields(names, [dirs[n] for n in names], p, VOCAB)
+        f["kv_transfer_params"]["prefixtune_dir"] = [dirs[n] for n in names]  # this engine's connector: by directory
+        if prompt_names:
+            f["prompt"] = request_fields(prompt_names, [dirs[n] for n in prompt_names], p, VOCAB)["prompt"]
+        return f
+
+    ok = fields(["a20", "a16"])
+    swapped = fields(["a20", "a16"], ["a16", "a20"])
+    wrong = fields(["a20", "a16"])
+    wrong["kv_transfer_params"] |= {"prefixtune_adapter": ["a20", "wrong"], "prefixtune_dir": [dirs["a20"], dirs["wrong"]]}
+    cases = {"ok": ok, "swapped": swapped, "wrong-shapes": wrong,
+             "part-salt": ok | {"cache_salt": request_fields("a20", dirs["a20"], p, VOCAB)["cache_salt"]}}
+    llm = gen.engine.llm
+    with gen.engine.lock:
+        for rid, f in cases.items():
+            llm.add_request("c-" + rid, {"prompt_token_ids": f["prompt"], "cache_salt": f["cache_salt"]},
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                           extra_args={"kv_transfer_params": f["kv_transfer_params"]}))
+        done = {}
+        while llm.has_unfinished_requests():
+            for out in llm.step():
+                if out.finished:
+                    done[out.request_id[2:]] = out.outputs[0]
+    assert list(done.pop("ok").token_ids) == reference(tiny["model"], ["a20", "a16"], p, 4)
+    for rid, out in done.items():
+        assert out.finish_reason not in ("length", "stop") and not out.token_ids, (rid, out)
+
+
+@pytest.mark.vllm
+def test_composed_names_over_http_and_the_knowledge_layout_as_on_torch(gen, tiny, tmp_path):
+    """`model: "a+b"` through our HTTP layer equals generate(); a composed knowledge prefix renders a chat request in
+    its trained layout (registry.layout_of) on vLLM exactly as the torch engine does."""
+    from prefixtune import knowledge as K
+    from prefixtune.serving.backends import build_torch_engine
+
+    tok = gen.engine.tokenizer
+    k = tmp_path / "k"  # a knowledge prefix: a16's key/values with a distill run's layout
+    shutil.copytree(tiny["root"] / "adapters" / "a16", k)
+    layout = K.template_layout(tok)
+    (k / K.TASK_FILE).write_text(json.dumps({"task": "distill", "layout": layout}))
+    msgs = [{"role": "user", "content": "w5 w6 w7"}]
+    ids = K.chat_ids(tok, msgs, layout)
+    assert ids != K.request_ids(tok, msgs, None)  # the layout is not what the template alone renders
+    chat_want = tok.decode(until_eos(reference(tiny["model"], ["a16", "a20"], ids)), skip_special_tokens=True)
+    torch_engine = build_torch_engine(str(tiny["root"] / "model"), str(tiny["root"] / "adapters"))
+    answers = {}
+    try:
+        for eng in (torch_engine, gen.engine):
+            eng.add_adapter("k", k)
+            c = http_client(eng)
+            for i, name in enumerate((COMPOSED[0], COMPOSED[3])):
+                p = tiny["prompts"][6 + i]
+                r = c.post("/v1/completions", json={"model": "+".join(name), "prompt": p, "max_tokens": NEW,
+                                                    "temperature": 0})
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == tok.decode(
+                    until_eos(reference(tiny["model"], name, p)), skip_special_tokens=True), (eng.backend, name)
+            r = c.post("/v1/chat/completions", json={"model": "k+a20", "messages": msgs, "max_tokens": NEW,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            answers[eng.backend] = r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+            r = c.post("/v1/chat/completions", json={"model": "k+a20", "max_tokens": 2,
+                                                     "messages": [{"role": "system", "content": "w4"}, *msgs]})
+            assert r.status_code == 400 and "knowledge prefix" in r.text
+            r = c.post("/v1/completions", json={"model": "a16+nope", "prompt": "w5 w6", "max_tokens": 2})
+            assert r.status_code == 404 and "nope" in r.text
+            eng.unload_adapter("k")
+    finally:
+        torch_engine.close()
+    assert answers["vllm"] == answers["torch"] == (chat_want, len(ids))
+
+
 # ---- preemption (a KV cache too small for the batch) ------------------------------------------------------
 @pytest.mark.vllm
 def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
@@ -312,7 +456,7 @@ def test_preempted_requests_get_their_prefix_again(tiny, refs, gen):
     kw["max_model_len"] = 96
     g = load(tiny["root"] / "model", tiny["root"] / "adapters", max_batch_size=64, **kw)
     try:
-        names = [*ADAPTERS, None]
+        names = [*ADAPTERS, None, ["a40", "a16"]]  # a composed row too (56 positions rewritten on resume)
         rows = [(p, names[i % len(names)]) for i, p in enumerate(tiny["prompts"])]
         got = g.generate([p for p, _ in rows], [n for _, n in rows], max_tokens=24, ignore_eos=True, return_tokens=True)
         assert got == [reference(tiny["model"], n, p, 24) for p, n in rows]
@@ -348,6 +492,32 @@ def test_adapter_identity_is_unique_per_adapter_and_version(tmp_path):
     with pytest.raises(ConfigError, match=r"another model.*layers: adapter 2 vs model 3"):
         check_fits(tmp_path / "a", arch_of_config(tiny_llama(layers=3).config), "tiny3")
 
+
+def test_composed_identity_names_the_parts_in_order_and_their_versions(tmp_path):
+    """A composed request carries a's placeholders then b's and a salt of its own: never a's, b+a's or an older a's
+    (vLLM's prefix cache keys blocks by token ids and salt), and kv_transfer_params list the parts in order."""
+    from prefixtune.serving.vllm_prefix import PrefixId, adapter_id, request_fields
+
+    model = pt.attach(tiny_llama(), pt.PrefixConfig(num_virtual_tokens=20), "a")
+    model.add_adapter("b", pt.PrefixConfig(num_virtual_tokens=16))
+    for n in "ab":
+        model.save_adapter(tmp_path / n, n)
+    a, b = adapter_id("a", tmp_path / "a", VOCAB), adapter_id("b", tmp_path / "b", VOCAB)
+    ab, ba = PrefixId((a, b)), PrefixId((b, a))
+    assert ab.P == 36 and ab.placeholders == a.placeholders + b.placeholders and ab.name == "a+b"
+    assert len({ab.salt, ba.salt, a.salt, b.salt}) == 4 and PrefixId((a,)).salt == a.salt
+    f = request_fields(["a", "b"], [tmp_path / "a", tmp_path / "b"], [7, 8], VOCAB)
+    assert f == {"prompt": list(ab.placeholders) + [7, 8], "cache_salt": ab.salt,
+                 "kv_transfer_params": {"prefixtune_adapter": ["a", "b"]}}
+    assert ab.transfer_params(with_location=True) == {"prefixtune_adapter": ["a", "b"],
+                                                       "prefixtune_dir": [a.directory, b.directory],
+                                                       "prefixtune_sha": [a.sha, b.sha]}
+    with torch.no_grad():
+        next(model.prefixes["a"].parameters()).add_(1.0)
+    model.save_adapter(tmp_path / "a", "a")
+    assert PrefixId((adapter_id("a", tmp_path / "a", VOCAB), b)).salt != ab.salt  # an updated part: another salt
+    with pytest.raises(ConfigError, match="one directory per name"):
+        request_fields(["a", "b"], [tmp_path / "a"], [7], VOCAB)
 
 
 def test_missing_vllm_gives_the_install_command(monkeypatch, tmp_path):
@@ -425,11 +595,18 @@ def test_vllms_own_openai_server_with_our_connector(tiny, refs, tmp_path):
             st, out = post(url + "/v1/completions", body)
             assert st == 200, out
             assert out["choices"][0]["token_ids"] == refs[name][i], name
+        # A composed request: the parts and their directories, in order.
+        for names in (["a16", "a40"], ["a40", "a16"]):
+            body = {"model": "tiny", "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                    **request_fields(names, [root / "adapters" / n for n in names], p, VOCAB)}
+            st, out = post(url + "/v1/completions", body)
+            assert st == 200 and out["choices"][0]["token_ids"] == reference(tiny["model"], names, p), (names, out)
         # An unknown adapter fails the request (the server stays up), never computes the placeholders as text.
         body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **request_fields("a16", root / "adapters" / "a16", p, VOCAB)}
-        body["kv_transfer_params"] = {"prefixtune_adapter": "nope"}
-        st, out = post(url + "/v1/completions", body)
-        assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
+        for nope in ("nope", ["a16", "nope"]):  # (a composed request with an unknown part)
+            body["kv_transfer_params"] = {"prefixtune_adapter": nope}
+            st, out = post(url + "/v1/completions", body)
+            assert st != 200 or out["choices"][0]["finish_reason"] not in ("length", "stop"), out
         st, out = post(url + "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 2})
         assert st == 200
     finally:
@@ -442,6 +619,7 @@ SMOL_ADAPTERS = {"s16": 16, "s20": 20, "s40": 40}
 SMOL_TEXTS = [f"{a} {b}" for a in ("The movie was", "I think that", "Write a short poem about", "My favourite food is",
                                     "The capital of France is") for b in ("", "really", "the sea", "and then")]
 SMOL_NEW = 16
+SMOL_COMPOSED = ("s16", "s40")  # "s16+s40": 56 positions, the second block shared between its requests
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +640,8 @@ def smol(tmp_path_factory):
     for name in SMOL_ADAPTERS:
         model.save_adapter(root / "adapters" / name, name)
     prompts = [tok(t.strip())["input_ids"] for t in SMOL_TEXTS]
-    refs = {name: reference_batch(model, name, prompts, SMOL_NEW) for name in [*SMOL_ADAPTERS, None]}
+    refs = {name: reference_batch(model, [name] * len(prompts), prompts, SMOL_NEW) for name in [*SMOL_ADAPTERS, None]}
+    refs[SMOL_COMPOSED] = reference_batch(model, [list(SMOL_COMPOSED)] * len(prompts), prompts, SMOL_NEW)
     return {"root": root, "model_dir": vllm_model_dir(src, root / "model"), "prompts": prompts, "refs": refs, "tok": tok}
 
 
@@ -484,6 +663,9 @@ def test_smollm2_greedy_equal_alone_mixed_cached_and_served(smol):
         for name in [*SMOL_ADAPTERS, None]:
             assert g.generate(smol["prompts"], name, max_tokens=SMOL_NEW, ignore_eos=True, return_tokens=True) == \
                 smol["refs"][name], name
+        for _ in range(2):  # composed, the second round partly from vLLM's prefix cache
+            assert g.generate(smol["prompts"], [list(SMOL_COMPOSED)] * len(smol["prompts"]), max_tokens=SMOL_NEW,
+                              ignore_eos=True, return_tokens=True) == smol["refs"][SMOL_COMPOSED]
         rows = smol_rows(smol)
         want = [smol["refs"][n][smol["prompts"].index(p)] for p, n in rows]
         for _ in range(2):  # the second round partly from vLLM's prefix cache

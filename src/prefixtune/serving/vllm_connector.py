@@ -5,14 +5,16 @@ connector reports those P tokens as already computed elsewhere (a synchronous lo
 per-layer keys and values for positions 0..P-1 into the request's blocks through the attention backend's own
 cache-write op (`impl.do_kv_cache_update`: on CPU keys are stored transposed per block, so index writes would be
 wrong). vLLM computes the prompt from position P, as our engine and peft number positions. vLLM's prefix cache
-then shares the filled blocks between requests of the same adapter.
+then shares the filled blocks between requests of the same adapter. A composed request ("a+b") is the same with
+P = P_a + P_b: a's key/values at positions 0..P_a-1, b's at P_a..P_a+P_b-1 (compose.concat), the prompt from P.
 
 What makes a request an adapter request, and keeps it exact (a mistake here gives plausible, wrong text):
-- it names the adapter in `kv_transfer_params` ({"prefixtune_adapter": NAME}); placeholder ids in the text alone
-  select nothing (a bare request is never given an adapter's key/values);
-- its prompt starts with that adapter's placeholder ids, which derive from a hash of the adapter's files, and its
-  `cache_salt` is the adapter's salt (name + the same hash), so vLLM's prefix cache never serves one adapter's
-  blocks to another adapter, to a bare request, or to an updated version of the same adapter;
+- it names the adapter in `kv_transfer_params` ({"prefixtune_adapter": NAME}, or a list of names, in order, for a
+  composed request); placeholder ids in the text alone select nothing (a bare request is never given key/values);
+- its prompt starts with that adapter's placeholder ids (a composition: each part's, in order), which derive from a
+  hash of the adapter's files, and its `cache_salt` is the adapter's salt (name + the same hash; a composition's
+  names every part and version: vllm_prefix.PrefixId), so vLLM's prefix cache never serves one adapter's blocks to
+  another adapter or composition, to a bare request, or to an updated version of the same adapter;
 - anything else (unknown adapter, mismatched shapes, missing/short placeholders, a wrong salt, truncation that cut
   the placeholders, `prompt_logprobs`, which makes vLLM skip its cache and compute the placeholders as tokens)
   fails the request: its blocks are reported as failed loads and vLLM (kv_load_failure_policy "fail", its default)
@@ -36,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from .. import compose
 from ..adapter_io import CONFIG_NAME
 from ..config import ConfigError
 from .vllm_prefix import (  # noqa: F401 - CONNECTOR, request_fields: importable from here too
@@ -44,6 +47,7 @@ from .vllm_prefix import (  # noqa: F401 - CONNECTOR, request_fields: importable
     DIR_KEY,
     SHA_KEY,
     AdapterId,
+    PrefixId,
     adapter_id,
     adapter_sha,
     arch_of_config,
@@ -65,11 +69,10 @@ PP_REFUSED = ("pipeline_parallel_size {} is not supported for prefix adapters on
 @dataclass
 class Load:
     req_id: str
-    directory: str
-    sha: str
+    parts: list[tuple[str, str]]  # (directory, sha) of each adapter, in order (several: a composed request)
     block_ids: list[int]
     start: int  # first position to write (what vLLM's own prefix cache did not already hold)
-    end: int  # P
+    end: int  # P (a composition: the sum of its parts')
     error: str | None = None  # set: the request must fail; its blocks are reported as failed loads
 
 
@@ -98,7 +101,7 @@ class PrefixConnector(KVConnectorBase_V1):
         self._vocab: int | None = extra.get("vocab")
         # scheduler side
         self._known: dict[str, AdapterId] = {}
-        self._verdicts: dict[str, tuple[AdapterId | None, str | None]] = {}
+        self._verdicts: dict[str, tuple[PrefixId | None, str | None]] = {}
         self._asked: dict[str, int] = {}  # req id -> num_computed of the last get_num_new_matched_tokens
         self._loads: list[Load] = []
         # Failing requests that loaded nothing (prompt_logprobs): vLLM checks failed blocks only among those computed
@@ -110,7 +113,7 @@ class PrefixConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._heads = slice(None)  # the KV heads this tensor-parallel rank holds (register_kv_caches)
         self._tp = (0, 1)  # (rank, size)
-        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # adapter sha -> its layers
         self._failed: set[int] = set()
 
     # ---- scheduler side: which requests are adapter requests, and how much to load -----------------------
@@ -122,8 +125,8 @@ class PrefixConnector(KVConnectorBase_V1):
             self._vocab = placeholder_vocab(self.model_config.hf_config, tok)
         return self._vocab
 
-    def _lookup(self, name: str, params: dict) -> AdapterId:
-        directory = params.get(DIR_KEY) if self.accept_request_dirs else None
+    def _lookup(self, name: str, directory: str | None, sha: str | None) -> AdapterId:
+        """One adapter by name; directory and sha: what our engine's request says (accept_request_dirs), else None."""
         if directory is None:
             directory = self.configured.get(name)
         if directory is None and self.adapters_dir and (Path(self.adapters_dir) / name / CONFIG_NAME).is_file():
@@ -131,32 +134,52 @@ class PrefixConnector(KVConnectorBase_V1):
         if directory is None:
             raise ConfigError(f"unknown adapter {name!r} (not in the connector's adapters_dir / adapters)")
         known = self._known.get(name)
-        sha = params.get(SHA_KEY) if self.accept_request_dirs else None
         if known is None or known.directory != str(Path(directory).resolve()) or known.sha != (sha or adapter_sha(directory)):
             check_fits(directory, self.arch, self.model_label)
             known = self._known[name] = adapter_id(name, directory, self._vocab_size())
         return known
 
-    def _verdict(self, request) -> tuple[AdapterId | None, str | None]:
-        """(adapter, error) for a request: (None, None) bare; an error means the request must fail."""
+    def _parts(self, params: dict) -> PrefixId:
+        """The adapter(s) kv_transfer_params name, in order: {ADAPTER_KEY: name} or {ADAPTER_KEY: [a, b, ...]} (our
+        engine adds DIR_KEY / SHA_KEY, each a value or a list of the same shape)."""
+        names = params.get(ADAPTER_KEY)
+        names = names if isinstance(names, list) else [names]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"{ADAPTER_KEY} must be an adapter name or a non-empty list of names (composed, in "
+                              f"order); got {params.get(ADAPTER_KEY)!r}")
+
+        def listed(key):  # what our engine says of each part; None: find it by name / hash its files
+            v = params.get(key) if self.accept_request_dirs else None
+            if v is None:
+                return [None] * len(names)
+            return v if isinstance(v, list) else [v]
+
+        dirs, shas = listed(DIR_KEY), listed(SHA_KEY)
+        if len(dirs) != len(names) or len(shas) != len(names):
+            raise ConfigError(f"{DIR_KEY} / {SHA_KEY} must list one entry per adapter named in {ADAPTER_KEY}")
+        return PrefixId(tuple(self._lookup(n, d, s) for n, d, s in zip(names, dirs, shas)))
+
+    def _verdict(self, request) -> tuple[PrefixId | None, str | None]:
+        """(adapter(s), error) for a request: (None, None) bare; an error means the request must fail."""
         rid = request.request_id
         if rid in self._verdicts:
             return self._verdicts[rid]
         params = request.kv_transfer_params or {}
         name = params.get(ADAPTER_KEY)
-        verdict: tuple[AdapterId | None, str | None] = (None, None)
+        verdict: tuple[PrefixId | None, str | None] = (None, None)
         if name is not None:
             try:
-                a = self._lookup(str(name), params)
+                a = self._parts(params)
                 ids = list(request.prompt_token_ids or [])
                 if request.skip_reading_prefix_cache:
                     raise ConfigError("prompt_logprobs (or another setting that skips the prefix cache) is not "
                                       "supported for adapter requests: vLLM would compute the placeholders as text")
                 if ids[:a.P] != list(a.placeholders) or len(ids) <= a.P:
-                    raise ConfigError(f"the prompt must start with adapter {a.name!r}'s {a.P} placeholder ids and "
-                                      "hold at least one more token (truncated, or built for another version?)")
+                    raise ConfigError(f"the prompt must start with {a.name!r}'s {a.P} placeholder ids (a composition: "
+                                      "each part's, in order) and hold at least one more token (truncated, or built "
+                                      "for another version?)")
                 if request.cache_salt != a.salt:
-                    raise ConfigError(f"cache_salt must be adapter {a.name!r}'s salt {a.salt!r}")
+                    raise ConfigError(f"cache_salt must be {a.name!r}'s salt {a.salt!r}")
                 verdict = (a, None)
             except (ConfigError, OSError) as e:
                 verdict = (None, f"request {rid}: adapter {name!r}: {e}")
@@ -183,8 +206,8 @@ class PrefixConnector(KVConnectorBase_V1):
                 self._doomed_next[request.request_id] = block_ids[:1]
             return
         start = self._asked.get(request.request_id, 0)
-        self._loads.append(Load(request.request_id, a.directory if a else "", a.sha if a else "", block_ids,
-                                start, start + num_external_tokens, err))
+        parts = [(p.directory, p.sha) for p in a.parts] if a else []
+        self._loads.append(Load(request.request_id, parts, block_ids, start, start + num_external_tokens, err))
         counts = self._per_req.setdefault(request.request_id, [0, 0])
         counts[0] += 1
         counts[1] += num_external_tokens
@@ -211,14 +234,20 @@ class PrefixConnector(KVConnectorBase_V1):
         self._tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         self._heads = kv_head_slice(self.arch.kv_heads, self._tp[1], self._tp[0])
 
-    def _prefix(self, load: Load) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if load.sha not in self._prefixes:
-            if adapter_sha(load.directory) != load.sha:
-                raise ConfigError(f"adapter {load.directory} changed on disk since the request was accepted")
+    def _part(self, directory: str, sha: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if sha not in self._prefixes:
+            if adapter_sha(directory) != sha:
+                raise ConfigError(f"adapter {directory} changed on disk since the request was accepted")
             if len(self._prefixes) >= 64:  # a bounded cache of adapters' key/values (oldest out)
                 self._prefixes.pop(next(iter(self._prefixes)))
-            self._prefixes[load.sha] = prefix_layers(load.directory, self.arch, self.model_label)
-        return self._prefixes[load.sha]
+            self._prefixes[sha] = prefix_layers(directory, self.arch, self.model_label)
+        return self._prefixes[sha]
+
+    def _prefix(self, load: Load) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value) [kv_heads, P, head_dim] for positions 0..P-1: a composition's parts in order (the
+        torch engine's numbering: a at 0..P_a-1, b from P_a), concatenated per load (a copy of P slots per layer)."""
+        layers = [self._part(d, sha) for d, sha in load.parts]
+        return layers[0] if len(layers) == 1 else compose.concat(layers)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         from vllm.model_executor.models.utils import extract_layer_index

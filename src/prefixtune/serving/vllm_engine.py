@@ -5,7 +5,8 @@ shared with the other backends. vLLM samples itself: our SamplingParams map to v
 strings: those stay ours), and each new token vLLM returns goes through the shared output path
 (`self.output.accept`) exactly as a token our own sampler drew. Prefix adapters reach vLLM through our KV connector
 (vllm_connector.PrefixConnector), which this engine configures; a request for adapter A is A's placeholder ids +
-the prompt, with A's cache_salt and kv_transfer_params naming A (see vllm_connector for why each is needed).
+the prompt, with A's cache_salt and kv_transfer_params naming A (see vllm_connector for why each is needed); a
+composed request ("a+b") carries a's placeholders then b's, the composition's salt and both parts, in order.
 
 vLLM is imported lazily: without it, a clear error with the install command.
 """
@@ -130,18 +131,12 @@ class VllmEngine(Engine):
     def _unload_prefix(self, name: str) -> None:
         del self._adapters[name]  # requests already in vLLM keep their identity (and the connector its copy)
 
-    def check_limits(self, prompt_len: int, max_tokens: int, adapter=None) -> None:
-        super().check_limits(prompt_len, max_tokens, adapter)
-        if adapter is not None and not isinstance(adapter, str) and len(adapter) > 1:
-            raise InvalidRequest("composing prefixes is not available on --backend vllm yet (the KV connector loads "
-                                 "one adapter per request); use --backend torch or llamacpp")
-
     # ---- requests -----------------------------------------------------------------------------------
     def _vllm_request(self, r: Request):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from .vllm_prefix import ADAPTER_KEY, DIR_KEY, SHA_KEY
+        from .vllm_prefix import PrefixId
 
         p = r.params
         sp = dict(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
@@ -151,10 +146,10 @@ class VllmEngine(Engine):
                   ignore_eos=True, stop_token_ids=[] if p.ignore_eos else sorted(self.eos_ids),
                   output_kind=RequestOutputKind.DELTA)
         prompt = {"prompt_token_ids": list(r.prompt_ids)}
-        if r.adapter is not None:
-            a = self._adapters[r.adapter]
+        if r.adapters:
+            a = PrefixId(tuple(self._adapters[name] for name in r.adapters))
             prompt = {"prompt_token_ids": list(a.placeholders) + list(r.prompt_ids), "cache_salt": a.salt}
-            sp["extra_args"] = {"kv_transfer_params": {ADAPTER_KEY: a.name, DIR_KEY: a.directory, SHA_KEY: a.sha}}
+            sp["extra_args"] = {"kv_transfer_params": a.transfer_params(with_location=True)}
         return prompt, SamplingParams(**sp)
 
     def _add(self, r: Request) -> None:

@@ -4,7 +4,9 @@ Shared by our engine (vllm_engine), the connector that runs inside vLLM (vllm_co
 OpenAI server (`request_fields`), so it imports nothing of vLLM.
 
 A request for adapter A is A's P placeholder ids (drawn, seeded by a hash of A's files, from the vocabulary) followed
-by the prompt, with A's `cache_salt` (name + the same hash) and `kv_transfer_params` naming A.
+by the prompt, with A's `cache_salt` (name + the same hash) and `kv_transfer_params` naming A. A composed request
+("a+b": a's prefix, then b's, as compose.py and the other engines serve it) carries a's placeholders then b's, a salt
+naming the composition with both versions, and `kv_transfer_params` listing the parts in order (`PrefixId`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .. import inject
 from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from ..config import ConfigError
 
-ADAPTER_KEY = "prefixtune_adapter"  # kv_transfer_params key naming the adapter
+# kv_transfer_params keys; each value is one string for one adapter, a list (in order) for a composed request.
+ADAPTER_KEY = "prefixtune_adapter"  # the adapter's name
 DIR_KEY = "prefixtune_dir"  # our engine only (extra_config accept_request_dirs): where the adapter lives
 SHA_KEY = "prefixtune_sha"  # our engine: the version it accepted the request for (saves re-hashing the files)
 # vLLM's kv_transfer_config for our connector (add "kv_connector_extra_config").
@@ -41,6 +44,47 @@ class AdapterId:
     @property
     def salt(self) -> str:
         return f"prefixtune:{self.name}:{self.sha[:32]}"
+
+
+@dataclass(frozen=True)
+class PrefixId:
+    """What a request carries for one adapter or a composition (the parts' prefixes concatenated in order).
+
+    The salt of a composition names every part and its version, so vLLM's prefix cache (which hashes a block's token
+    ids, chained from the first block, whose hash takes the salt) shares its blocks only between requests for the
+    same parts, in the same order, at the same versions: never with "b+a", "a" alone or an updated a. Blocks of "a"
+    that an "a+b" request could in principle reuse are not shared: the rule stays one line and cannot be wrong."""
+
+    parts: tuple[AdapterId, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(a.name for a in self.parts)  # engine.COMPOSE
+
+    @property
+    def P(self) -> int:
+        return sum(a.P for a in self.parts)
+
+    @property
+    def placeholders(self) -> tuple[int, ...]:
+        return tuple(i for a in self.parts for i in a.placeholders)
+
+    @property
+    def salt(self) -> str:
+        if len(self.parts) == 1:
+            return self.parts[0].salt
+        return "prefixtune-composed:" + "+".join(f"{a.name}:{a.sha[:32]}" for a in self.parts)
+
+    def transfer_params(self, with_location: bool = False) -> dict:
+        """kv_transfer_params naming the parts in order; with_location: also their directories and versions (our
+        engine, whose connector trusts them)."""
+        def each(values):
+            return values[0] if len(values) == 1 else list(values)
+
+        params = {ADAPTER_KEY: each([a.name for a in self.parts])}
+        if with_location:
+            params |= {DIR_KEY: each([a.directory for a in self.parts]), SHA_KEY: each([a.sha for a in self.parts])}
+        return params
 
 
 def adapter_sha(directory) -> str:
@@ -75,12 +119,17 @@ def placeholder_vocab(hf_config, tokenizer) -> int:
     return min(int(hf_config.get_text_config().vocab_size), len(tokenizer))
 
 
-def request_fields(name: str, directory, prompt_ids: list[int], vocab: int) -> dict:
+def request_fields(name, directory, prompt_ids: list[int], vocab: int) -> dict:
     """What a client of vLLM's own OpenAI server sends for adapter `name` (completions with token ids):
-    {"prompt": placeholders + prompt_ids, "cache_salt": ..., "kv_transfer_params": {...}}."""
-    a = adapter_id(name, directory, vocab)
-    return {"prompt": list(a.placeholders) + list(prompt_ids), "cache_salt": a.salt,
-            "kv_transfer_params": {ADAPTER_KEY: name}}
+    {"prompt": placeholders + prompt_ids, "cache_salt": ..., "kv_transfer_params": {...}}. A composed request: a
+    list of names and the list of their directories, in order (["manual", "faq"], ["adapters/manual", ...])."""
+    names, dirs = ([name], [directory]) if isinstance(name, str) else (list(name), list(directory))
+    if not names or len(names) != len(dirs):
+        raise ConfigError(f"request_fields: {len(names)} adapter names for {len(dirs)} directories; pass one "
+                          "directory per name, in the same order")
+    pid = PrefixId(tuple(adapter_id(n, d, vocab) for n, d in zip(names, dirs)))
+    return {"prompt": list(pid.placeholders) + list(prompt_ids), "cache_salt": pid.salt,
+            "kv_transfer_params": pid.transfer_params()}
 
 
 def arch_of_config(hf_config) -> inject.Arch:
