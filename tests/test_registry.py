@@ -116,6 +116,9 @@ def test_eviction_under_a_budget_keeps_outputs_exact(adapters):
     assert got == ref
     assert len(small.registry.resident_names()) <= 2 and small.registry.stats.adapter_evictions >= N - 2
     assert len(small.model.prefixes) <= 2  # evicted adapters left the model too
+    # the registry's resident set (what its budget counts) is exactly what the model holds
+    assert small.registry.resident_names() == sorted(small.model.prefixes)
+    assert small.registry.resident_names() == sorted(e.name for e in small.registry.entries() if e.resident)
 
 
 def test_eviction_never_drops_an_adapter_a_request_holds(adapters):

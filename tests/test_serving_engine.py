@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 from helpers import Collector, id_tokenizer, lively, make, offline, offline_seq2seq, random_workload, three_adapters
 
 import prefixtune as pt
@@ -262,3 +263,31 @@ def test_composed_prefixes_match_prefix_model_in_mixed_batches():
         eng.stop()
     assert [got.tokens[i] for i in range(len(prompts))] == ref
     assert ref[0] != offline(model, prompts[0], ("b", "a"), max_new[0]) or ref[0] != offline(model, prompts[0], "a", max_new[0])
+
+
+def test_running_cache_writes_in_place_and_equals_concatenation():
+    """The running batch's GrowingLayer gives the keys/values DynamicLayer's concatenation gives, through decode
+    steps, row selection (finished rows leaving), trimming of leading columns and growth past its spare room, and
+    a decode step writes into the buffer it already has (no copy of the cache per step)."""
+    from transformers import DynamicLayer
+
+    from prefixtune.serving.torch_engine import GrowingLayer
+
+    torch.manual_seed(0)
+    k0, v0 = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
+    grown, ref = GrowingLayer.holding(k0, v0), DynamicLayer()
+    ref.update(k0, v0)
+    buffers = set()
+    for step in range(150):  # past the first buffer's spare room (5 + 1 + 64 columns)
+        if step == 20:  # finished rows leave (TorchEngine._select) and unused leading columns go
+            idx = torch.tensor([0, 2, 3])
+            grown.batch_select_indices(idx), ref.batch_select_indices(idx)
+            for layer in (grown, ref):
+                layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+        k, v = torch.randn(ref.keys.shape[0], 2, 1, 8), torch.randn(ref.keys.shape[0], 2, 1, 8)
+        gk, gv = grown.update(k, v)
+        rk, rv = ref.update(k, v)
+        assert torch.equal(gk, rk) and torch.equal(gv, rv)
+        buffers.add(grown._key_buf.data_ptr())
+    # one buffer at the start, one after the selection, one after growing: not one per step
+    assert len(buffers) == 3 and grown.get_seq_length() == ref.get_seq_length() == 5 + 150 - 3
