@@ -152,7 +152,8 @@ def main() -> None:
                    "training questions are dropped, leaving 200+ on SmolLM2")
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--question-tokens", type=int, default=24)
-    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--chunk-tokens", type=int, default=DistillConfig.__dataclass_fields__["chunk_tokens"].default,
+                   help="self-study chunk size (default: DistillConfig's)")
     p.add_argument("--compose-p", type=int, default=64, help="P of each half's prefix (0: skip composition)")
     p.add_argument("--cache", default="/tmp/prefixtune-distill-bench/data.pt")
     p.add_argument("--out", default=str(RESULTS / "distill"))

@@ -46,6 +46,7 @@ from prefixtune.training.distill_run import distill  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FACTS = HERE / "data" / "knowledge_facts.json"
+_DEFAULTS = DistillConfig.__dataclass_fields__  # flags not given here take `prefixtune distill`'s defaults
 
 
 def say(*a):
@@ -329,6 +330,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--answer-tokens", type=int, default=48)
+    p.add_argument("--chunk-tokens", type=int, default=_DEFAULTS["chunk_tokens"].default,
+                   help="self-study chunk size (default: DistillConfig's)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy answer length")
     p.add_argument("--served", type=int, default=20, help="questions for the served == offline check")
     p.add_argument("--concurrency", type=int, default=64)
