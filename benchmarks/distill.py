@@ -123,7 +123,7 @@ def markdown(report: dict) -> str:
              f"Context {r['context_tokens']} tokens; {r['train_questions']} self-study training questions (seed 0), "
              f"{r['heldout_questions']} held-out (seed 1), teacher answers up to {r['answer_tokens']} tokens "
              f"({r['heldout_answer_tokens']} held-out answer tokens); top-{r['top_k']} KL, {r['steps']} steps x batch "
-             f"{r['batch_size']}, lr {r['lr']}. CPU; the load average at each row is in the JSON (run it through quiet-run for figures).", "",
+             f"{r['batch_size']}, lr {r['lr']}. CPU; the load average at each row is in the JSON; figures come from quiet-run.", "",
              "| P | P / context | prefix KL | prefix agreement | truncated KL | truncated agreement | no-context KL | "
              "no-context agreement | gap recovered | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["sizes"]:

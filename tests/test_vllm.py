@@ -42,22 +42,27 @@ def tiny_llama(layers: int = 2, kv_heads: int = 2):
                                         max_position_embeddings=512, **SPECIAL)).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm")
-    hf = tiny_llama()
+def write_model_and_adapters(root, hf, adapters: dict) -> pt.PrefixModel:
+    """`hf` and the id tokenizer in root/model, random prefixes {name: P} in root/adapters/<name>; -> the PrefixModel."""
     hf.save_pretrained(root / "model")
     id_tokenizer().save_pretrained(root / "model")
-    first, *rest = ADAPTERS
-    model = pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[first]), first)
+    first, *rest = adapters
+    model = pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=adapters[first]), first)
     for name in rest:
-        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[name]))
+        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=adapters[name]))
     with torch.no_grad():  # random prefixes at twice the unit scale change every logit
         for enc in model.prefixes.values():
             for p in enc.parameters():
                 p.copy_(torch.randn_like(p) * 2)
-    for name in ADAPTERS:
+    for name in adapters:
         model.save_adapter(root / "adapters" / name, name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    model = write_model_and_adapters(root, tiny_llama(), ADAPTERS)
     # An adapter for another model: 3 layers instead of 2.
     other = pt.attach(tiny_llama(layers=3), pt.PrefixConfig(num_virtual_tokens=8), "x")
     other.save_adapter(root / "other" / "wrong", "x")

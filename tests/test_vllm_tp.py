@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 from helpers import id_tokenizer
-from test_vllm import NEW, VOCAB, engine_kw, reference, tiny_llama
+from test_vllm import NEW, VOCAB, engine_kw, reference, tiny_llama, write_model_and_adapters
 
-import prefixtune as pt
 from prefixtune.config import ConfigError
 
 ADAPTERS = {"a16": 16, "a20": 20}
@@ -21,19 +20,7 @@ N_PROMPTS = 8
 
 
 def build(root, kv_heads: int) -> dict:
-    hf = tiny_llama(kv_heads=kv_heads)
-    hf.save_pretrained(root / "model")
-    id_tokenizer().save_pretrained(root / "model")
-    first, *rest = ADAPTERS
-    model = pt.attach(hf, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[first]), first)
-    for name in rest:
-        model.add_adapter(name, pt.PrefixConfig(num_virtual_tokens=ADAPTERS[name]))
-    with torch.no_grad():  # random prefixes at twice the unit scale change every logit
-        for enc in model.prefixes.values():
-            for p in enc.parameters():
-                p.copy_(torch.randn_like(p) * 2)
-    for name in ADAPTERS:
-        model.save_adapter(root / "adapters" / name, name)
+    model = write_model_and_adapters(root, tiny_llama(kv_heads=kv_heads), ADAPTERS)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
                for _ in range(N_PROMPTS)]
