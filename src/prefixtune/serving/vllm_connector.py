@@ -113,6 +113,7 @@ class PrefixConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._heads = slice(None)  # the KV heads this tensor-parallel rank holds (register_kv_caches)
         self._tp = (0, 1)  # (rank, size)
+        self._heads_problem: str | None = None  # _check_heads' verdict ("" fine), None until first checked
         self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # adapter sha -> its layers
         self._failed: set[int] = set()
 
@@ -233,6 +234,7 @@ class PrefixConnector(KVConnectorBase_V1):
         # Under tensor parallelism each rank's cache holds only its KV heads: it writes that slice of the prefix.
         self._tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         self._heads = kv_head_slice(self.arch.kv_heads, self._tp[1], self._tp[0])
+        self._heads_problem = None
 
     def _part(self, directory: str, sha: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if sha not in self._prefixes:
@@ -259,6 +261,8 @@ class PrefixConnector(KVConnectorBase_V1):
             try:
                 if load.error:
                     raise ConfigError(load.error)
+                # a slice that is not this rank's heads would write plausible, wrong keys
+                self._check_heads(forward_context)
                 layers = self._prefix(load)
             except Exception as e:  # any failure fails the request; vLLM never computes the placeholders
                 log.error("prefixtune: cannot load the prefix for request %s: %s", load.req_id, e)
@@ -269,12 +273,6 @@ class PrefixConnector(KVConnectorBase_V1):
             bs = self.block_size
             slots = torch.tensor([load.block_ids[p // bs] * bs + p % bs for p in range(load.start, load.end)],
                                  dtype=torch.long)
-            try:
-                self._check_heads(forward_context)
-            except ConfigError as e:  # a slice that is not this rank's heads would write plausible, wrong keys
-                log.error("prefixtune: request %s: %s", load.req_id, e)
-                self._failed.add(load.block_ids[load.start // self.block_size])
-                continue
             for name, kv_cache in self._kv_caches.items():
                 layer = forward_context.no_compile_layers[name]
                 k, v = (t[self._heads] for t in layers[extract_layer_index(name)])
@@ -286,16 +284,24 @@ class PrefixConnector(KVConnectorBase_V1):
                                               slots.to(kv_cache.device))
 
     def _check_heads(self, forward_context) -> None:
-        """This rank's slice of the adapter's KV heads must be what each of its attention layers caches."""
+        """This rank's slice of the adapter's KV heads must be what each of its attention layers caches. The layers
+        do not change after register_kv_caches: walked once, the verdict kept for every later load."""
+        if self._heads_problem is None:
+            self._heads_problem = self._heads_mismatch(forward_context)
+        if self._heads_problem:
+            raise ConfigError(self._heads_problem)
+
+    def _heads_mismatch(self, forward_context) -> str:
+        """The first layer whose cached KV heads differ from this rank's slice, described; "" when none does."""
         want = len(range(self.arch.kv_heads)[self._heads])
         for name, kv_cache in self._kv_caches.items():
             layer = forward_context.no_compile_layers[name]
             heads, size = getattr(layer, "num_kv_heads", None), getattr(layer, "head_size", None)
             if (heads, size) != (want, self.arch.head_dim) or heads not in kv_cache.shape:
-                raise ConfigError(
-                    f"tensor-parallel rank {self._tp[0]} of {self._tp[1]}: layer {name} caches {heads} KV heads of "
-                    f"size {size} (cache shape {tuple(kv_cache.shape)}), but the adapter's slice for this rank is "
-                    f"{want} of {self.arch.kv_heads} heads of size {self.arch.head_dim}")
+                return (f"tensor-parallel rank {self._tp[0]} of {self._tp[1]}: layer {name} caches {heads} KV heads of "
+                        f"size {size} (cache shape {tuple(kv_cache.shape)}), but the adapter's slice for this rank is "
+                        f"{want} of {self.arch.kv_heads} heads of size {self.arch.head_dim}")
+        return ""
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed = self._failed, set()
