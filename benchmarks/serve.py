@@ -24,6 +24,8 @@ requantized file is not a better model than its source). A `-unified` suffix (ll
 with its unified KV cache instead of the per-sequence
 default; --lcpp-threads / --lcpp-threads-batch / --n-batch / --n-ubatch set llama.cpp's own knobs. --repeat N runs
 the whole backend list N times in turn (interleaved, so machine load hits them alike) and keeps each one's best.
+--paired N measures the cost of a prefix more tightly: each backend's process runs the same wave with prefixes and
+bare N times back to back (ABBA order) and reports the median of the N ratios.
 
     python benchmarks/serve.py --backends torch,llamacpp-q4_1,vllm,vllm-bare --vllm-python /work/venv-vllm/bin/python
 
@@ -112,6 +114,8 @@ def main():
                     help=f"compare serving backends on real GGUF weights instead: comma list of {','.join(BACKENDS)}")
     ap.add_argument("--gguf", default=None, help="--backends: the model (default: the demo's SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--repeat", type=int, default=1, help="--backends: run the list this many times, interleaved")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="--backends: the cost of a prefix, as N back-to-back pairs (prefixed, bare) in each backend's process")
     ap.add_argument("--lcpp-threads", type=int, default=None, help="llama.cpp n_threads (default: --threads)")
     ap.add_argument("--lcpp-threads-batch", type=int, default=None, help="llama.cpp n_threads_batch (default: n_threads)")
     ap.add_argument("--n-batch", type=int, default=512, help="llama.cpp n_batch")
@@ -256,6 +260,8 @@ def _backend_child(args) -> None:
     engine.start()
     load_s = time.perf_counter() - t0
     run_engine(engine, [list(zip(names, prompts))[:4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    if args.paired:
+        return _paired(args, engine, names, prompts, params)
     secs = min(run_engine(engine, [list(zip(names, prompts))], params) for _ in range(args.rounds))
     if tree is not None:
         rss = tree.now()
@@ -266,6 +272,42 @@ def _backend_child(args) -> None:
     getattr(engine, "close", engine.stop)()
     print("RESULT " + json.dumps({"backend": args.backend_child, "secs": secs, "tps": len(prompts) * args.output / secs,
                                   "rss": rss, "peak": peak, "load_s": load_s}))
+
+
+def _paired(args, engine, names, prompts, params) -> None:
+    """The cost of a prefix measured in one process on one engine: the same wave with prefixes and bare, back to back,
+    in ABBA order (prefixed-bare, then bare-prefixed) so a drift in machine speed hits both sides alike."""
+    import json
+
+    bare = [None] * len(prompts)
+    pairs = []
+    for i in range(args.paired):
+        order = [names, bare] if i % 2 == 0 else [bare, names]
+        secs = {id(n): run_engine(engine, [list(zip(n, prompts))], params) for n in order}
+        pairs.append({"prefixed": secs[id(names)], "bare": secs[id(bare)]})
+        print(f"pair {i + 1}: prefixed / bare = {secs[id(bare)] / secs[id(names)]:.3f}x tokens/s", file=sys.stderr, flush=True)
+    getattr(engine, "close", engine.stop)()
+    print("RESULT " + json.dumps({"backend": args.backend_child, "pairs": pairs, "tokens": len(prompts) * args.output}))
+
+
+def paired_table(args, run_child) -> None:
+    """--paired N: per backend, N back-to-back pairs of the same wave with prefixes and bare (see _paired)."""
+    import statistics
+
+    rows = []
+    for b in args.backends:
+        r = run_child(b)
+        ratios = [p["bare"] / p["prefixed"] for p in r["pairs"]]
+        tps = {side: statistics.median(r["tokens"] / p[side] for p in r["pairs"]) for side in ("prefixed", "bare")}
+        rows.append(f"| {b} | {tps['prefixed']:,.1f} | {tps['bare']:,.1f} | **{statistics.median(ratios):.3f}x** | "
+                    f"{min(ratios):.3f}x | {max(ratios):.3f}x |")
+    print(f"\n{args.adapters} adapters x P={args.prefix}, {args.requests} concurrent requests, prompt {args.prompt} / "
+          f"output {args.output} tokens (greedy, eos ignored), {args.threads or torch.get_num_threads()} threads; "
+          f"{args.paired} pairs per backend, in one process, ABBA order\n")
+    print("| backend | tokens/s with prefixes (median) | bare (median) | prefixed / bare: median of pairs | min | max |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print("\n(target: prefixed >= 0.97x bare on each engine)")
 
 
 def _backend_prep(args) -> None:
@@ -321,18 +363,25 @@ def backend_table(args) -> None:
     prep = subprocess.run([sys.executable, __file__, "--backend-child", "prep"] + common + prep_for, capture_output=True, text=True)
     if prep.returncode:
         raise SystemExit(f"preparation failed:\n{prep.stderr[-3000:]}")
+
+    def run_child(b: str) -> dict:
+        python = args.vllm_python if b.startswith("vllm") else sys.executable
+        cmd = [python, __file__, "--backend-child", b] + common + (["--paired", str(args.paired)] if args.paired else []) + \
+            (["--vllm-model", args.vllm_model] if args.vllm_model else []) + (["--vllm-compile"] if args.vllm_compile else [])
+        load0 = os.getloadavg()[0]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        print("".join(f"{b} {l}\n" for l in out.stderr.splitlines() if l.startswith("pair ")), end="", flush=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{b} failed:\n{out.stderr[-3000:]}")
+        return json.loads(line[7:]) | {"load": (load0 + os.getloadavg()[0]) / 2}
+
+    if args.paired:
+        return paired_table(args, run_child)
     best: dict[str, dict] = {}
     for rep in range(args.repeat):
         for b in args.backends:
-            python = args.vllm_python if b.startswith("vllm") else sys.executable
-            cmd = [python, __file__, "--backend-child", b] + common + \
-                (["--vllm-model", args.vllm_model] if args.vllm_model else []) + (["--vllm-compile"] if args.vllm_compile else [])
-            load0 = os.getloadavg()[0]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{b} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[7:]) | {"load": (load0 + os.getloadavg()[0]) / 2}
+            r = run_child(b)
             print(f"[{rep + 1}/{args.repeat}] {b}: {r['tps']:.1f} tokens/s, load average {r['load']:.2f}", flush=True)
             if b not in best or r["tps"] > best[b]["tps"]:
                 best[b] = r
