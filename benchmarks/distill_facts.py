@@ -53,8 +53,9 @@ def say(*a):
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}]", *a, flush=True)
 
 
-def make_prefix(args, text: str, run: Path, P: int) -> tuple[Path, float | None]:
-    """`prefixtune distill`'s run on `text` into `run` (reused when it already holds an adapter); -> (run, seconds)."""
+def make_prefix(args, text: str, run: Path, P: int, examples=None) -> tuple[Path, float | None]:
+    """`prefixtune distill`'s run on `text` into `run` (reused when it already holds an adapter); -> (run, seconds).
+    `examples`: another run's self-study examples with their teacher answers (examples.pt), not made again."""
     if (run / "adapter" / "task.json").is_file():
         say(f"prefix from {run}")
         return run, None
@@ -65,7 +66,7 @@ def make_prefix(args, text: str, run: Path, P: int) -> tuple[Path, float | None]
                         batch_size=args.batch_size, lr=args.lr, answer_tokens=args.answer_tokens,
                         conversation_turns=args.turns, progress=False)
     t = time.time()
-    distill(cfg)
+    distill(cfg, examples=examples)
     return run, round(time.time() - t, 1)
 
 
@@ -100,6 +101,28 @@ def facts_part(model, tok, doc, facts, args) -> tuple[dict, list[str]]:
     result["answers"] = [{"question": q, "reference": f["answer"], **{m: answers[m][i] for m in answers}}
                          for i, (q, f) in enumerate(zip(qs, facts["facts"]))]
     return result, answers["prefix"]
+
+
+def sizes_part(args, model, tok, doc, facts) -> dict:
+    """The facts against the prefix's length: for each P of --sizes ("all" = the whole document's length, header
+    included), a prefix distilled from the same self-study examples as the main run (its examples.pt, so only the
+    training differs) and the truncated document of that length."""
+    shared = torch.load(Path(args.run) / "examples.pt", weights_only=False)
+    rows = [K.query_ids(tok, f["question"], doc.layout) for f in facts["facts"]]
+    out = {"context_tokens": doc.context_len, "examples": len(shared), "rows": []}
+    for size in args.sizes.split(","):
+        P = doc.context_len if size == "all" else int(size)
+        run, secs = make_prefix(args, facts["document"], Path(args.run).parent / f"size-{P}", P, examples=shared)
+        model.load_adapter(run / "adapter", f"size-{P}")
+        S.context_adapter(model, f"truncated-{P}", doc.window_ids(0)[:P])
+        row = {"P": P, "train_seconds": secs,
+               "prefix": share(facts, greedy(model, tok, rows, [f"size-{P}"] * len(rows), args.max_tokens)),
+               "truncated": share(facts, greedy(model, tok, rows, [f"truncated-{P}"] * len(rows), args.max_tokens))}
+        for name in (f"size-{P}", f"truncated-{P}"):
+            model.delete_adapter(name)
+        out["rows"].append(row)
+        say(f"sizes P={P}: prefix {row['prefix']['correct']}, truncated {row['truncated']['correct']} ({secs} s)")
+    return out
 
 
 def compose_part(args, model, tok, doc, facts) -> dict:
@@ -300,6 +323,16 @@ def markdown(r: dict) -> str:
         lines += ["", f"Composition (P = {c['P_each']} per half; KL to the whole-document teacher on the 30 questions):",
                   "", "| prefix | facts right | KL |", "|---|---|---|"]
         lines += [f"| {m} | {v['facts']['correct']} | {v['kl']:.3f} |" for m, v in c.items() if isinstance(v, dict)]
+    if "sizes" in r:
+        z = r["sizes"]
+        full = r["facts"]["full"]["correct"]
+        lines += ["", f"Facts against the prefix's length (the same {z['examples']} self-study examples for every P; "
+                  f"the document is {z['context_tokens']} tokens; full context: {full}):", "",
+                  "| P | share of the document | prefix: facts right | prefix / full | truncated: facts right | training s |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {x['P']} | {x['P'] / z['context_tokens']:.0%} | {x['prefix']['correct']} | "
+                  f"{x['prefix']['correct'] / max(full, 1):.0%} | {x['truncated']['correct']} | {x['train_seconds']} |"
+                  for x in z["rows"]]
     if "serving" in r:
         s = r["serving"]
         lines += ["", f"Serving ({s['concurrency']} concurrent chat requests, {s['max_tokens']} tokens each, "
@@ -320,7 +353,8 @@ def main() -> None:
     p.add_argument("--gguf", help="the same model as GGUF for the llama.cpp check (default: SmolLM2's Q4_1 GGUF "
                    "when --model is not given; none otherwise)")
     p.add_argument("--parts", default="facts,served,serving,compose", help="comma-separated: facts (always with "
-                   "served/compose), served, serving, compose")
+                   "served/compose/sizes), served, serving, compose, sizes")
+    p.add_argument("--sizes", default="128,256,all", help="--parts sizes: the prefix lengths (all = the document's)")
     p.add_argument("--facts", default=str(FACTS))
     p.add_argument("--run", default="/tmp/prefixtune-distill-facts/run", help="distill run to make (or reuse)")
     p.add_argument("--P", type=int, default=64)
@@ -347,18 +381,20 @@ def main() -> None:
     facts = json.loads(Path(args.facts).read_text())
     report = {"model": Path(args.model).name, "document": facts["title"], "P": args.P, "args": vars(args)}
     torch.manual_seed(0)
-    if parts & {"facts", "served", "compose"}:
+    if parts & {"facts", "served", "compose", "sizes"}:
         run, report["make_seconds"] = make_prefix(args, facts["document"], Path(args.run), args.P)
     base, tok = load_model(args.model, "fp32", "cpu")
     model = PrefixModel(base)
     doc = S.build_document(tok, facts["document"], 8000)
-    if parts & {"facts", "served", "compose"}:
+    if parts & {"facts", "served", "compose", "sizes"}:
         model.load_adapter(run / "adapter", "manual")
         report["facts"], offline = facts_part(model, tok, doc, facts, args)
         if "served" in parts:
             report["served"] = served_part(args, run, tok, doc, offline[: args.served], facts)
         if "compose" in parts:
             report["compose"] = compose_part(args, model, tok, doc, facts)
+        if "sizes" in parts:
+            report["sizes"] = sizes_part(args, model, tok, doc, facts)
     if "serving" in parts:
         report["serving"] = serving_part(args, model, tok, facts)
     report["loadavg_end"] = os.getloadavg()

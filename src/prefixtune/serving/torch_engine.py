@@ -5,7 +5,8 @@ through PrefixModel.generate (see _generate_seq2seq). Encoder classifiers are re
 
 One worker thread owns the model. It keeps a single running batch: a DynamicCache whose rows are
 left-padded to a common length, plus a 2D mask [B, S] over every cached slot (prefix slots included). Its layers
-are GrowingLayers: a decode step writes its new column into spare room instead of concatenating.
+are GrowingLayers from the prefill on: the prompt is written after the prefix, and each decode step its new column,
+into spare room instead of concatenating.
 Each iteration it
   1. admits queued requests (up to max_batch_size rows) and prefills them, grouped by prompt length so no
      padding enters a prefill (a row computes exactly what it would alone), then merges their caches into
@@ -87,8 +88,10 @@ class GrowingLayer(DynamicLayer):
 
 
 def _growing(cache: DynamicCache) -> DynamicCache:
-    """The running batch's cache: the prefill's key/values in GrowingLayers."""
-    cache.layers = [GrowingLayer.holding(layer.keys, layer.values) for layer in cache.layers]
+    """A prefill's cache, before its forward, in GrowingLayers: the prompt's key/values are written after the prefix in
+    one buffer (no concatenation of the two), and the decode steps go on writing into that buffer's spare room."""
+    cache.layers = [GrowingLayer.holding(layer.keys, layer.values) for layer in cache.layers]  # the prefix, if any
+    cache.layer_class_to_replicate = GrowingLayer  # a bare prefill's cache has no layers until its first update
     return cache
 
 
@@ -207,6 +210,8 @@ class TorchEngine(Engine):
         so every row is named None and only the mask-derived positions are added.
         -> (next-token logits [B, vocab], the cache, the mask over every cached slot)."""
         kw = self.model.prefixed_inputs(ids, mask, adapter_names=names, past_key_values=cache, use_cache=True)
+        if cache is not self._cache:  # a prefill: a prefix is in the cache prefixed_inputs made, bare rows have none
+            _growing(kw[self.model.cache_kw])
         if self._logits_to_keep:
             kw["logits_to_keep"] = 1  # as generate() does: same logits, no [T, vocab] waste
         out = self.base(**kw)
@@ -230,7 +235,7 @@ class TorchEngine(Engine):
             idx = torch.tensor(keep, device=mask.device)
             cache, mask = self._select(cache, mask, idx)
         if self._cache is None:
-            self._cache, self._mask, self._rows = _growing(cache), mask, list(rows)
+            self._cache, self._mask, self._rows = cache, mask, list(rows)
             return
         length = max(self._mask.shape[1], mask.shape[1])
         for old, add in zip(self._cache.layers, cache.layers):
