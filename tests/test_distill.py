@@ -97,6 +97,34 @@ def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_a
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 16)) and any("eval_loss" in r for r in recs)
 
 
+
+def test_the_start_is_scored_and_kept_when_training_only_makes_it_worse(tmp_path, capsys):
+    """A prefix as long as the document starts as the teacher's own key/values (held-out KL near 0); a learning rate
+    far too high moves it away. The start is scored at step 0, best/ keeps it, eval.json records it and the run ends
+    with a one-line warning; at a sane learning rate no warning."""
+    tok = make_tokenizer()
+    (tmp_path / "doc.txt").write_text(_text(300))
+    P = S.build_document(tok, (tmp_path / "doc.txt").read_text(), 480).context_len
+    cfg = _cfg(tmp_path, "hot", num_virtual_tokens=P, lr=2.0, eval_fraction=0.25, max_steps=8, progress=True)
+    distill(cfg, make("llama"), tok)
+    said = "".join(capsys.readouterr())
+    recs = [json.loads(line) for line in (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r["eval_loss"] for r in recs if r["step"] == 0)
+    res = json.loads((tmp_path / "hot" / "eval.json").read_text())
+    assert start < 1e-3 and res["start_eval_loss"] == start and res["eval_loss"] > 10 * start
+    assert "warning: training made the held-out KL worse than the start" in said and "(step 0)" in said
+    start_model = PrefixModel(make("llama"))  # best/ is the start: the student as add_student makes it
+    D.add_student(start_model, S.build_document(tok, (tmp_path / "doc.txt").read_text(), 480), cfg)
+    start_model.save_adapter(tmp_path / "start" / "adapter", "default")
+    from safetensors.torch import load_file
+
+    best = load_file(tmp_path / "hot" / "best" / "adapter_model.safetensors")["prompt_embeddings"]
+    torch.testing.assert_close(best, _adapter(tmp_path / "start"), rtol=0, atol=0)
+    assert not torch.equal(best, _adapter(tmp_path / "hot"))  # the final adapter moved away
+    distill(_cfg(tmp_path, "calm", num_virtual_tokens=6, eval_fraction=0.25, max_steps=8, progress=True),
+            make("llama"), tok)
+    assert "warning" not in "".join(capsys.readouterr())
+
 def _adapter(path):
     from safetensors.torch import load_file
 

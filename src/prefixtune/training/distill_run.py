@@ -50,6 +50,8 @@ def distill(cfg: DistillConfig, model=None, tokenizer=None, *, examples: list[di
     run = prepare(cfg, model, tokenizer, examples)
     restore_dropout = L.base_dropout_off(run.model.base_model)  # the teacher answered without dropout
     try:
+        if run.state["step"] == 0:  # the start is a prefix too (the document's own key/values): scored, and best/
+            L.evaluate(run, 0, 0.0)  # keeps it if training only makes it worse (a learning rate too high for it)
         stopped_early = L.run_steps(run, stop_after)
     finally:
         run.report.close_bar()
@@ -136,12 +138,18 @@ def finish(run: L.Run, stopped_early: bool) -> dict:
         write_text_atomic(out / RUN_FINAL / "task.json", json.dumps(run.data.task_info, indent=2))
         if run.last_eval is None:
             run.last_eval, _ = run.evaluate(pm)
-        result = {"task": "distill", **(run.last_eval or {}), "steps": run.state["step"]}
+        start = run.state.get("start_eval", {}).get("eval_loss")
+        result = {"task": "distill", **(run.last_eval or {}), "start_eval_loss": start, "steps": run.state["step"]}
         write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
         plot_curves(out)
         scored = "held-out" if run.data.eval_raw else "training-example"  # --eval-fraction 0: training rows
         best = f"; lowest {scored} KL {-run.state['best']:.4f} in {out / 'best'}" if run.state["best"] is not None else ""
         report.say(f"adapter saved to {out / RUN_FINAL} ({human_bytes(dir_bytes(out / RUN_FINAL))} on disk){best}")
+        if start is not None and result.get("eval_loss") is not None and result["eval_loss"] > start:
+            report.say(f"warning: training made the {scored} KL worse than the start ({start:.4f} -> "
+                       f"{result['eval_loss']:.4f}): the learning rate moved the prefix away from a better start (--init "
+                       f"{cfg.init}); best/ holds the best one (step {run.state.get('best_step')}). "
+                       f"Lower --lr (2e-3 kept a whole-document start on SmolLM2-135M) or use best/")
     report.end()
     run.acc.wait_for_everyone()
     return {"steps": run.state["step"], "stopped_early": stopped_early, "output": str(out),

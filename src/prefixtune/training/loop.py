@@ -271,7 +271,7 @@ def run_steps(run: Run, stop_after: int | None = None) -> bool:
         epochs = round(step / plan.steps_per_epoch, 4)
         run.report.step(step, epochs, loss, lr, tok_s, log=step % cfg.log_every == 0 or step == plan.total)
         if step % plan.eval_every == 0 or step % plan.steps_per_epoch == 0 or step == plan.total:
-            _evaluate(run, step, epochs)
+            evaluate(run, step, epochs)
             if cfg.patience and state["bad_evals"] >= cfg.patience and step < plan.total:
                 run.report.write(f"early stopping: no improvement in {cfg.patience} evals")
                 stopped_early = True
@@ -314,8 +314,9 @@ def _optimizer_step(run: Run, micro_batches: list[dict]) -> tuple[float, int]:
     return acc.reduce(step_loss, "mean").item(), step_tokens
 
 
-def _evaluate(run: Run, step: int, epochs: float) -> None:
-    """Evaluate (the EMA average if any), keep best/ if it is the best so far, log."""
+def evaluate(run: Run, step: int, epochs: float) -> None:
+    """Evaluate (the EMA average if any), keep best/ if it is the best so far, log. At step 0 the start is recorded
+    too (state["start_eval"]): `distill` scores its start, the document's own key/values, this way."""
     state, t_eval = run.state, time.perf_counter()
     with run.ema.applied():
         if run.evaluate is not None:
@@ -329,6 +330,8 @@ def _evaluate(run: Run, step: int, epochs: float) -> None:
             write_text_atomic(run.out / "best" / "task.json", json.dumps(run.data.task_info, indent=2))
     run.last_eval = ev
     run.model.train()
+    if step == 0:
+        state["start_eval"] = {k: v for k, v in ev.items() if k != "report"}
     if better:
         state["best"], state["best_step"], state["bad_evals"] = _score(ev), step, 0
     else:
