@@ -279,13 +279,13 @@ def _paired(args, engine, names, prompts, params) -> None:
     in ABBA order (prefixed-bare, then bare-prefixed) so a drift in machine speed hits both sides alike."""
     import json
 
-    bare = [None] * len(prompts)
+    sides = {"prefixed": names, "bare": [None] * len(prompts)}
     pairs = []
     for i in range(args.paired):
-        order = [names, bare] if i % 2 == 0 else [bare, names]
-        secs = {id(n): run_engine(engine, [list(zip(n, prompts))], params) for n in order}
-        pairs.append({"prefixed": secs[id(names)], "bare": secs[id(bare)]})
-        print(f"pair {i + 1}: prefixed / bare = {secs[id(bare)] / secs[id(names)]:.3f}x tokens/s", file=sys.stderr, flush=True)
+        order = ["prefixed", "bare"] if i % 2 == 0 else ["bare", "prefixed"]
+        secs = {side: run_engine(engine, [list(zip(sides[side], prompts))], params) for side in order}
+        pairs.append(secs)
+        print(f"pair {i + 1}: prefixed / bare = {secs['bare'] / secs['prefixed']:.3f}x tokens/s", file=sys.stderr, flush=True)
     getattr(engine, "close", engine.stop)()
     print("RESULT " + json.dumps({"backend": args.backend_child, "pairs": pairs, "tokens": len(prompts) * args.output}))
 

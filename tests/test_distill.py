@@ -97,7 +97,6 @@ def test_init_from_context_equals_the_truncated_document_and_fit_lowers_the_kl_a
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 16)) and any("eval_loss" in r for r in recs)
 
 
-
 def test_the_start_is_scored_and_kept_when_training_only_makes_it_worse(tmp_path, capsys):
     """A prefix as long as the document starts as the teacher's own key/values (held-out KL near 0); a learning rate
     far too high moves it away. The start is scored at step 0, best/ keeps it, eval.json records it and the run ends
@@ -116,19 +115,18 @@ def test_the_start_is_scored_and_kept_when_training_only_makes_it_worse(tmp_path
     start_model = PrefixModel(make("llama"))  # best/ is the start: the student as add_student makes it
     D.add_student(start_model, S.build_document(tok, (tmp_path / "doc.txt").read_text(), 480), cfg)
     start_model.save_adapter(tmp_path / "start" / "adapter", "default")
-    from safetensors.torch import load_file
-
-    best = load_file(tmp_path / "hot" / "best" / "adapter_model.safetensors")["prompt_embeddings"]
+    best = _adapter(tmp_path / "hot", "best")
     torch.testing.assert_close(best, _adapter(tmp_path / "start"), rtol=0, atol=0)
     assert not torch.equal(best, _adapter(tmp_path / "hot"))  # the final adapter moved away
     distill(_cfg(tmp_path, "calm", num_virtual_tokens=6, eval_fraction=0.25, max_steps=8, progress=True),
             make("llama"), tok)
     assert "warning" not in "".join(capsys.readouterr())
 
-def _adapter(path):
+
+def _adapter(path, sub="adapter"):
     from safetensors.torch import load_file
 
-    return load_file(path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+    return load_file(path / sub / "adapter_model.safetensors")["prompt_embeddings"]
 
 
 def test_resume_matches_uninterrupted_and_reuses_the_examples(tmp_path):
