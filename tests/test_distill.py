@@ -46,6 +46,22 @@ def test_teacher_prefix_equals_the_document_in_the_prompt(kind):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_top_k_from_generate_equals_the_second_forward():
+    """prepare() takes the teacher's top-k from the logits generate() scored the answer with; teacher_topk (a second
+    forward over query + answer, right-padded) must give the same ids and log-probabilities."""
+    model, tok, doc = _setup("llama", n=60)
+    D.teacher_adapters(model, doc)
+    fused = S.given_examples(tok, doc, ["what is the plot", "how good was the acting in it", "why"])
+    D.teacher_answers(model.eval(), tok, fused, 7, progress=False, top_k=5)
+    again = [{k: e[k] for k in ("query", "query_ids", "window", "answer_ids")} for e in fused]
+    D.teacher_topk(model, tok, again, 5, progress=False)
+    for e, r in zip(fused, again):
+        assert e["topk_ids"].shape == (len(e["answer_ids"]), 5)
+        assert torch.equal(e["topk_ids"][:, 0], torch.tensor(e["answer_ids"]))  # greedy: the answer is the top-1
+        torch.testing.assert_close(e["topk_logp"], r["topk_logp"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(e["topk_ids"], r["topk_ids"])
+
+
 def test_kl_topk_is_the_kl_with_all_tokens_and_zero_for_the_teacher():
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
@@ -104,7 +120,8 @@ def test_the_start_is_scored_and_kept_when_training_only_makes_it_worse(tmp_path
     tok = make_tokenizer()
     (tmp_path / "doc.txt").write_text(_text(300))
     P = S.build_document(tok, (tmp_path / "doc.txt").read_text(), 480).context_len
-    cfg = _cfg(tmp_path, "hot", num_virtual_tokens=P, lr=2.0, eval_fraction=0.25, max_steps=8, progress=True)
+    cfg = _cfg(tmp_path, "hot", num_virtual_tokens=P, lr=4.0, eval_fraction=0.25, max_steps=8, progress=True,
+               scheduler="constant")
     distill(cfg, make("llama"), tok)
     said = "".join(capsys.readouterr())
     recs = [json.loads(line) for line in (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()]
@@ -216,6 +233,31 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # argparse's usage, then its one error line: the pointer
         assert e.value.code == 2 and "--task: knowledge prefixes have their own commands: `prefixtune distill" in last
+
+
+def test_self_study_families_follow_their_weights_and_answers_ask_for_a_span_of_the_chunk(tmp_path, capsys):
+    text = "The club was founded in 1987 by Maria Okonkwo. Rides leave at 8:30 from Fenwick Lane; it has 1,450 m.\nPip."
+    assert S.answer_spans(text) == ["1987", "Maria Okonkwo", "8:30", "Fenwick Lane", "1,450"]  # not "The", "Rides", "Pip"
+    model, tok, doc = _setup()
+    only = S.self_study(model, tok, doc, 12, chunk_tokens=64, question_tokens=6, families="structure:2,summary:0",
+                        say=lambda *a: None, progress=False)
+    assert only and {e["family"] for e in only} == {"structure"}
+    # the tiny tokenizer's words hold no number or name: "answers" falls back to "facts" instead of asking for nothing
+    fallback = S.self_study(model, tok, doc, 12, chunk_tokens=64, question_tokens=6, families="answers",
+                            say=lambda *a: None, progress=False)
+    assert fallback and {e["family"] for e in fallback} == {"facts"}
+    rng = random.Random(0)
+    real = S.Document([], list(range(40)), [(0, 40)])
+    fake_tok = type("T", (), {"decode": staticmethod(lambda ids: text)})
+    chunk, fam, _, prompt = S._plan(real, fake_tok, rng, 16, {"answers": 1.0})
+    assert fam == "answers" and any(f'answer is "{s}"' in prompt for s in S.answer_spans(text))
+    for bad, says in (("answers:3,bogus", "--families 'bogus': use some of"), ("facts:x", "must be a number"),
+                      ("facts:0", "no family a weight above 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["distill", "--model", "x", "--context", str(tmp_path), "--output", str(tmp_path / "o"),
+                  "--families", bad])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and says in last and "Traceback" not in last
 
 
 def test_two_turn_self_study_trains_on_whole_conversations_in_the_served_layout(tmp_path):

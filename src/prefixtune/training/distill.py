@@ -49,8 +49,10 @@ def _by_window(examples: list[dict], batch_size: int):
 
 @torch.no_grad()
 def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, batch_size: int = 16,
-                    progress: bool = True) -> None:
-    """Fill each example's "answer_ids" (and "answer") with the teacher's greedy answer; tokens/s in the log."""
+                    progress: bool = True, top_k: int | None = None) -> None:
+    """Fill each example's "answer_ids" (and "answer") with the teacher's greedy answer; tokens/s in the log. With
+    `top_k`, also "topk_ids" / "topk_logp" from the logits generate() scored each answer token with (what
+    teacher_topk computes with a second forward, without it)."""
     import time
 
     from tqdm.auto import tqdm
@@ -62,14 +64,20 @@ def teacher_answers(model, tokenizer, examples: list[dict], answer_tokens: int, 
     bar = tqdm(total=len(examples), desc="teacher answers", disable=not progress, dynamic_ncols=True)
     for name, rows in _by_window(examples, batch_size):
         ids, mask = S.left_pad([e["query_ids"] for e in rows], pad)
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                              adapter_names=[name] * len(rows), do_sample=False, max_new_tokens=answer_tokens,
                              pad_token_id=pad, cache_implementation="static",  # a dynamic cache re-copies the window
-                             )[:, ids.shape[1]:].tolist()
-        for e, new in zip(rows, out):
+                             return_dict_in_generate=True, output_logits=top_k is not None)
+        out = gen.sequences[:, ids.shape[1]:].tolist()
+        if top_k is not None:  # [B, steps, V] -> the top-k of each step's next-token distribution
+            logp, idx = torch.stack(gen.logits, 1).float().log_softmax(-1).topk(top_k, dim=-1)
+        for i, (e, new) in enumerate(zip(rows, out)):
             cut = new.index(stop) + 1 if stop in new else len(new)
             e["answer_ids"] = new[:cut] or [stop if stop is not None else pad]
             e["answer"] = tokenizer.decode(e["answer_ids"], skip_special_tokens=True)
+            if top_k is not None:
+                a = len(e["answer_ids"])
+                e["topk_ids"], e["topk_logp"] = idx[i, :a].cpu(), logp[i, :a].cpu()
             made += len(e["answer_ids"])
         bar.update(len(rows))
     bar.close()
@@ -153,16 +161,16 @@ def prepare(model, tokenizer, doc: S.Document, cfg: DistillConfig, queries: list
     n_study = cfg.self_study if cfg.self_study is not None else (0 if queries else 256)
     if n_study:
         examples += S.self_study(model, tokenizer, doc, n_study, seed=cfg.seed, chunk_tokens=cfg.chunk_tokens,
-                                 question_tokens=cfg.question_tokens, say=say, progress=cfg.progress)
+                                 question_tokens=cfg.question_tokens, families=cfg.families, say=say,
+                                 progress=cfg.progress)
     if not examples:
         raise ConfigError("no training queries: give --queries FILE or --self-study N (N > 0)")
     teacher_adapters(model, doc)
-    teacher_answers(model, tokenizer, examples, cfg.answer_tokens, progress=cfg.progress)
+    teacher_answers(model, tokenizer, examples, cfg.answer_tokens, progress=cfg.progress, top_k=cfg.top_k)
     if cfg.conversation_turns == 2:  # second turns need the first answers in view
         second = S.follow_ups(model, tokenizer, doc, examples, seed=cfg.seed, question_tokens=cfg.question_tokens, say=say)
-        teacher_answers(model, tokenizer, second, cfg.answer_tokens, progress=cfg.progress)
+        teacher_answers(model, tokenizer, second, cfg.answer_tokens, progress=cfg.progress, top_k=cfg.top_k)
         examples += second
-    teacher_topk(model, tokenizer, examples, cfg.top_k, progress=cfg.progress)
     mean = sum(len(e["answer_ids"]) for e in examples) / len(examples)
     say(f"teacher: {len(examples)} answers (greedy, up to {cfg.answer_tokens} tokens, mean {mean:.0f}); top-{cfg.top_k} "
         f"log-probs kept; context {doc.context_len} tokens in {len(doc.windows)} window(s)")

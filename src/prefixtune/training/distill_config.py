@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 from .config import PRECISIONS, REPORT_TO, SCHEDULERS, RecipeError, _f  # the one field-with-flag-metadata maker
+from .selfstudy import parse_families
 
 INITS = ("context", "vocab")
 SAVE_FORMATS = ("prefix", "cartridge")
@@ -35,6 +36,9 @@ class DistillConfig:
     question_tokens: int = _f(40, "data", "longest self-study question")
     chunk_tokens: int = _f(256, "data", "most document tokens in view while a self-study question is written (each "
                            "question samples its chunk size between a quarter of this and this)")
+    families: str = _f("answers:3,facts,structure,summary,use_case,creative", "data", "self-study seed-prompt "
+                       "families, with weights (name:w; default 1): answers (a question for a name or number picked from "
+                       "the chunk), and the paper's facts, structure, summary, use_case, creative")
     answer_tokens: int = _f(48, "data", "longest teacher answer")
     top_k: int = _f(20, "data", "teacher log-probabilities kept per answer token (plus one bucket for the rest)")
     max_context_tokens: int | None = _f(None, "data", "longest window the teacher sees; longer documents are cut into "
@@ -102,6 +106,7 @@ class DistillConfig:
             raise RecipeError(f"--self-study must be 0 or more, got {self.self_study!r}")
         if not 0 <= self.freeze_first <= self.num_virtual_tokens:
             raise ConfigError(f"--freeze-first {self.freeze_first}: use 0..--num-virtual-tokens")
+        parse_families(self.families)  # DataError naming --families
         if not 0 <= self.eval_fraction < 1:
             raise RecipeError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
         if not 0 <= self.ema < 1:
@@ -112,7 +117,7 @@ class DistillConfig:
 
     # Fields that define the run: --resume with other values would not continue the same run.
     RUN_KEYS = ("model", "context", "queries", "self_study", "conversation_turns", "question_tokens", "chunk_tokens",
-                "answer_tokens", "top_k", "max_context_tokens", "eval_fraction", "num_virtual_tokens", "init",
+                "families", "answer_tokens", "top_k", "max_context_tokens", "eval_fraction", "num_virtual_tokens", "init",
                 "freeze_first", "layer_scale", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "scheduler",
                 "seed", "ema")
 

@@ -20,18 +20,23 @@ prefix is trained on queries from every window.
 
 Self-study (Cartridges, Eyuboglu et al. 2025, section 4). For each of `n` drafts (all seeded): a chunk of the
 document (its size drawn between a quarter of `chunk_tokens` and `chunk_tokens`, its place uniform), a seed prompt
-from one of the five families of SEED_PROMPTS (facts, structure, summary, use case, creative; the family first,
-uniformly, then a prompt in it), and the model writes one question with only that chunk in view (temperature 0.7,
-at most `question_tokens` tokens, first line kept). Exact duplicates (case and spaces folded) are dropped. Drafts
-are generated in batches (one `generate` per batch; tokens/s in the log). With `turns=2`, the teacher's answer to
-each question is followed by a second question written the same way on the conversation so far, and the student
-also learns the teacher's answer to it (training/distill_run.py).
+from one of the families of SEED_PROMPTS (the paper's five: facts, structure, summary, use case, creative; and
+"answers"; the family first, by the weights of `families`, then a prompt in it), and the model writes one question
+with only that chunk in view (temperature 0.7, at most `question_tokens` tokens, first line kept). "answers" asks
+for a question whose answer is a span picked from the chunk (a number, or a capitalised name that does not open a
+sentence; a chunk without one falls back to "facts"): a 135M model asked for "a question about a fact" mostly writes
+vague or off-text questions, and a fact that no teacher answer states is not learnt (benchmarks/results/distill_*).
+Exact duplicates (case and spaces folded) are dropped. Drafts are generated in batches (one `generate` per batch;
+tokens/s in the log). With `turns=2`, the teacher's answer to each question is followed by a second question
+written the same way on the conversation so far, and the student also learns the teacher's answer to it
+(training/distill_run.py).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +59,34 @@ SEED_PROMPTS = {  # the paper's five families (its Appendix: seed prompts), rewo
                  "Write one question asking how to do something the text above describes."),
     "creative": ("Write one unusual question that can only be answered with the details of the text above.",
                  "Write one question comparing two things the text above mentions."),
+    "answers": ('Write one question about the text above whose answer is "{answer}".',),  # a span of the chunk
 }
+FAMILIES = "answers:3,facts,structure,summary,use_case,creative"  # DistillConfig.families' default
+# a number (1987, 8:30, 1,450) or a capitalised name that does not open a sentence (Heron Cup, Old Mill Inn)
+_SPAN = re.compile(r"\d[\d,.:]*\d|\d|(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b[A-Z][a-zA-Z]+(?:\s[A-Z][a-zA-Z]+)*")
+
+
+def parse_families(spec: str) -> dict[str, float]:
+    """"answers:3,facts,..." -> {family: weight}; a missing weight is 1. DataError naming --families on a bad one."""
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, w = part.partition(":")
+        if name not in SEED_PROMPTS:
+            raise DataError(f"--families {name!r}: use some of {', '.join(SEED_PROMPTS)} (weights as name:2)")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise DataError(f"--families {part!r}: the weight after ':' must be a number") from None
+        if out[name] < 0:
+            raise DataError(f"--families {part!r}: a weight must be 0 or more")
+    if not out or not sum(out.values()) > 0:
+        raise DataError("--families gives no family a weight above 0")
+    return out
+
+
+def answer_spans(text: str) -> list[str]:
+    """The numbers and mid-sentence capitalised names in `text`, in order, without repeats."""
+    return list(dict.fromkeys(m.group(0) for m in _SPAN.finditer(text)))
 FOLLOW_UP = "Write one follow-up question to the conversation above about the same text." + _ONLY
 
 
@@ -203,26 +235,37 @@ class _Writer:
             self.model.delete_adapter(name)
 
 
+def _plan(doc: Document, tokenizer, rng: random.Random, chunk_tokens: int, weights: dict[str, float]) -> tuple:
+    """One draft: ((window, start, end), family, prompt index, seed prompt text)."""
+    chunk = _sample_chunk(doc, rng, chunk_tokens)
+    fam = rng.choices(list(weights), weights=list(weights.values()))[0]
+    if fam == "answers":
+        spans = answer_spans(tokenizer.decode(doc.body[chunk[1] : chunk[2]]))
+        if spans:
+            return chunk, fam, 0, SEED_PROMPTS[fam][0].format(answer=rng.choice(spans))
+        fam = "facts"  # nothing to ask for in this chunk
+    k = rng.randrange(len(SEED_PROMPTS[fam]))
+    return chunk, fam, k, SEED_PROMPTS[fam][k]
+
+
 def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_tokens: int = 256,
-               question_tokens: int = 40, batch_size: int = 16, say=print, progress: bool = True) -> list[dict]:
+               question_tokens: int = 40, batch_size: int = 16, families: str = FAMILIES, say=print,
+               progress: bool = True) -> list[dict]:
     """`n` seeded drafts -> the distinct questions, each written by `model` (a PrefixModel) with one sampled chunk of
-    the document in view and a seed prompt from a sampled family."""
+    the document in view and a seed prompt from a family sampled by the weights of `families`."""
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
-    families = list(SEED_PROMPTS)
-    plans = []
-    for _ in range(n):
-        fam = rng.choice(families)
-        plans.append((_sample_chunk(doc, rng, chunk_tokens), fam, rng.randrange(len(SEED_PROMPTS[fam]))))
+    weights = parse_families(families)
+    plans = [_plan(doc, tokenizer, rng, chunk_tokens, weights) for _ in range(n)]
     writer = _Writer(model, tokenizer, doc, question_tokens)
     seen, out = set(), []
     torch.manual_seed(seed)
     try:
         for s in tqdm(range(0, n, batch_size), desc="self-study", disable=not progress, dynamic_ncols=True):
             part = plans[s : s + batch_size]
-            prompts = [K.query_ids(tokenizer, SEED_PROMPTS[f][k] + _ONLY, doc.layout) for _, f, k in part]
-            for ((w, a, b), f, k), q in zip(part, writer.write(prompts, [(a, b) for (_, a, b), _, _ in part])):
+            prompts = [K.query_ids(tokenizer, text + _ONLY, doc.layout) for _, _, _, text in part]
+            for ((w, a, b), f, k, _), q in zip(part, writer.write(prompts, [(a, b) for (_, a, b), _, _, _ in part])):
                 if len(q) < 8 or _fold(q) in seen:
                     continue
                 seen.add(_fold(q))
@@ -230,7 +273,7 @@ def self_study(model, tokenizer, doc: Document, n: int, *, seed: int = 0, chunk_
                             "family": f, "seed_prompt": k, "source": "self_study"})
     finally:
         writer.close()
-    counts = ", ".join(f"{f} {sum(e['family'] == f for e in out)}" for f in families)
+    counts = ", ".join(f"{f} {sum(e['family'] == f for e in out)}" for f in SEED_PROMPTS)
     say(f"self-study: {len(out)} distinct questions from {n} drafts (seed {seed}; chunks of {max(1, chunk_tokens // 4)}-"
         f"{chunk_tokens} tokens, {len(writer.names)} distinct; families "
         f"{counts}); {writer.rate()}")
