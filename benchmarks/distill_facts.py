@@ -64,7 +64,8 @@ def make_prefix(args, text: str, run: Path, P: int, examples=None) -> tuple[Path
     cfg = DistillConfig(model=args.model, context=[str(run.parent / f"{run.name}-doc.txt")], output=str(run),
                         overwrite=True, num_virtual_tokens=P, self_study=args.self_study, max_steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, answer_tokens=args.answer_tokens,
-                        conversation_turns=args.turns, progress=False)
+                        chunk_tokens=args.chunk_tokens, families=args.families, conversation_turns=args.turns,
+                        progress=False)
     t = time.time()
     distill(cfg, examples=examples)
     return run, round(time.time() - t, 1)
@@ -366,6 +367,8 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=48)
     p.add_argument("--chunk-tokens", type=int, default=_DEFAULTS["chunk_tokens"].default,
                    help="self-study chunk size (default: DistillConfig's)")
+    p.add_argument("--families", default=_DEFAULTS["families"].default,
+                   help="self-study seed-prompt families and weights (default: DistillConfig's)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy answer length")
     p.add_argument("--served", type=int, default=20, help="questions for the served == offline check")
     p.add_argument("--concurrency", type=int, default=64)
