@@ -13,6 +13,10 @@ are never trained on), unless --run already holds one.
   own offline generation of the same ids (its quantized weights may answer otherwise than torch: reported apart).
 - compose: the handbook's halves distilled separately (P/2 each) and composed, against each alone and the whole
   prefix: facts and KL to the whole-document teacher.
+- sizes: prefixes of each --sizes length trained on the main run's own examples (examples.pt), beside the truncated
+  document of that length.
+- capacity: a check, not a result: a --capacity-P prefix trained on the teacher's answers to the 30 questions
+  themselves. When it holds the full context's facts, the self-study questions limit the prefix, not P.
 - serving: one torch engine, --concurrency concurrent streamed chat requests, the document (--serving-document:
   h11's README, 2,000+ tokens, or the facts handbook) as the system message vs a P-token prefix of it (its values do
   not change the speed, so it is not trained here): completion tokens/s, time to first token p50, KV bytes per request.
@@ -53,9 +57,10 @@ def say(*a):
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}]", *a, flush=True)
 
 
-def make_prefix(args, text: str, run: Path, P: int, examples=None) -> tuple[Path, float | None]:
+def make_prefix(args, text: str, run: Path, P: int, examples=None, **more) -> tuple[Path, float | None]:
     """`prefixtune distill`'s run on `text` into `run` (reused when it already holds an adapter); -> (run, seconds).
-    `examples`: another run's self-study examples with their teacher answers (examples.pt), not made again."""
+    `examples`: another run's self-study examples with their teacher answers (examples.pt), not made again; `more`:
+    other DistillConfig fields."""
     if (run / "adapter" / "task.json").is_file():
         say(f"prefix from {run}")
         return run, None
@@ -65,7 +70,7 @@ def make_prefix(args, text: str, run: Path, P: int, examples=None) -> tuple[Path
                         overwrite=True, num_virtual_tokens=P, self_study=args.self_study, max_steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, answer_tokens=args.answer_tokens,
                         chunk_tokens=args.chunk_tokens, families=args.families, conversation_turns=args.turns,
-                        progress=False)
+                        progress=False, **more)
     t = time.time()
     distill(cfg, examples=examples)
     return run, round(time.time() - t, 1)
@@ -123,6 +128,24 @@ def sizes_part(args, model, tok, doc, facts) -> dict:
             model.delete_adapter(name)
         out["rows"].append(row)
         say(f"sizes P={P}: prefix {row['prefix']['correct']}, truncated {row['truncated']['correct']} ({secs} s)")
+    return out
+
+
+def capacity_part(args, model, tok, doc, facts) -> dict:
+    """A check of what P can hold, not a result (it trains on the benchmark's own questions): a P-token prefix trained
+    on the teacher's answers to the 30 questions themselves, all of them (--eval-fraction 0). When it holds the full
+    context's facts, P is not what limits the self-study prefix: its questions are."""
+    held = S.given_examples(tok, doc, [f["question"] for f in facts["facts"]])
+    D.teacher_answers(model, tok, held, args.answer_tokens, progress=False, top_k=_DEFAULTS["top_k"].default)
+    P = args.capacity_P
+    run, secs = make_prefix(args, facts["document"], Path(args.run).parent / f"capacity-{P}", P, examples=held,
+                            eval_fraction=0.0)
+    model.load_adapter(run / "adapter", f"capacity-{P}")
+    rows = [e["query_ids"] for e in held]
+    out = {"P": P, "train_seconds": secs,
+           "facts": share(facts, greedy(model, tok, rows, [f"capacity-{P}"] * len(rows), args.max_tokens))}
+    model.delete_adapter(f"capacity-{P}")
+    say(f"capacity P={P}: {out['facts']['correct']} facts after training on the questions themselves ({secs} s)")
     return out
 
 
@@ -334,6 +357,11 @@ def markdown(r: dict) -> str:
         lines += [f"| {x['P']} | {x['P'] / z['context_tokens']:.0%} | {x['prefix']['correct']} | "
                   f"{x['prefix']['correct'] / max(full, 1):.0%} | {x['truncated']['correct']} | {x['train_seconds']} |"
                   for x in z["rows"]]
+    if "capacity" in r:
+        c = r["capacity"]
+        lines += ["", f"Capacity check (not a result: P = {c['P']} trained on the teacher's answers to these 30 questions "
+                  f"themselves, {r['args']['steps']} steps): {c['facts']['correct']} facts right, against "
+                  f"{r['facts']['full']['correct']} with the full document."]
     if "serving" in r:
         s = r["serving"]
         lines += ["", f"Serving ({s['concurrency']} concurrent chat requests, {s['max_tokens']} tokens each, "
@@ -354,8 +382,9 @@ def main() -> None:
     p.add_argument("--gguf", help="the same model as GGUF for the llama.cpp check (default: SmolLM2's Q4_1 GGUF "
                    "when --model is not given; none otherwise)")
     p.add_argument("--parts", default="facts,served,serving,compose", help="comma-separated: facts (always with "
-                   "served/compose/sizes), served, serving, compose, sizes")
+                   "served/compose/sizes/capacity), served, serving, compose, sizes, capacity")
     p.add_argument("--sizes", default="128,256,all", help="--parts sizes: the prefix lengths (all = the document's)")
+    p.add_argument("--capacity-P", type=int, default=128, help="--parts capacity: the prefix length")
     p.add_argument("--facts", default=str(FACTS))
     p.add_argument("--run", default="/tmp/prefixtune-distill-facts/run", help="distill run to make (or reuse)")
     p.add_argument("--P", type=int, default=64)
@@ -384,12 +413,12 @@ def main() -> None:
     facts = json.loads(Path(args.facts).read_text())
     report = {"model": Path(args.model).name, "document": facts["title"], "P": args.P, "args": vars(args)}
     torch.manual_seed(0)
-    if parts & {"facts", "served", "compose", "sizes"}:
+    if parts & {"facts", "served", "compose", "sizes", "capacity"}:
         run, report["make_seconds"] = make_prefix(args, facts["document"], Path(args.run), args.P)
     base, tok = load_model(args.model, "fp32", "cpu")
     model = PrefixModel(base)
     doc = S.build_document(tok, facts["document"], 8000)
-    if parts & {"facts", "served", "compose", "sizes"}:
+    if parts & {"facts", "served", "compose", "sizes", "capacity"}:
         model.load_adapter(run / "adapter", "manual")
         report["facts"], offline = facts_part(model, tok, doc, facts, args)
         if "served" in parts:
@@ -398,6 +427,8 @@ def main() -> None:
             report["compose"] = compose_part(args, model, tok, doc, facts)
         if "sizes" in parts:
             report["sizes"] = sizes_part(args, model, tok, doc, facts)
+        if "capacity" in parts:
+            report["capacity"] = capacity_part(args, model, tok, doc, facts)
     if "serving" in parts:
         report["serving"] = serving_part(args, model, tok, facts)
     report["loadavg_end"] = os.getloadavg()
