@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 from .config import PRECISIONS, REPORT_TO, SCHEDULERS, RecipeError, _f  # the one field-with-flag-metadata maker
-from .selfstudy import parse_families
 
 INITS = ("context", "vocab")
 SAVE_FORMATS = ("prefix", "cartridge")
@@ -106,6 +105,9 @@ class DistillConfig:
             raise RecipeError(f"--self-study must be 0 or more, got {self.self_study!r}")
         if not 0 <= self.freeze_first <= self.num_virtual_tokens:
             raise ConfigError(f"--freeze-first {self.freeze_first}: use 0..--num-virtual-tokens")
+        # here, not at the top: selfstudy pulls in the data layer ([train] extra), and the parser imports this module
+        from .selfstudy import parse_families  # without it to name the missing extra
+
         parse_families(self.families)  # DataError naming --families
         if not 0 <= self.eval_fraction < 1:
             raise RecipeError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
