@@ -236,6 +236,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
 
 
 def test_self_study_families_follow_their_weights_and_answers_ask_for_a_span_of_the_chunk(tmp_path, capsys):
+    assert D.DistillConfig.__dataclass_fields__["families"].default == S.FAMILIES  # the default, written twice
     text = "The club was founded in 1987 by Maria Okonkwo. Rides leave at 8:30 from Fenwick Lane; it has 1,450 m.\nPip."
     assert S.answer_spans(text) == ["1987", "Maria Okonkwo", "8:30", "Fenwick Lane", "1,450"]  # not "The", "Rides", "Pip"
     model, tok, doc = _setup()

@@ -61,7 +61,10 @@ SEED_PROMPTS = {  # the paper's five families (its Appendix: seed prompts), rewo
                  "Write one question comparing two things the text above mentions."),
     "answers": ('Write one question about the text above whose answer is "{answer}".',),  # a span of the chunk
 }
-FAMILIES = "answers:3,facts,structure,summary,use_case,creative"  # DistillConfig.families' default
+FOLLOW_UP = "Write one follow-up question to the conversation above about the same text." + _ONLY
+# DistillConfig.families' default, written there too: distill_config cannot import this module (the parser loads it
+# without the [train] extra) and this one importing it would close an import circle (validate() imports parse_families)
+FAMILIES = "answers:3,facts,structure,summary,use_case,creative"
 # a number (1987, 8:30, 1,450) or a capitalised name that does not open a sentence (Heron Cup, Old Mill Inn)
 _SPAN = re.compile(r"\d[\d,.:]*\d|\d|(?<![.!?:\n]\s)(?<![.!?:\n])(?<!^)\b[A-Z][a-zA-Z]+(?:\s[A-Z][a-zA-Z]+)*")
 
@@ -87,7 +90,6 @@ def parse_families(spec: str) -> dict[str, float]:
 def answer_spans(text: str) -> list[str]:
     """The numbers and mid-sentence capitalised names in `text`, in order, without repeats."""
     return list(dict.fromkeys(m.group(0) for m in _SPAN.finditer(text)))
-FOLLOW_UP = "Write one follow-up question to the conversation above about the same text." + _ONLY
 
 
 @dataclass
